@@ -1,0 +1,3 @@
+from glm_awq.cli import main
+
+raise SystemExit(main())

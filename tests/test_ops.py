@@ -1,0 +1,124 @@
+"""The op contracts: dispatch, backend selection, and every validation error naming the value and the fix."""
+
+import pytest
+import torch
+from helpers import random_int4_weight
+
+import glm_awq
+from glm_awq import env, ops
+
+
+@pytest.fixture
+def linear():
+    return random_int4_weight(16, 256)
+
+
+@pytest.fixture
+def experts():  # E=4, H=128, I=128
+    gen = torch.Generator().manual_seed(0)
+    return (*random_int4_weight(4, 256, 128, gen=gen), *random_int4_weight(4, 128, 128, gen=gen))
+
+
+def test_auto_on_cpu_is_torch(linear, monkeypatch):
+    monkeypatch.delenv("GLM_AWQ_BACKEND", raising=False)
+    assert glm_awq.prepare_linear(*linear).backend == "torch"
+    monkeypatch.setenv("GLM_AWQ_BACKEND", "torch")
+    assert glm_awq.prepare_linear(*linear).backend == "torch"
+
+
+def test_bad_env_backend_is_named(linear, monkeypatch):
+    monkeypatch.setenv("GLM_AWQ_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="GLM_AWQ_BACKEND='tpu'"):
+        glm_awq.prepare_linear(*linear)
+
+
+def test_bad_backend_argument_is_named(linear):
+    with pytest.raises(ValueError, match="backend='fast'"):
+        glm_awq.prepare_linear(*linear, backend="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_unavailable_backend_says_why(linear):
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available.*glm_awq._C|backend 'cuda' is not available.*CUDA"):
+        glm_awq.prepare_linear(*linear, backend="cuda")
+    reasons = glm_awq.available_backends("cpu")
+    assert reasons["torch"] is None and reasons["cuda"]
+
+
+def test_linear_weight_validation(linear):
+    packed, scale = linear
+    cases = [
+        (dict(weight_packed=packed.to(torch.int64)), TypeError, "weight_packed has dtype torch.int64"),
+        (dict(weight_packed=packed[0]), ValueError, r"weight_packed must have 2 dims, got shape \(32,\)"),
+        (dict(weight_scale=scale.to(torch.int32)), TypeError, "weight_scale has dtype torch.int32"),
+        (dict(weight_scale=scale[:, :1]), ValueError, r"weight_scale has shape \(16, 1\).*must be \(16, 2\)"),
+        (dict(weight_packed=packed[:, :20], weight_scale=scale), ValueError, "K=160 .* not a multiple of group_size=128"),
+        (dict(group_size=100), ValueError, "group_size=100"),
+        (dict(bias=torch.zeros(15)), ValueError, "bias has 15 elements; the layer has N=16"),
+        (dict(bias=torch.zeros(16, dtype=torch.int32)), TypeError, "bias has dtype torch.int32"),
+        (dict(weight_zero_point=torch.zeros(16, 2)), ValueError, "asymmetric int4 is not supported"),
+        (dict(weight_g_idx=torch.zeros(256)), ValueError, "actorder"),
+    ]
+    for change, exc, match in cases:
+        kwargs = dict(weight_packed=packed, weight_scale=scale, **{k: v for k, v in change.items() if k not in ("weight_packed", "weight_scale")})
+        kwargs.update({k: v for k, v in change.items() if k in ("weight_packed", "weight_scale")})
+        with pytest.raises(exc, match=match):
+            glm_awq.prepare_linear(**kwargs)
+
+
+def test_linear_input_validation(linear):
+    p = glm_awq.prepare_linear(*linear)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 255\); its last dim must be K=256"):
+        glm_awq.w4a16_linear(torch.randn(2, 255), p)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        glm_awq.w4a16_linear(torch.ones(2, 256, dtype=torch.int64), p)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        glm_awq.w4a16_linear([1.0] * 256, p)
+    with pytest.raises(TypeError, match="prepared must come from prepare_linear"):
+        glm_awq.w4a16_linear(torch.randn(2, 256), linear)
+    with pytest.raises(ValueError, match="x is on meta but the weights are on cpu"):
+        glm_awq.w4a16_linear(torch.randn(2, 256, device="meta"), p)
+
+
+def test_experts_validation(experts):
+    w13p, w13s, w2p, w2s = experts
+    with pytest.raises(ValueError, match=r"experts do not fit together: .*E=4, 2I=256, H=128.*E=3"):
+        glm_awq.prepare_experts(w13p, w13s, w2p[:3], w2s[:3])
+    with pytest.raises(ValueError, match="w13_weight_packed must have 3 dims"):
+        glm_awq.prepare_experts(w13p[0], w13s[0], w2p, w2s)
+    with pytest.raises(ValueError, match=r"w2_weight_scale has shape \(4, 128, 2\)"):
+        glm_awq.prepare_experts(w13p, w13s, w2p, torch.ones(4, 128, 2, dtype=torch.bfloat16))
+    p = glm_awq.prepare_experts(*experts)
+    x = torch.randn(3, 128)
+    ids, w = torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 256\); expected \[T, H=128\]"):
+        glm_awq.fused_moe(torch.randn(3, 256), ids, w, p)
+    with pytest.raises(ValueError, match=r"topk_ids \(3, 2\) and topk_weights \(3, 3\)"):
+        glm_awq.fused_moe(x, ids, torch.ones(3, 3), p)
+    with pytest.raises(TypeError, match="topk_ids has dtype torch.float32"):
+        glm_awq.fused_moe(x, w, w, p)
+    with pytest.raises(TypeError, match="prepared must come from prepare_experts"):
+        glm_awq.fused_moe(x, ids, w, experts)
+
+
+def test_route_validation():
+    logits = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="e_score_correction_bias has 15 entries for E=16"):
+        glm_awq.route(logits, torch.zeros(15))
+    with pytest.raises(ValueError, match="top_k=17 must be in"):
+        glm_awq.route(logits, torch.zeros(16), top_k=17)
+    with pytest.raises(ValueError, match="n_group=3"):
+        glm_awq.route(logits, torch.zeros(16), top_k=2, n_group=3)
+    with pytest.raises(ValueError, match="router_logits must have 2 dims"):
+        glm_awq.route(logits[0], torch.zeros(16))
+
+
+def test_env_module_reads_its_variables(monkeypatch):
+    monkeypatch.setenv("GLM_AWQ_BUILD_CUDA", "2")
+    with pytest.raises(ValueError, match="GLM_AWQ_BUILD_CUDA='2'"):
+        env.build_cuda()
+    monkeypatch.setenv("GLM_AWQ_CUDA_ARCHS", "sm_80, 90a")
+    assert env.cuda_archs() == ["80", "90a"]
+    monkeypatch.setenv("GLM_AWQ_CACHE", "/tmp/x")
+    assert str(env.cache_dir()) == "/tmp/x"
+    assert set(ops.available_backends("cpu")) == {"cuda", "triton", "torch"}
