@@ -73,8 +73,8 @@ def _cuda_extensions(force: bool | None):
         "glm_awq._C",
         sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *_gencode(archs)],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_gencode(archs)],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -3,7 +3,8 @@
 //
 // Layout: weight_packed int32 [N, K/8]; nibble j of word w (bits 4j..4j+3) is element 8w+j, stored +8.
 // One thread per word: one 4-byte load, eight conversions, one 16-byte store.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,7 +44,7 @@ void launch(const at::Tensor& packed, const at::Tensor& scale, at::Tensor& out, 
   if (words == 0) return;
   const int threads = 256;
   const int64_t blocks = (words + threads - 1) / threads;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t wpr = packed.size(1), gpr = scale.size(1), wpg = group_size / 8;
   auto* o = reinterpret_cast<T*>(out.data_ptr());
   const auto* p = packed.data_ptr<int32_t>();

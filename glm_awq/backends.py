@@ -6,7 +6,7 @@ linear, prepare_experts, route and fused_moe. ops.py validates; backends trust t
 
 from __future__ import annotations
 
-from glm_awq import _ext, reference
+from glm_awq import _ext, env, reference
 
 NAMES = ("cuda", "triton", "torch")
 
@@ -46,7 +46,46 @@ class TritonBackend:
     name = "triton"
 
     def unavailable_reason(self, device):
-        return "the Triton kernels are not written yet (issue 3)"
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton is not installed ({exc}); pip install triton (Linux)"
+        if device.type == "cuda" or (device.type == "cpu" and env.triton_interpret()):
+            return None
+        return f"Triton runs on CUDA devices (or on the CPU under TRITON_INTERPRET=1, for tests), not {device}"
+
+    def prepare_linear(self, p):
+        from glm_awq.kernels import w4a16_gemm
+
+        p.tensors = w4a16_gemm.prepare(p.tensors["weight_packed"], p.tensors["weight_scale"])
+        return p
+
+    def linear(self, x, p):
+        from glm_awq.kernels import w4a16_gemm
+
+        return w4a16_gemm.w4a16_gemm(x, p.tensors["weight"], p.tensors["scale"], p.bias, p.group_size)
+
+    def prepare_experts(self, p):
+        from glm_awq.kernels import w4a16_gemm
+
+        t = p.tensors
+        w13 = w4a16_gemm.prepare(t["w13_packed"], t["w13_scale"])
+        w2 = w4a16_gemm.prepare(t["w2_packed"], t["w2_scale"])
+        p.tensors = {"w13": w13["weight"], "w13_scale": w13["scale"], "w2": w2["weight"], "w2_scale": w2["scale"]}
+        return p
+
+    def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
+        from glm_awq.kernels import moe
+
+        return moe.route(logits, bias, top_k, scaling, n_group, topk_group, renormalize)
+
+    def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):
+        from glm_awq.kernels import moe
+
+        t = p.tensors
+        return moe.fused_moe(
+            x, topk_ids, topk_weights, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], p.group_size, expert_map
+        )
 
 
 class CudaBackend:

@@ -61,8 +61,8 @@ def quantize(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torc
         raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
     groups = w.reshape(*w.shape[:-1], k // group_size, group_size)
     absmax = torch.maximum(groups.amax(-1).clamp(min=0).abs(), groups.amin(-1).clamp(max=0).abs())
-    scale = absmax / torch.tensor((QMAX - QMIN) / 2, dtype=w.dtype)
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype), scale)
+    scale = absmax / ((QMAX - QMIN) / 2)  # 7.5 is exact in every float dtype: same bits as a tensor divisor
+    scale = torch.where(scale == 0, torch.finfo(w.dtype).eps, scale)
     q = torch.round(torch.clamp(groups / scale.unsqueeze(-1), QMIN, QMAX)).to(torch.int8)
     return pack_int4(q.reshape(w.shape)), scale
 

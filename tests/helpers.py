@@ -22,3 +22,32 @@ def random_int4_weight(*shape: int, group_size: int = 128, dtype=torch.bfloat16,
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write fails rel_err."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def poison_allocator(device, nbytes: int = 64 << 20) -> None:
+    """Fill a large block of the caching allocator with NaN and free it: buffers the next kernels allocate
+    with torch.empty likely reuse it, so an element a kernel forgets to write shows up as NaN."""
+    if torch.device(device).type == "cuda":
+        block = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
+        del block
+
+
+def device_and_dtypes():
+    """(device, activation dtypes) for kernel tests: bf16+fp16 on a GPU; fp16 on the CPU, where Triton runs
+    through its interpreter, which computes bf16 tl.dot wrongly."""
+    if torch.cuda.is_available():
+        return "cuda", [torch.bfloat16, torch.float16]
+    return "cpu", [torch.float16]
+
+
+def fast_backends(device) -> list:
+    """The non-reference backends, each skipped with its reason where it cannot run on `device`."""
+    import pytest
+
+    from glm_awq import ops
+
+    reasons = ops.available_backends(device)
+    return [
+        pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reasons[name]}") if reasons[name] else ())
+        for name in ("triton", "cuda")
+    ]

@@ -113,3 +113,132 @@ def test_torch_backend_moe_equals_reference():
     ids, w = glm_awq.route(logits, bias, top_k=2, backend="torch")
     assert (p.num_experts, p.hidden_size, p.intermediate_size) == (e, h, i)
     assert torch.equal(glm_awq.fused_moe(x, ids, w, p), fused_moe_ref(x, ids, w, *weights))
+
+
+# ------------------------------------------------------------------------------------------ fast backends
+
+from helpers import device_and_dtypes, fast_backends, poison_allocator  # noqa: E402
+
+DEVICE, DTYPES = device_and_dtypes()
+BACKENDS = fast_backends(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [1, 7, 33])  # 7 and 33: not multiples of the kernel's token block
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (8, 4)])  # GLM-4.6's no-op grouping, and a real one
+def test_route_matches_reference(backend, t, n_group, topk_group):
+    logits, bias = _logits_and_bias(t, 160, t + n_group)
+    ids, w = glm_awq.route(logits.to(DEVICE), bias.to(DEVICE), n_group=n_group, topk_group=topk_group, backend=backend)
+    ref_ids, ref_w = route_ref(logits, bias, n_group=n_group, topk_group=topk_group)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids.cpu(), ref_ids)  # same experts in the same (descending) order
+    torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_bf16_logits(backend):
+    logits, bias = _logits_and_bias(9, 160, 1)
+    logits = logits.to(torch.bfloat16)
+    ids, w = glm_awq.route(logits.to(DEVICE), bias.to(DEVICE), backend=backend)
+    ref_ids, ref_w = route_ref(logits, bias)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+def _check_fused_moe(backend, x, ids, weights, experts, dtype, expert_map=None):
+    p = glm_awq.prepare_experts(*(w.to(DEVICE) for w in experts), backend=backend)
+    ref = fused_moe_ref(x.float(), ids, weights, *experts, expert_map=expert_map)
+    poison_allocator(DEVICE)
+    out = glm_awq.fused_moe(
+        x.to(dtype).to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), p,
+        None if expert_map is None else expert_map.to(DEVICE),
+    )  # fmt: skip
+    assert out.shape == x.shape and out.dtype == dtype
+    err = rel_err(out.cpu(), ref)
+    assert err < 1e-2, f"{backend} T={x.shape[0]} {dtype}: rel err {err:.2e}"
+    return out, p
+
+
+# E=12 > T*A at T=1 (most experts empty); T=40 with 3 of 6 experts busy; T=5 odd.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t, e, top_k", [(1, 12, 4), (5, 12, 3), (40, 6, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_small(backend, t, e, top_k, dtype):
+    gen = torch.Generator().manual_seed(t + e)
+    experts = _experts(e, 256, 128, gen)
+    x = torch.randn(t, 256, generator=gen)
+    ids, w = route_ref(torch.randn(t, e, generator=gen), torch.zeros(e), top_k=top_k)
+    _check_fused_moe(backend, x, ids, w, experts, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_moe_all_tokens_on_one_expert_and_expert_map(backend):
+    gen = torch.Generator().manual_seed(11)
+    experts = _experts(4, 256, 128, gen)
+    x = torch.randn(37, 256, generator=gen)  # 37 tokens: more than two blocks of one expert
+    ids = torch.full((37, 1), 2, dtype=torch.int32)
+    _check_fused_moe(backend, x, ids, torch.rand(37, 1, generator=gen), experts, DTYPES[-1])
+    # expert parallelism: global ids 0..7, this device holds 4..7 as local 0..3
+    expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)
+    ids = torch.randint(0, 8, (9, 3), generator=gen, dtype=torch.int32)
+    _check_fused_moe(backend, x[:9], ids, torch.rand(9, 3, generator=gen), experts, DTYPES[-1], expert_map)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_moe_zero_tokens(backend):
+    experts = _experts(4, 128, 128, torch.Generator().manual_seed(0))
+    p = glm_awq.prepare_experts(*(w.to(DEVICE) for w in experts), backend=backend)
+    x = torch.empty(0, 128, dtype=DTYPES[-1], device=DEVICE)
+    out = glm_awq.fused_moe(x, torch.empty(0, 8, dtype=torch.int32, device=DEVICE), torch.empty(0, 8, device=DEVICE), p)
+    assert out.shape == (0, 128)
+
+
+GLM_E, GLM_H, GLM_I = 160, 5120, 1536
+
+
+@pytest.fixture(scope="module")
+def glm_experts():
+    gen = torch.Generator().manual_seed(2024)
+    return _experts(GLM_E, GLM_H, GLM_I, gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [1, 3, 17, 100, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_moe_glm_shapes(backend, t, dtype, glm_experts):
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, GLM_H, generator=gen)
+    ids, w = route_ref(torch.randn(t, GLM_E, generator=gen), torch.randn(GLM_E, generator=gen) * 0.1)
+    out, _ = _check_fused_moe(backend, x, ids, w, glm_experts, dtype)
+    again = glm_awq.fused_moe(x.to(dtype).cuda(), ids.cuda(), w.cuda(), glm_awq.prepare_experts(
+        *(e.cuda() for e in glm_experts), backend=backend))
+    assert torch.equal(out, again)  # deterministic: same bits on a repeated run
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_layer_cuda_graph_and_compile(backend, glm_experts):
+    gen = torch.Generator().manual_seed(5)
+    p = glm_awq.prepare_experts(*(e.cuda() for e in glm_experts), backend=backend)
+    bias = (torch.randn(GLM_E, generator=gen) * 0.1).cuda()
+
+    def layer(x, logits):
+        ids, w = glm_awq.route(logits, bias, backend=backend)
+        return glm_awq.fused_moe(x, ids, w, p)
+
+    x = torch.randn(4, GLM_H, generator=gen).to(torch.bfloat16).cuda()
+    logits = torch.randn(4, GLM_E, generator=gen).cuda()
+    layer(x, logits)  # compile the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, logits)
+    x2, logits2 = torch.randn(4, GLM_H, generator=gen).to(torch.bfloat16), torch.randn(4, GLM_E, generator=gen)
+    x.copy_(x2.cuda())
+    logits.copy_(logits2.cuda())
+    graph.replay()
+    ids, w = route_ref(logits2, bias.cpu())
+    ref = fused_moe_ref(x2.float(), ids, w, *glm_experts)
+    assert rel_err(out.cpu(), ref) < 1e-2
+    compiled = torch.compile(layer, fullgraph=True)
+    assert rel_err(compiled(x, logits).cpu(), ref) < 1e-2

@@ -45,3 +45,119 @@ def test_torch_backend_equals_reference():
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     assert p.backend == "torch" and (p.out_features, p.in_features) == (24, 256)
     assert torch.equal(glm_awq.w4a16_linear(x, p), w4a16_linear_ref(x, packed, scale, bias))
+
+
+# ------------------------------------------------------------------------------------------ fast backends
+
+from helpers import device_and_dtypes, fast_backends, poison_allocator  # noqa: E402
+
+DEVICE, DTYPES = device_and_dtypes()
+BACKENDS = fast_backends(DEVICE)
+ON_GPU = DEVICE == "cuda"
+
+# (M, N, K, group): M=1 decode, 3 and 17 odd, 100 and 1000 between the small-M and large-M paths;
+# N=72 not a multiple of any block; K=384 three groups; group 32 checks the group-size generality.
+SMALL = [(1, 64, 256, 128), (3, 72, 384, 128), (17, 40, 256, 32), (33, 64, 128, 128)]
+GLM = {  # (N, K) of GLM-4.6's quantized linears
+    "q_proj": (12288, 5120),
+    "kv_proj": (1024, 5120),
+    "o_proj": (5120, 12288),
+    "expert_gate_up": (3072, 5120),
+    "expert_down": (5120, 1536),
+}
+GPU_M = [1, 3, 17, 100, 1000]
+
+
+def _check_backend(backend, m, n, k, group_size, dtype, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    packed, scale = random_int4_weight(n, k, group_size=group_size, gen=gen)
+    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype) if with_bias else None
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ref = w4a16_linear_ref(x.float(), packed, scale, None if bias is None else bias.float(), group_size)
+    p = glm_awq.prepare_linear(packed.to(DEVICE), scale.to(DEVICE), None if bias is None else bias.to(DEVICE),
+                               group_size, backend=backend)  # fmt: skip
+    assert p.backend == backend
+    poison_allocator(DEVICE)
+    out = glm_awq.w4a16_linear(x.to(DEVICE), p)
+    assert out.shape == (m, n) and out.dtype == dtype
+    err = rel_err(out.cpu(), ref)
+    assert err < 1e-2, f"{backend} M={m} N={n} K={k} {dtype}: rel err {err:.2e}"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m, n, k, group_size", SMALL)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
+    _check_backend(backend, m, n, k, group_size, dtype, with_bias=(m % 2 == 1), seed=m + n + k)
+
+
+@pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 steps of 64; a split of 3 steps straddles groups of 2
+def test_triton_split_k_is_exact_and_deterministic(split_k):
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    from glm_awq.kernels import w4a16_gemm
+
+    gen = torch.Generator().manual_seed(split_k)
+    packed, scale = random_int4_weight(40, 576, group_size=64, gen=gen)
+    x = torch.randn(5, 576, generator=gen).to(DTYPES[-1])
+    t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config=cfg)
+    assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, None, 64)) < 1e-2
+    again = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config=cfg)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="does not tile K=576"):
+        w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config={**cfg, "SPLIT_K": 2})
+
+
+def test_triton_rejects_fp32_activations():
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    packed, scale = random_int4_weight(16, 128)
+    p = glm_awq.prepare_linear(packed.to(DEVICE), scale.to(DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="bf16 or fp16 activations, got torch.float32"):
+        glm_awq.w4a16_linear(torch.randn(2, 128, device=DEVICE), p)
+
+
+def test_triton_empty_and_batched_input():
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    packed, scale = random_int4_weight(32, 128)
+    p = glm_awq.prepare_linear(packed.to(DEVICE), scale.to(DEVICE), backend="triton")
+    dtype = DTYPES[-1]
+    assert glm_awq.w4a16_linear(torch.randn(0, 128, device=DEVICE, dtype=dtype), p).shape == (0, 32)
+    x = torch.randn(2, 3, 128).to(dtype)
+    out = glm_awq.w4a16_linear(x.to(DEVICE), p)
+    assert out.shape == (2, 3, 32)
+    assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", list(GLM))
+@pytest.mark.parametrize("m", GPU_M)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_backend_glm_shapes(backend, shape, m, dtype):
+    n, k = GLM[shape]
+    _check_backend(backend, m, n, k, 128, dtype, with_bias=shape in ("q_proj", "kv_proj"), seed=m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_under_torch_compile_and_cuda_graph(backend):
+    gen = torch.Generator().manual_seed(3)
+    packed, scale = random_int4_weight(1024, 5120, gen=gen)
+    p = glm_awq.prepare_linear(packed.cuda(), scale.cuda(), backend=backend)
+    x = torch.randn(4, 5120, generator=gen).to(torch.bfloat16).cuda()
+    ref = w4a16_linear_ref(x.float().cpu(), packed, scale)
+    compiled = torch.compile(lambda t: glm_awq.w4a16_linear(t, p), fullgraph=True)
+    assert rel_err(compiled(x).cpu(), ref) < 1e-2
+    glm_awq.w4a16_linear(x, p)  # warm up (compiles the kernels) before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = glm_awq.w4a16_linear(x, p)
+    x2 = torch.randn(4, 5120, generator=gen).to(torch.bfloat16)
+    x.copy_(x2.cuda())
+    graph.replay()
+    assert rel_err(out.cpu(), w4a16_linear_ref(x2.float(), packed, scale)) < 1e-2
