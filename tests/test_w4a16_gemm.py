@@ -49,6 +49,8 @@ def test_torch_backend_equals_reference():
 
 # ------------------------------------------------------------------------------------------ fast backends
 
+import functools  # noqa: E402
+
 from helpers import device_and_dtypes, fast_backends, poison_allocator  # noqa: E402
 
 DEVICE, DTYPES = device_and_dtypes()
@@ -68,19 +70,25 @@ GLM = {  # (N, K) of GLM-4.6's quantized linears
 GPU_M = [1, 3, 17, 100, 1000]
 
 
+@functools.cache
+def _weight(n, k, group_size, seed):
+    """A quantized weight on DEVICE, made once per shape (quantizing 12288x5120 on the CPU takes seconds)."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(t.to(DEVICE) for t in random_int4_weight(n, k, group_size=group_size, gen=gen))
+
+
 def _check_backend(backend, m, n, k, group_size, dtype, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
-    packed, scale = random_int4_weight(n, k, group_size=group_size, gen=gen)
-    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype) if with_bias else None
-    x = torch.randn(m, k, generator=gen).to(dtype)
+    packed, scale = _weight(n, k, group_size, n + k)
+    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype).to(DEVICE) if with_bias else None
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     ref = w4a16_linear_ref(x.float(), packed, scale, None if bias is None else bias.float(), group_size)
-    p = glm_awq.prepare_linear(packed.to(DEVICE), scale.to(DEVICE), None if bias is None else bias.to(DEVICE),
-                               group_size, backend=backend)  # fmt: skip
+    p = glm_awq.prepare_linear(packed, scale, bias, group_size, backend=backend)
     assert p.backend == backend
     poison_allocator(DEVICE)
-    out = glm_awq.w4a16_linear(x.to(DEVICE), p)
+    out = glm_awq.w4a16_linear(x, p)
     assert out.shape == (m, n) and out.dtype == dtype
-    err = rel_err(out.cpu(), ref)
+    err = rel_err(out, ref)
     assert err < 1e-2, f"{backend} M={m} N={n} K={k} {dtype}: rel err {err:.2e}"
     return out
 
