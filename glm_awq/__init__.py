@@ -1,7 +1,8 @@
 """glm_awq: W4A16 (int4, group 128) kernels and a GLM-4.6 forward module for GLM-4.6-AWQ checkpoints.
 
     import glm_awq
-    model = glm_awq.load(path)
+    model = glm_awq.load(path)                      # int4 weights prepared for the backend, once
+    print(glm_awq.generate_text(model, "Hello"))    # tokenizer and chat template from the checkpoint folder
 
 Importing is cheap and never needs the compiled extension: backends are probed when first used.
 """
@@ -19,11 +20,30 @@ from glm_awq.ops import (
 
 __version__ = "0.1.0"
 
+
+def load(path, device=None, dtype=None, backend=None, max_seq_len=4096, progress=True):
+    """Load a GLM-4.6(-AWQ) checkpoint folder; see glm_awq.loader.load (imported on first use)."""
+    import torch
+
+    from glm_awq.loader import load as _load
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    return _load(path, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, progress=progress)
+
+
+def generate_text(model, prompt, max_new_tokens=128, **kwargs):
+    """Reply to `prompt` with the checkpoint's tokenizer and chat template; see glm_awq.generate.generate_text."""
+    from glm_awq.generate import generate_text as _generate_text
+
+    return _generate_text(model, prompt, max_new_tokens, **kwargs)
+
 __all__ = [
     "PreparedExperts",
     "PreparedLinear",
     "available_backends",
     "fused_moe",
+    "generate_text",
+    "load",
     "prepare_experts",
     "prepare_linear",
     "route",
