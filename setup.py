@@ -53,11 +53,14 @@ def _cuda_extensions(force: bool | None):
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
+        print("glm_awq: torch is not importable in this build environment: pure-Python install", file=sys.stderr)
         if force:
             sys.exit("GLM_AWQ_BUILD_CUDA=1 but torch is not importable here; install torch, then "
                      "pip install --no-build-isolation -e .")
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
+        print(f"glm_awq: torch {torch.__version__} / CUDA_HOME={CUDA_HOME}: no CUDA toolchain, pure-Python install",
+              file=sys.stderr)  # fmt: skip
         if force:
             sys.exit(f"GLM_AWQ_BUILD_CUDA=1 but torch {torch.__version__} is a CPU build or nvcc was not found "
                      f"(CUDA_HOME={CUDA_HOME}); install a CUDA torch and the CUDA toolkit")

@@ -16,7 +16,7 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$LOG"
 if has build; then
   start=$(date +%s)
-  if GLM_AWQ_CUDA_ARCHS=${GLM_AWQ_CUDA_ARCHS:-90a} pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
+  if GLM_AWQ_CUDA_ARCHS=${GLM_AWQ_CUDA_ARCHS:-90a} python -m pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
     echo "build: ok in $(($(date +%s) - start)) s" | tee -a "$LOG"
   else
     echo "build: FAILED (tail of the log follows)"; tail -30 "$LOG"; status=1
