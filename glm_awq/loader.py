@@ -126,9 +126,7 @@ class _Filler:
         if m and int(m.group(1)) in self.mtp_layers:
             return "skip"
         if name in self.params:
-            _, _, want, target = self.params[name]
-            allowed = (torch.bfloat16, torch.float32) if target == torch.float32 else FLOATS
-            self._check(name, file, shape, want, dtype, allowed)
+            self._check(name, file, shape, self.params[name][2], dtype, FLOATS)
             return "read"
         prefix, _, leaf = name.rpartition(".")
         if prefix in self.linears:
@@ -293,7 +291,8 @@ class _Filler:
                     for leaf in ("weight_packed", "weight_scale", "weight_shape")
                     if (e, proj, leaf) not in st.seen
                 ]
-                missing.append(f"{absent[0]} (and {len(absent) - 1} more of this layer's experts)")
+                more = f" (and {len(absent) - 1} more expert tensors of this layer)" if len(absent) > 1 else ""
+                missing.append(absent[0] + more)
         if missing:
             shown = "; ".join(missing[:5]) + (f"; ... {len(missing) - 5} more" if len(missing) > 5 else "")
             raise LoaderError(

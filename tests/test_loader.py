@@ -1,0 +1,196 @@
+"""glm_awq.load on synthetic GLM-4.6-AWQ checkpoints: what loads, and every way a checkpoint can be broken.
+
+Each broken case starts from a good checkpoint written by glm_awq.checkpoint, changes one thing, and expects a
+LoaderError whose message names the file and the tensor.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import glm_awq
+from glm_awq import checkpoint
+from glm_awq.loader import LoaderError
+
+LAYERS = 2  # layer 0 dense (bf16), layer 1 MoE (int4 attention and experts)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good") / "ckpt"
+    cfg = checkpoint.tiny_config(LAYERS, n_routed_experts=4, num_experts_per_tok=2, vocab_size=300)
+    checkpoint.write_checkpoint(folder, cfg, seed=11, shard_bytes=256 << 10, tokenizer=False)
+    return folder
+
+
+@pytest.fixture
+def ckpt(good, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(good, folder)
+    return folder
+
+
+def _index(folder):
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def _edit(folder, name, fn):
+    """Rewrite the shard holding tensor `name`: fn(tensors dict) edits it in place; the index follows."""
+    index = _index(folder)
+    file = index["weight_map"][name]
+    tensors = load_file(folder / file)
+    fn(tensors)
+    save_file(tensors, str(folder / file), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != file} | dict.fromkeys(tensors, file)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return file
+
+
+def _load(folder, **kw):
+    return glm_awq.load(folder, device="cpu", dtype=torch.float32, progress=False, **kw)
+
+
+def test_good_checkpoint_loads_and_is_sharded(good):
+    files = set(_index(good)["weight_map"].values())
+    assert len(files) >= 3  # the cases below must cross shard boundaries
+    model = _load(good)
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj.prepared is not None and attn.q_proj.weight is None  # int4, prepared at load
+    assert model.model.layers[0].self_attn.q_proj.prepared is None  # dense layer 0 stays float
+    experts = model.model.layers[1].mlp.experts.prepared
+    assert experts.num_experts == 4 and experts.tensors["w13_packed"].shape == (4, 256, 256 // 8)
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.load_stats["bytes"] > 0
+
+
+def test_experts_are_stacked_gate_then_up(good):
+    """w13[e] = cat([gate_e, up_e]) row-wise; w2[e] = down_e, bit for bit from the shards."""
+    model = _load(good)
+    t = model.model.layers[1].mlp.experts.prepared.tensors
+    tensors = {}
+    for file in set(_index(good)["weight_map"].values()):
+        tensors.update(load_file(good / file))
+    p = "model.layers.1.mlp.experts.3"
+    assert torch.equal(t["w13_packed"][3], torch.cat([tensors[f"{p}.gate_proj.weight_packed"],
+                                                      tensors[f"{p}.up_proj.weight_packed"]]))  # fmt: skip
+    assert torch.equal(t["w2_scale"][3], tensors[f"{p}.down_proj.weight_scale"])
+
+
+def test_single_file_and_mtp_layer(ckpt):
+    """One model.safetensors without an index; the MTP layer (index num_hidden_layers) is skipped silently."""
+    tensors = {}
+    for file in set(_index(ckpt)["weight_map"].values()):
+        tensors.update(load_file(ckpt / file))
+        os.remove(ckpt / file)
+    os.remove(ckpt / "model.safetensors.index.json")
+    tensors[f"model.layers.{LAYERS}.eh_proj.weight"] = torch.zeros(256, 512, dtype=torch.bfloat16)
+    tensors[f"model.layers.{LAYERS}.mlp.experts.0.gate_proj.weight_packed"] = torch.zeros(3, 3, dtype=torch.int32)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    model = _load(ckpt)
+    assert model(torch.tensor([[1, 2, 3]])).isfinite().all()
+
+
+def test_bf16_dense_load_matches_fp32_within_bf16(good):
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    ref = _load(good)(ids)
+    out = glm_awq.load(good, device="cpu", dtype=torch.bfloat16, progress=False)(ids)
+    assert out.dtype == torch.float32  # logits always fp32
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def _drop(name):
+    return lambda t: t.pop(name)
+
+
+def _set(name, value):
+    return lambda t: t.__setitem__(name, value)
+
+
+A1 = "model.layers.1.self_attn"
+E1 = "model.layers.1.mlp.experts.2"
+# (what breaks, tensor to edit, edit, expected message fragment)
+BROKEN = [
+    # a missing float module and a missing int4 module
+    ("missing-norm", f"{A1}.k_norm.weight", _drop(f"{A1}.k_norm.weight"), f"{A1}.k_norm.weight"),
+    ("missing-scale", f"{A1}.q_proj.weight_scale", _drop(f"{A1}.q_proj.weight_scale"), f"{A1}.q_proj"),
+    ("missing-expert", f"{E1}.up_proj.weight_packed", _drop(f"{E1}.up_proj.weight_packed"), f"{E1}.up_proj.weight_packed"),
+    # a tensor no GLM-4.6 module has, and a layer beyond num_hidden_layers + the MTP layer
+    ("unexpected", f"{A1}.q_norm.weight", _set(f"{A1}.rotary.inv_freq", torch.zeros(32)), "unexpected tensor"),
+    ("layer-beyond-mtp", f"{A1}.q_norm.weight", _set("model.layers.9.input_layernorm.weight", torch.ones(256)), "model.layers.9"),
+    # wrong shapes: a float weight, a packed weight (K/8 off by one word), a scale
+    ("shape-norm", f"{A1}.q_norm.weight", _set(f"{A1}.q_norm.weight", torch.ones(128)), "has shape [128]"),
+    ("shape-packed", f"{A1}.o_proj.weight_packed", _set(f"{A1}.o_proj.weight_packed", torch.zeros(256, 63, dtype=torch.int32)), "expects [256, 64]"),
+    ("shape-expert-scale", f"{E1}.down_proj.weight_scale", _set(f"{E1}.down_proj.weight_scale", torch.ones(256, 2)), "expects [256, 1]"),
+    # wrong dtypes: packed stored as int64, a norm stored as int, weight_shape as float
+    ("dtype-packed", f"{A1}.k_proj.weight_packed", _set(f"{A1}.k_proj.weight_packed", torch.zeros(128, 32, dtype=torch.int64)), "has dtype int64"),
+    ("dtype-norm", "model.norm.weight", _set("model.norm.weight", torch.ones(256, dtype=torch.int32)), "has dtype int32"),
+    ("dtype-shape", f"{E1}.gate_proj.weight_shape", _set(f"{E1}.gate_proj.weight_shape", torch.tensor([128.0, 256.0])), "has dtype float32"),
+    # weight_shape that disagrees with the module
+    ("weight-shape-values", f"{A1}.v_proj.weight_shape", _set(f"{A1}.v_proj.weight_shape", torch.tensor([256, 128])), "[out=128, in=256]"),
+    # unsupported int4 variants and float routed experts
+    ("zero-point", f"{A1}.v_proj.weight_packed", _set(f"{A1}.v_proj.weight_zero_point", torch.zeros(16, 2, dtype=torch.int32)), "asymmetric"),
+    ("float-expert", f"{E1}.down_proj.weight_packed", _set(f"{E1}.down_proj.weight", torch.zeros(256, 128)), "int4 only"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, name, edit, message", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_checkpoint_is_rejected(ckpt, case, name, edit, message):
+    file = _edit(ckpt, name, edit)
+    with pytest.raises(LoaderError) as info:
+        _load(ckpt)
+    text = str(info.value)
+    assert message in text
+    if not case.startswith("missing"):
+        assert file in text  # names the shard
+
+
+def test_truncated_shard(ckpt):
+    file = sorted(set(_index(ckpt)["weight_map"].values()))[1]
+    os.truncate(ckpt / file, os.path.getsize(ckpt / file) - 100)
+    with pytest.raises(LoaderError, match=f"{file}.*truncated"):
+        _load(ckpt)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: s[: len(s) // 2], "not valid JSON"),  # cut mid-download
+        (lambda s: json.dumps({"metadata": {}}), "no 'weight_map'"),
+        (lambda s: s.replace("model-00002-of", "model-00099-of", 1), "does not exist"),  # a shard that is not there
+        (lambda s: s.replace('"model.norm.weight"', '"model.norm.weight_typo"'), "lacks it"),  # index and shard disagree
+        (lambda s: s.replace('-of-', '/../x-of-', 1), "not a shard file name"),  # a path outside the folder
+    ],
+    ids=["truncated-json", "no-weight-map", "missing-shard", "name-not-in-shard", "path-escape"],
+)
+def test_bad_index(ckpt, corrupt, message):
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(corrupt(index.read_text()))
+    with pytest.raises((LoaderError, FileNotFoundError), match=message):
+        _load(ckpt)
+
+
+def test_config_mismatch_reports_missing_layers(ckpt):
+    """config.json says more layers than the shards hold: every absent module is a clear error, not a crash."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = LAYERS + 2
+    config["num_nextn_predict_layers"] = 0
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoaderError, match=r"module\(s\) missing.*model\.layers\.2\."):
+        _load(ckpt)
+
+
+def test_quantized_shared_experts_and_bf16_router_load(tmp_path):
+    """Shared experts stored int4 (not GLM-4.6-AWQ's recipe, but compressed-tensors allows it) and a bf16 router."""
+    cfg = checkpoint.tiny_config(2, n_routed_experts=4, num_experts_per_tok=2, vocab_size=300)
+    checkpoint.write_checkpoint(tmp_path / "c", cfg, quantize_shared=True, router_dtype=torch.bfloat16, tokenizer=False)
+    model = _load(tmp_path / "c")
+    mlp = model.model.layers[1].mlp
+    assert mlp.shared_experts.down_proj.prepared is not None
+    assert mlp.gate.weight.dtype == torch.float32  # routed in fp32 whatever the stored dtype
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert not any("shared_experts" in n for n in config["quantization_config"]["ignore"])
