@@ -131,7 +131,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, D]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            # Fold the rep = Q/KV query heads of each kv head into the query rows ([B, KV, rep*T, D]; query head
+            # kv*rep + r serves as row r*T + t), so a masked SDPA kernel reads each cached k/v once instead of
+            # the rep-times-expanded copy SDPA's enable_gqa builds when a mask rules out flash attention.
+            rep = self.n_heads // self.n_kv_heads
+            q = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1))
+            y = y.view(b, self.n_heads, t, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

@@ -295,3 +295,23 @@ def test_cli_make_checkpoint_and_demo(tmp_path, monkeypatch, capsys):
     assert "tokens/s" in printed and "backend torch" in printed
     assert cli.main(["generate", "--model", str(out), "--prompt", "hey", "--max-new-tokens", "3", "--quiet"]) == 0
     shutil.rmtree(out)
+
+
+def test_bench_decode_counts_the_bytes_a_decode_step_reads(tiny_fp32):
+    """benchmarks/bench_decode.py's floor rests on layer_bytes; check it by hand on the tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("triton")  # benchmarks/common.py imports it
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = tiny_fp32.config
+    dense, parts = bench.layer_bytes(tiny_fp32.model.layers[0], cfg, context=10)
+    assert parts["kv_cache"] == 2 * cfg.num_key_value_heads * cfg.head_dim * 10 * 2
+    assert dense == parts["kv_cache"] + sum(p.numel() * 4 for p in tiny_fp32.model.layers[0].parameters())
+    _, parts = bench.layer_bytes(tiny_fp32.model.layers[1], cfg, context=10)
+    t = tiny_fp32.model.layers[1].mlp.experts.prepared.tensors
+    one_expert = sum(x[0].numel() * x.element_size() for x in t.values())
+    assert parts["experts_touched"] == cfg.num_experts_per_tok * one_expert  # A of E experts, int4 + scales
