@@ -7,6 +7,8 @@
 Importing is cheap and never needs the compiled extension: backends are probed when first used.
 """
 
+import torch as _torch
+
 from glm_awq.ops import (
     PreparedExperts,
     PreparedLinear,
@@ -21,13 +23,10 @@ from glm_awq.ops import (
 __version__ = "0.1.0"
 
 
-def load(path, device=None, dtype=None, backend=None, max_seq_len=4096, progress=True):
+def load(path, device=None, dtype=_torch.bfloat16, backend=None, max_seq_len=4096, progress=True):
     """Load a GLM-4.6(-AWQ) checkpoint folder; see glm_awq.loader.load (imported on first use)."""
-    import torch
-
     from glm_awq.loader import load as _load
 
-    dtype = torch.bfloat16 if dtype is None else dtype
     return _load(path, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, progress=progress)
 
 

@@ -195,6 +195,10 @@ def generate(
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
+def _template_error(message: str):
+    raise ValueError(f"the checkpoint's chat template refused the messages: {message}")
+
+
 class ChatTokenizer:
     """A `tokenizers` Tokenizer plus the checkpoint's chat template (tokenizer_config.json or
     chat_template.jinja). Never runs code from the checkpoint folder: the template renders in jinja2's sandbox,
@@ -239,7 +243,11 @@ class ChatTokenizer:
             except ImportError:
                 pass
             else:
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env = ImmutableSandboxedEnvironment(
+                    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+                )
+                env.globals["raise_exception"] = _template_error
+                env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
                 return env.from_string(self.template).render(
                     messages=messages, add_generation_prompt=True, **self.special
                 )

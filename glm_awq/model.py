@@ -260,6 +260,7 @@ class GlmForCausalLM(nn.Module):
         self.register_buffer("cache_positions", torch.arange(max_seq_len, device=device), persistent=False)  # [S]
         self.max_seq_len = max_seq_len
 
+    @torch.inference_mode(False)  # normal tensors, so eager calls outside inference mode may write them too
     def setup_caches(self, batch_size: int) -> None:
         """Allocate a KV cache [B, KV, S, D] per layer (S = max_seq_len); drops captured decode graphs."""
         c, device = self.config, self.rope_cos.device

@@ -194,3 +194,19 @@ def test_quantized_shared_experts_and_bf16_router_load(tmp_path):
     assert mlp.gate.weight.dtype == torch.float32  # routed in fp32 whatever the stored dtype
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     assert not any("shared_experts" in n for n in config["quantization_config"]["ignore"])
+
+
+def test_int32_weight_shape_loads(ckpt):
+    """Some compressed-tensors versions store weight_shape as int32 (DESIGN.md section 4)."""
+    name = f"{A1}.q_proj.weight_shape"
+    _edit(ckpt, name, _set(name, torch.tensor([512, 256], dtype=torch.int32)))
+    assert _load(ckpt).model.layers[1].self_attn.q_proj.prepared is not None
+
+
+def test_tied_embeddings(tmp_path):
+    """tie_word_embeddings: no lm_head tensor in the shards; the head reuses embed_tokens."""
+    cfg = checkpoint.tiny_config(2, n_routed_experts=4, num_experts_per_tok=2, tie_word_embeddings=True)
+    checkpoint.write_checkpoint(tmp_path / "c", cfg, tokenizer=False)
+    model = _load(tmp_path / "c")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model(torch.tensor([[1, 2]])).isfinite().all()
