@@ -17,6 +17,7 @@ import torch
 
 import glm_awq
 from glm_awq import quant
+from glm_awq.kernels import w4a16_gemm
 from glm_awq.reference import w4a16_linear_ref
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -63,10 +64,13 @@ def main() -> int:
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
+                        help="also time the Triton kernel with these config overrides, e.g. once:LOAD_ONCE=1")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     reasons = glm_awq.available_backends("cuda")
     backends = [b for b in args.backends.split(",") if reasons.get(b) is None]
+    columns = backends + [f"triton:{v.partition(':')[0]}" for v in args.variant]
     for b in args.backends.split(","):
         if reasons.get(b):
             print(f"skipping backend {b}: {reasons[b]}")
@@ -98,13 +102,22 @@ def main() -> int:
                 row[b] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
                           "TFLOPs": flops / t / 1e6, "rel_err": err.item(),
                           "eager_us": common.time_us(fns[0])}  # fmt: skip
+            for variant in args.variant:
+                name, _, overrides = variant.partition(":")
+                cfg = w4a16_gemm.pick_config(m, n, k, 128, x.device)
+                cfg.update({kk: int(v) for kk, v in (o.split("=") for o in overrides.split(","))})
+                fns = [lambda p=p: w4a16_gemm.w4a16_gemm(x, p.tensors["weight"], p.tensors["scale"], None, 128, cfg)
+                       for p in prepared["triton"]]  # fmt: skip
+                t = common.graph_time_us(_rotating(fns), calls=len(fns))
+                row[f"triton:{name}"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
+                                         "TFLOPs": flops / t / 1e6, "config": cfg}  # fmt: skip
             fns = [lambda w=w: x @ w.T for w in dense]
             row["torch_bf16_us"] = common.graph_time_us(_rotating(fns), calls=len(fns))
             if int4mm is not None:
                 fns = [lambda i=i: int4mm(x, i) for i in range(len(dense))]
                 row["torch_int4pack_us"] = common.graph_time_us(_rotating(fns), calls=len(fns))
             rows.append(row)
-            print(_line(row, backends), flush=True)
+            print(_line(row, columns), flush=True)
         del weights, prepared, dense
         torch.cuda.empty_cache()
 
@@ -117,9 +130,9 @@ def main() -> int:
             series[f"{shape} {b}"] = ([r["M"] for r in sel], [r[b]["pct_floor"] for r in sel])
     common.plot("w4a16_gemm", f"W4A16 GEMM, % of floor, {common.card()}", series, "M", "% of floor")
     print(f"\nW4A16 GEMM on {common.card()} (CUDA graph, us; % of floor)")
-    print(_header(backends))
+    print(_header(columns))
     for row in rows:
-        print(_line(row, backends))
+        print(_line(row, columns))
     return 0
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from glm_awq.kernels import tuning
-from glm_awq.kernels.w4a16_gemm import _check_activation, _dequant_magic
+from glm_awq.kernels.w4a16_gemm import _check_activation, _load_weight_tile
 
 # ------------------------------------------------------------------------------------------------- routing
 
@@ -192,6 +192,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     E_PAD: tl.constexpr,
+    LOAD_ONCE: tl.constexpr,  # see w4a16_gemm._load_weight_tile
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     MAGIC: tl.constexpr = 1032.0 if DTYPE == tl.float16 else 136.0
@@ -218,8 +219,6 @@ def _moe_gemm_kernel(
     w_base = w_ptr + e64 * (K // 8) * W_COLS
     s_base = s_ptr + e64 * (K // GROUP) * W_COLS
     a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_base + (offs_k // 8)[:, None] * W_COLS + offs_n[None, :]
-    shifts = ((offs_k % 8) * 4)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATE_UP:
@@ -227,15 +226,14 @@ def _moe_gemm_kernel(
     for k in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         a_sum = MAGIC * tl.sum(a.to(tl.float32), axis=1)[:, None]
-        words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        w = _load_weight_tile(w_base, k, offs_k, offs_n, mask_n, W_COLS, DTYPE, BLOCK_K, BLOCK_N, LOAD_ONCE)
         scale = tl.load(s_base + (k // GROUP) * W_COLS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += (tl.dot(a, _dequant_magic(words, shifts, DTYPE)) - a_sum) * scale[None, :]
-        if GATE_UP:
-            words = tl.load(w_ptrs + N, mask=mask_n[None, :], other=0)
+        acc += (tl.dot(a, w) - a_sum) * scale[None, :]
+        if GATE_UP:  # the up columns sit N to the right of the gate columns
+            w = _load_weight_tile(w_base + N, k, offs_k, offs_n, mask_n, W_COLS, DTYPE, BLOCK_K, BLOCK_N, LOAD_ONCE)
             scale = tl.load(s_base + (k // GROUP) * W_COLS + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc_up += (tl.dot(a, _dequant_magic(words, shifts, DTYPE)) - a_sum) * scale[None, :]
+            acc_up += (tl.dot(a, w) - a_sum) * scale[None, :]
         a_ptrs += BLOCK_K
-        w_ptrs += (BLOCK_K // 8) * W_COLS
 
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -306,6 +304,7 @@ def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
 
 def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate_up, weighted, group, cfg, e):
     cfg = dict(cfg)
+    cfg.setdefault("LOAD_ONCE", False)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     k = w.shape[1] * 8
     max_blocks = sorted_slots.numel() // cfg["BLOCK_M"]

@@ -41,6 +41,26 @@ def _dequant_magic(words, shifts, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_weight_tile(w_ptr, k0, offs_k, offs_n, mask_n, N, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, LOAD_ONCE: tl.constexpr):
+    """The dequantized-to-magic tile [BLOCK_K, BLOCK_N] of rows k0.. of W^T from int32 [K/8, N].
+
+    LOAD_ONCE=False: every element loads its own word (8 loads of each word, 7 of them L1 hits).
+    LOAD_ONCE=True: each word is loaded once as [BLOCK_K/8, BLOCK_N] and split into [BLOCK_K/8, 8, BLOCK_N],
+    then reshaped (element 8w + j <- nibble j of word w); the reshape may cost a layout conversion.
+    """
+    if LOAD_ONCE:
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        shifts = (tl.arange(0, 8) * 4)[None, :, None]
+        vals = _dequant_magic(words[:, None, :], shifts, DTYPE)
+        return tl.reshape(vals, (BLOCK_K, BLOCK_N))
+    else:
+        words = tl.load(w_ptr + ((k0 + offs_k) // 8)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        return _dequant_magic(words, ((offs_k % 8) * 4)[:, None], DTYPE)
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr,  # [M, K] activations (bf16/fp16), row stride stride_xm, unit column stride
     w_ptr,  # int32 [K/8, N]
@@ -58,6 +78,7 @@ def _w4a16_gemm_kernel(
     BLOCK_K: tl.constexpr,  # divides GROUP, so one K step sees one scale per column
     SPLIT_K: tl.constexpr,  # programs along K; each covers K / SPLIT_K (a multiple of BLOCK_K)
     HAS_BIAS: tl.constexpr,
+    LOAD_ONCE: tl.constexpr,  # see _load_weight_tile
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     MAGIC: tl.constexpr = 1032.0 if DTYPE == tl.float16 else 136.0  # BIAS + 8
@@ -74,21 +95,17 @@ def _w4a16_gemm_kernel(
     k_begin = pid_k * k_per_split
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
-    # Eight K rows share one int32 word: the repeated addresses hit L1, DRAM reads each word once.
-    w_ptrs = w_ptr + ((k_begin + offs_k) // 8)[:, None] * N + offs_n[None, :]
-    shifts = ((offs_k % 8) * 4)[:, None]
     s_ptrs = s_ptr + offs_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_per_split, BLOCK_K):
         x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-        words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        w = _load_weight_tile(w_ptr, k_begin + k, offs_k, offs_n, mask_n, N, DTYPE, BLOCK_K, BLOCK_N, LOAD_ONCE)
         scale = tl.load(s_ptrs + ((k_begin + k) // GROUP) * N, mask=mask_n, other=0.0).to(tl.float32)
-        part = tl.dot(x, _dequant_magic(words, shifts, DTYPE))
+        part = tl.dot(x, w)
         x_sum = tl.sum(x.to(tl.float32), axis=1)
         acc += (part - MAGIC * x_sum[:, None]) * scale[None, :]
         x_ptrs += BLOCK_K
-        w_ptrs += (BLOCK_K // 8) * N
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -185,6 +202,7 @@ def w4a16_gemm(
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     cfg = dict(config) if config is not None else pick_config(m, n, k, group_size, x.device)
+    cfg.setdefault("LOAD_ONCE", False)
     split_k = cfg.pop("SPLIT_K")
     if k % (split_k * cfg["BLOCK_K"]) or group_size % cfg["BLOCK_K"]:
         raise ValueError(

@@ -100,8 +100,9 @@ def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
     _check_backend(backend, m, n, k, group_size, dtype, with_bias=(m % 2 == 1), seed=m + n + k)
 
 
+@pytest.mark.parametrize("load_once", [False, True])  # the two ways of expanding packed words to a tile
 @pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 steps of 64; a split of 3 steps straddles groups of 2
-def test_triton_split_k_is_exact_and_deterministic(split_k):
+def test_triton_split_k_is_exact_and_deterministic(split_k, load_once):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
@@ -110,7 +111,7 @@ def test_triton_split_k_is_exact_and_deterministic(split_k):
     packed, scale = random_int4_weight(40, 576, group_size=64, gen=gen)
     x = torch.randn(5, 576, generator=gen).to(DTYPES[-1])
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2, LOAD_ONCE=load_once)
     out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config=cfg)
     assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, None, 64)) < 1e-2
     again = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config=cfg)
