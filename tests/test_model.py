@@ -315,3 +315,19 @@ def test_bench_decode_counts_the_bytes_a_decode_step_reads(tiny_fp32):
     t = tiny_fp32.model.layers[1].mlp.experts.prepared.tensors
     one_expert = sum(x[0].numel() * x.element_size() for x in t.values())
     assert parts["experts_touched"] == cfg.num_experts_per_tok * one_expert  # A of E experts, int4 + scales
+
+
+def test_triton_backend_runs_the_model(tmp_path):
+    """The model goes through glm_awq.ops only, so another backend runs it unchanged. On the CPU the Triton
+    kernels run in the interpreter, which needs fp16 activations (it computes bf16 dots wrongly)."""
+    reason = glm_awq.available_backends("cpu")["triton"]
+    if reason is not None:
+        pytest.skip(reason)
+    cfg = checkpoint.tiny_config(2, n_routed_experts=4, num_experts_per_tok=2)  # small: the interpreter is slow
+    checkpoint.write_checkpoint(tmp_path / "c", cfg, seed=9, tokenizer=False)
+    ref = glm_awq.load(tmp_path / "c", device="cpu", dtype=torch.float32, progress=False)
+    model = glm_awq.load(tmp_path / "c", device="cpu", dtype=torch.float16, backend="triton", progress=False)
+    assert model.backends() == ["triton"]
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
+    assert rel_err(model(ids), ref(ids)) < 1e-2
+    assert torch.equal(model.generate(ids, 3, eos_token_id=[]), ref.generate(ids, 3, eos_token_id=[]))
