@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class Decoder:
     """One decode step for a fixed batch size: static token [B, 1] and position [1] buffers, optionally replayed
     from a CUDA graph. Holds the model's KV cache by address, so it lives as long as that cache."""
 
-    def __init__(self, model, batch: int, cuda_graph: bool):
+    def __init__(self, model, batch: int, cuda_graph: bool, strict: bool = True):
+        """strict=False: if capture fails (a backend that syncs or allocates on the host), warn and run eagerly."""
         self.model = model
         device = model.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -60,7 +62,18 @@ class Decoder:
         self.graph = None
         self.logits = None
         if cuda_graph:
-            self._capture()
+            try:
+                self._capture()
+            except Exception as exc:  # noqa: BLE001  (any capture failure: the eager step still works)
+                if strict:
+                    raise
+                self.graph = self.logits = None
+                torch.cuda.synchronize()
+                warnings.warn(
+                    f"CUDA-graph capture of the decode step failed ({type(exc).__name__}: {exc}); decoding eagerly. "
+                    "Pass cuda_graph=False to skip the attempt",
+                    stacklevel=3,
+                )
 
     def _step(self) -> torch.Tensor:
         return self.model(self.token, self.pos)[:, -1]  # [B, V]
@@ -139,7 +152,7 @@ def generate_stream(
     use_graph = _graph_safe(model) if cuda_graph is None else cuda_graph
     decoder = model._decoders.get((b, use_graph))
     if decoder is None:
-        decoder = model._decoders[(b, use_graph)] = Decoder(model, b, use_graph)
+        decoder = model._decoders[(b, use_graph)] = Decoder(model, b, use_graph, strict=cuda_graph is not None)
 
     logits = model(input_ids, torch.arange(t, device=device), last_only=True)[:, -1]  # [B, V]
     token = sample(logits, temperature, top_p, top_k, generator)
