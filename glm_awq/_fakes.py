@@ -16,3 +16,12 @@ def register() -> None:
     def _(weight_packed, weight_scale, group_size, dtype):
         n, words = weight_packed.shape
         return weight_packed.new_empty((n, words * 8), dtype=dtype)
+
+    @torch.library.register_fake("glm_awq::repack_int4")
+    def _(weight_packed):
+        *lead, n, words = weight_packed.shape
+        return weight_packed.new_empty((*lead, words * 8 // 16, n // 64, 32, 4))
+
+    @torch.library.register_fake("glm_awq::w4a16_gemm")
+    def _(x, weight, scale, bias, tickets, group_size, block_n, splits):
+        return x.new_empty((x.shape[0], weight.shape[1] * 64))

@@ -89,9 +89,15 @@ class TritonBackend:
 
 
 class CudaBackend:
-    """glm_awq._C: Marlin-style CUDA C++ kernels (csrc/)."""
+    """glm_awq._C: Marlin-style CUDA C++ kernels (csrc/).
+
+    Linear: weights repacked once on the GPU (glm_awq::repack_int4, scales by quant.repack_scales_for_cuda);
+    needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0, else prepare_linear raises ValueError.
+    MoE: the CUDA fused MoE is not written yet; routing and the MoE run on the Triton kernels meanwhile.
+    """
 
     name = "cuda"
+    MOE_FALLBACK = "triton"  # until csrc/moe.cu lands (issue 5)
 
     def unavailable_reason(self, device):
         reason = _ext.unavailable_reason()
@@ -99,7 +105,74 @@ class CudaBackend:
             return reason
         if device.type != "cuda":
             return f"the CUDA kernels need tensors on a CUDA device, not {device}"
-        return "the CUDA GEMM and MoE kernels are not written yet (issue 5)"
+        return None
+
+    @staticmethod
+    def check_linear_shape(n: int, k: int, group_size: int) -> str | None:
+        """None when the CUDA GEMM takes an [N, K] layer, else why not (with the numbers)."""
+        if n % 64 or k % 128 or group_size % 128:
+            return (
+                f"the CUDA W4A16 GEMM needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0; got N={n}, "
+                f"K={k}, group_size={group_size}: use backend='triton' for this layer"
+            )
+        return None
+
+    def prepare_linear(self, p):
+        import torch
+
+        from glm_awq import quant
+
+        reason = self.check_linear_shape(p.out_features, p.in_features, p.group_size)
+        if reason is not None:
+            raise ValueError(reason)
+        t = p.tensors
+        weight = _ext.ops().repack_int4(t["weight_packed"])  # [K/16, N/64, 32, 4]
+        scale = quant.repack_scales_for_cuda(t["weight_scale"])  # [G, N] as stored
+        # Split-K tickets: one per (m tile, n tile) for up to 4 m tiles of 64 columns; the kernel leaves them 0.
+        tickets = torch.zeros(4 * (p.out_features // 64), dtype=torch.int32, device=weight.device)
+        p.tensors = {"weight": weight, "scale": scale, "tickets": tickets}
+        self._cast(p, "scale", torch.bfloat16)
+        if p.bias is not None:
+            self._cast_bias(p, torch.bfloat16)
+        return p
+
+    @staticmethod
+    def _cast(p, key, dtype):
+        """The repacked scale in the activation dtype, made once per dtype and kept with the weights."""
+        name = f"{key}.{str(dtype).removeprefix('torch.')}"
+        t = p.tensors.get(name)
+        if t is None:
+            t = p.tensors[name] = p.tensors[key].to(dtype).contiguous()
+        return t
+
+    @staticmethod
+    def _cast_bias(p, dtype):
+        name = f"bias.{str(dtype).removeprefix('torch.')}"
+        t = p.tensors.get(name)
+        if t is None:
+            t = p.tensors[name] = p.bias.to(dtype).contiguous()
+        return t
+
+    def linear(self, x, p):
+        import torch
+
+        dtype = x.dtype
+        x2 = x.reshape(-1, p.in_features)  # [M, K]
+        if dtype == torch.float32:  # the kernel takes bf16/fp16 activations
+            x2 = x2.to(torch.bfloat16)
+        scale = self._cast(p, "scale", x2.dtype)
+        bias = None if p.bias is None else self._cast_bias(p, x2.dtype)
+        y = torch.ops.glm_awq.w4a16_gemm(x2, p.tensors["weight"], scale, bias, p.tensors["tickets"], p.group_size, 0, 0)
+        return y.reshape(*x.shape[:-1], p.out_features).to(dtype)
+
+    def prepare_experts(self, p):
+        return _BACKENDS[self.MOE_FALLBACK].prepare_experts(p)
+
+    def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
+        return _BACKENDS[self.MOE_FALLBACK].route(logits, bias, top_k, scaling, n_group, topk_group, renormalize)
+
+    def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):
+        return _BACKENDS[self.MOE_FALLBACK].fused_moe(x, topk_ids, topk_weights, p, expert_map)
 
 
 _BACKENDS = {b.name: b for b in (CudaBackend(), TritonBackend(), TorchBackend())}

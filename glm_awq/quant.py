@@ -107,3 +107,53 @@ def check_weight_scheme(weights: Mapping, where: str = "quantization_config") ->
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 16:
         raise bad("group_size", group_size, "group sizes that are positive multiples of 16 (GLM-4.6-AWQ uses 128)")
     return group_size
+
+
+# ------------------------------------------------------------------------------------- the cuda backend's layout
+
+
+def _cuda_layout_index(n: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row n, column k) of every nibble of the cuda layout [K/16, N/64, 32 lanes, 4 words, 8 nibbles].
+
+    Lane l (g = l // 4, t = l % 4), word i, nibble j holds column 8 * (2i + ((j >> 1) & 1)) + g of its 64-wide
+    block and row 2t + (j >> 2) + 8 * (j & 1) of its 16-deep k step: the mma.sync m16n8k16 B operands of eight
+    n8 blocks, in the nibble pairs the lop3 dequant extracts (csrc/w4a16_gemm.cu explains the why).
+    """
+    kb = torch.arange(k // 16, device=device).view(-1, 1, 1, 1, 1)
+    nb = torch.arange(n // 64, device=device).view(1, -1, 1, 1, 1)
+    lane = torch.arange(32, device=device).view(1, 1, -1, 1, 1)
+    i = torch.arange(4, device=device).view(1, 1, 1, -1, 1)
+    j = torch.arange(8, device=device).view(1, 1, 1, 1, -1)
+    rows = nb * 64 + (2 * i + ((j >> 1) & 1)) * 8 + lane // 4
+    cols = kb * 16 + 2 * (lane % 4) + (j >> 2) + 8 * (j & 1)
+    return rows, cols
+
+
+def repack_scales_for_cuda(weight_scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale [..., N, G] -> [..., G, N] in `dtype` (default: its own), columns permuted inside each block of 64 so
+    that position 8 * g + b holds column 8 * b + g (one 16-byte load gives a lane the scales of its 8 n8 blocks)."""
+    *lead, n, g = weight_scale.shape
+    if n % 64:
+        raise ValueError(f"weight_scale has N={n} rows; the cuda layout needs N to be a multiple of 64")
+    s = weight_scale.transpose(-1, -2).reshape(*lead, g, n // 64, 8, 8).transpose(-1, -2)
+    return s.reshape(*lead, g, n).to(dtype or weight_scale.dtype).contiguous()
+
+
+def repack_for_cuda(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure-torch twin of the CUDA repack (glm_awq::repack_int4) plus the scale repack.
+
+    weight_packed int32 [..., N, K/8] (checkpoint layout), weight_scale [..., N, G] ->
+    (int32 [..., K/16, N/64, 32, 4], scale [..., G, N]). Bit-identical to the CUDA op; tests compare them.
+    Needs N % 64 == 0 and K % 16 == 0.
+    """
+    *lead, n, words = weight_packed.shape
+    k = words * PACK
+    if n % 64 or k % 16:
+        raise ValueError(f"the cuda layout needs N % 64 == 0 and K % 16 == 0; got N={n}, K={k}")
+    shifts = torch.arange(PACK, device=weight_packed.device, dtype=torch.int32) * 4
+    nibbles = ((weight_packed.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8).reshape(*lead, n, k)
+    rows, cols = _cuda_layout_index(n, k, weight_packed.device)
+    picked = nibbles[..., rows, cols].to(torch.int64)  # [..., K/16, N/64, 32, 4, 8]
+    words64 = (picked << (shifts.to(torch.int64))).sum(-1)
+    packed = torch.where(words64 >= 2**31, words64 - 2**32, words64).to(torch.int32)
+    return packed, repack_scales_for_cuda(weight_scale)

@@ -142,3 +142,72 @@ def test_cuda_dequantize_matches_reference(n, k, dtype):
     expected = quant.dequantize(packed, scale.cuda(), 128, torch.float32).to(dtype)
     assert torch.equal(out, expected)
     torch.library.opcheck(_ext.ops().dequantize_int4.default, (packed, scale.cuda(), 128, dtype))
+
+
+# ------------------------------------------------------------------------------ the cuda backend's repack
+
+
+def _decode_cuda_layout(packed: torch.Tensor, scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Rebuild the fp32 [N, K] weight from the cuda layout the way csrc/w4a16_gemm.cu consumes it: for lane l
+    (g = l // 4, t = l % 4) and word q, the dequant yields nibble pairs (bits 0-3, 16-19), (4-7, 20-23),
+    (8-11, 24-27), (12-15, 28-31); by the mma.sync m16n8k16 B-fragment rules the first two are rows
+    (2t, 2t+1) and (2t+8, 2t+9) of column g of n8 block 2i, the last two the same rows of block 2i+1; the
+    scale of block b sits at position 8g + b of the column block. Written independently of the repack."""
+    w = torch.zeros(n, k, dtype=torch.float32)
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # [K/16, N/64, 32, 4]
+    s = scale.float().reshape(-1, n // 64, 8, 8)  # [G, N/64, g, b]
+    group = k // scale.shape[0]
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i in range(4):
+            q = words[:, :, lane, i]  # [K/16, N/64]
+            pairs = [((q >> (4 * p)) & 0xF, (q >> (4 * p + 16)) & 0xF) for p in range(4)]
+            for p, (lo, hi) in enumerate(pairs):
+                block = 2 * i + p // 2
+                row0 = 2 * t + 8 * (p % 2)
+                col = torch.arange(n // 64) * 64 + block * 8 + g  # [N/64]
+                for r, v in ((row0, lo), (row0 + 1, hi)):
+                    kk = torch.arange(k // 16) * 16 + r  # [K/16]
+                    sc = s[kk // group][:, torch.arange(n // 64), g, block]  # [K/16, N/64]
+                    w[col[None, :], kk[:, None]] = (v - 8).float() * sc
+    return w
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (128, 256), (192, 384)])
+def test_repack_for_cuda_decodes_to_the_weight(n, k):
+    gen = torch.Generator().manual_seed(n * k)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :16] = torch.arange(-8, 8)  # the full range, -8 included, in one k step
+    scale = (torch.rand(n, k // 128, generator=gen) + 0.01).to(torch.bfloat16)
+    packed, rscale = quant.repack_for_cuda(quant.pack_int4(q), scale)
+    assert packed.shape == (k // 16, n // 64, 32, 4) and packed.dtype == torch.int32
+    assert rscale.shape == (k // 128, n) and rscale.dtype == torch.bfloat16
+    assert torch.equal(_decode_cuda_layout(packed, rscale, n, k), quant.dequantize(quant.pack_int4(q), scale))
+
+
+def test_repack_for_cuda_stacks_experts_and_rejects_bad_shapes():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (3, 64, 256), generator=gen, dtype=torch.int8)
+    scale = torch.rand(3, 64, 2, generator=gen).to(torch.bfloat16)
+    packed, rscale = quant.repack_for_cuda(quant.pack_int4(q), scale)
+    for e in range(3):  # each expert is repacked on its own
+        one, one_scale = quant.repack_for_cuda(quant.pack_int4(q[e]), scale[e])
+        assert torch.equal(packed[e], one) and torch.equal(rscale[e], one_scale)
+    with pytest.raises(ValueError, match="N=72"):
+        quant.repack_for_cuda(quant.pack_int4(torch.zeros(72, 128, dtype=torch.int8)), torch.ones(72, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_ext
+@pytest.mark.parametrize("shape", [(64, 128), (192, 384), (3, 128, 256), (3072, 5120)])  # (3, ...): experts
+def test_cuda_repack_equals_twin_bit_for_bit(shape):
+    from glm_awq import _ext
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = torch.randint(-8, 8, shape, generator=gen, dtype=torch.int8)
+    packed = quant.pack_int4(q).cuda()
+    scale = torch.rand(*shape[:-1], shape[-1] // 128, generator=gen).to(torch.bfloat16).cuda()
+    twin, _ = quant.repack_for_cuda(packed, scale)
+    out = _ext.ops().repack_int4(packed)
+    assert out.shape == twin.shape and torch.equal(out, twin)
+    torch.library.opcheck(_ext.ops().repack_int4.default, (packed,))
