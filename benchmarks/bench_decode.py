@@ -36,7 +36,9 @@ REAL_LAYERS, DENSE_LAYERS = 92, 3
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of distinct tensors (a backend may keep one tensor under two names, e.g. a scale and its cast)."""
+    unique = {(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t.numel()}
+    return sum(n for _, n in unique)
 
 
 def layer_bytes(block, cfg, context: int) -> tuple[int, dict]:
