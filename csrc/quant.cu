@@ -15,6 +15,11 @@
 namespace glm_awq {
 namespace {
 
+// torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: convert explicitly.
+__device__ inline float to_float(__half v) { return __half2float(v); }
+__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_float(float v) { return v; }
+
 template <typename T>
 __device__ inline T from_float(float v);
 template <>
@@ -30,7 +35,7 @@ __global__ void dequantize_int4_kernel(const int32_t* __restrict__ packed, const
   if (w >= words) return;
   const int64_t row = w / words_per_row;
   const int64_t col = w % words_per_row;
-  const float s = static_cast<float>(scale[row * groups_per_row + col / words_per_group]);
+  const float s = to_float(scale[row * groups_per_row + col / words_per_group]);
   const uint32_t word = static_cast<uint32_t>(packed[w]);
   alignas(16) T vals[8];
 #pragma unroll
