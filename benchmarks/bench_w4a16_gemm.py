@@ -105,6 +105,8 @@ def main() -> int:
             for variant in args.variant:
                 name, _, overrides = variant.partition(":")
                 cfg = w4a16_gemm.pick_config(m, n, k, 128, x.device)
+                if cfg.get("DENSE"):
+                    continue
                 cfg.update({kk: int(v) for kk, v in (o.split("=") for o in overrides.split(","))})
                 fns = [lambda p=p: w4a16_gemm.w4a16_gemm(x, p.tensors["weight"], p.tensors["scale"], None, 128, cfg)
                        for p in prepared["triton"]]  # fmt: skip
@@ -142,7 +144,8 @@ def _header(backends):
 
 
 def _line(row, backends):
-    cols = "".join(f" {row[b]['us']:10.1f} {row[b]['pct_floor']:5.0f} {row[b]['GBps']:6.0f}" for b in backends)
+    cols = "".join(f" {row[b]['us']:10.1f} {row[b]['pct_floor']:5.0f} {row[b]['GBps']:6.0f}" if b in row
+                   else f" {'-':>10} {'-':>5} {'-':>6}" for b in backends)  # fmt: skip
     i4 = row.get("torch_int4pack_us")
     return (f"{row['shape']:15} {row['M']:5d} {row['floor_us']:7.1f}{cols} {row['torch_bf16_us']:8.1f} "
             f"{i4 if i4 is None else round(i4, 1)!s:>8}")  # fmt: skip

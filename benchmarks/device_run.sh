@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build glm_awq._C, run the GPU tests, run the benchmarks, print a short table last.
 # Results (JSON + PNG, the card's name in each) and the full log go to $OUT (default ./out).
-#   STAGES=build,test,gemm,moe,decode  (default: all)   GEMM_ARGS / MOE_ARGS / TEST_ARGS: extra arguments
+#   STAGES=build,test,tune,gemm,moe,decode (default: all but tune)   GEMM_ARGS / MOE_ARGS / TEST_ARGS / TUNE_ARGS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -29,6 +29,7 @@ if has test; then
   pytest -q -rfE ${TEST_ARGS:-} tests 2>&1 | tee -a "$LOG" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
+has tune && { python benchmarks/tune_triton.py ${TUNE_ARGS:-} 2>&1 | tee -a "$LOG" | tail -30 || status=1; }
 # shellcheck disable=SC2086
 has gemm && { python benchmarks/bench_w4a16_gemm.py ${GEMM_ARGS:-} 2>&1 | tee -a "$LOG" | tail -60 || status=1; }
 # shellcheck disable=SC2086

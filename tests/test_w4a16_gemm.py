@@ -59,7 +59,8 @@ ON_GPU = DEVICE == "cuda"
 
 # (M, N, K, group): M=1 decode, 3 and 17 odd, 100 and 1000 between the small-M and large-M paths;
 # N=72 not a multiple of any block; K=384 three groups; group 32 checks the group-size generality.
-SMALL = [(1, 64, 256, 128), (3, 72, 384, 128), (17, 40, 256, 32), (33, 64, 128, 128)]
+# 130: past DENSE_MIN_M, the dequantize-then-matmul path.
+SMALL = [(1, 64, 256, 128), (3, 72, 384, 128), (17, 40, 256, 32), (33, 64, 128, 128), (130, 72, 384, 128)]
 GLM = {  # (N, K) of GLM-4.6's quantized linears
     "q_proj": (12288, 5120),
     "kv_proj": (1024, 5120),
@@ -118,6 +119,17 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, load_once):
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="does not tile K=576"):
         w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config={**cfg, "SPLIT_K": 2})
+
+
+def test_triton_dequantize_is_exact():
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    from glm_awq.kernels import w4a16_gemm
+
+    packed, scale = random_int4_weight(72, 384, gen=torch.Generator().manual_seed(1))
+    t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
+    dense = w4a16_gemm.dequantize(t["weight"], t["scale"], 128, torch.float32)
+    assert torch.equal(dense.cpu(), quant.dequantize(packed, scale).T)
 
 
 def test_triton_rejects_fp32_activations():
