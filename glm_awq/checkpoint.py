@@ -147,7 +147,8 @@ def tensors(config: GlmConfig, seed: int = 0, device="cpu", router_dtype=torch.f
     for i in range(c.num_hidden_layers):
         p, moe = f"model.layers.{i}", c.is_moe_layer(i)
         yield from _norm(rng, f"{p}.input_layernorm.weight", h)
-        for x, n in (("q", c.num_attention_heads * d), ("k", c.num_key_value_heads * d), ("v", c.num_key_value_heads * d)):
+        q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+        for x, n in (("q", q), ("k", kv), ("v", kv)):
             yield from _linear(rng, f"{p}.self_attn.{x}_proj", n, h, moe, c.attention_bias, g)
         yield from _linear(rng, f"{p}.self_attn.o_proj", h, c.num_attention_heads * d, moe, False, g)
         if c.use_qk_norm:

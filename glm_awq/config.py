@@ -141,7 +141,9 @@ class GlmConfig:
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise bad(f"first_k_dense_replace={self.first_k_dense_replace} is outside [0, {self.num_hidden_layers}]")
         if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-            raise bad(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts={self.n_routed_experts}]")
+            raise bad(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts={self.n_routed_experts}]"
+            )
         e, g, tg = self.n_routed_experts, self.n_group, self.topk_group
         if g < 1 or e % g or not 0 < tg <= g or self.num_experts_per_tok > tg * (e // g):
             raise bad(
@@ -175,7 +177,9 @@ def _rope(d: dict, where: str) -> tuple[float, float]:
             raise ValueError(f"{where}: rope_parameters must be an object, got {params!r}")
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"{where}: rope_parameters.rope_type={rope_type!r} is not supported; GLM-4.6 uses 'default'")
+            raise ValueError(
+                f"{where}: rope_parameters.rope_type={rope_type!r} is not supported; GLM-4.6 uses 'default'"
+            )
         theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
         partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
         return theta, partial

@@ -233,7 +233,8 @@ class _Filler:
                                      lin.out_features, lin.in_features)  # fmt: skip
             bias = t["bias"].to(self.model.dtype) if need_bias else None
             try:
-                prepared = ops.prepare_linear(t["weight_packed"], t["weight_scale"], bias, self.group_size, self.backend)
+                packed, scale = t["weight_packed"], t["weight_scale"]
+                prepared = ops.prepare_linear(packed, scale, bias, self.group_size, self.backend)
             except (ValueError, TypeError) as exc:
                 raise LoaderError(f"{p.files['weight_packed']}: {prefix}: {exc}") from exc
             lin.set_prepared(prepared)
