@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--ckpt-dir", default=None, help="reuse/keep the checkpoint here (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="do not delete the checkpoint afterwards")
+    ap.add_argument("--backend", default=None, help="cuda | triton (default: GLM_AWQ_BACKEND, auto)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU")
@@ -102,7 +103,7 @@ def main() -> int:
 
     try:
         # ------------------------------------------------------------------------------------- load
-        model = glm_awq.load(ckpt, device="cuda", max_seq_len=args.max_seq_len, progress=False)
+        model = glm_awq.load(ckpt, device="cuda", backend=args.backend, max_seq_len=args.max_seq_len, progress=False)
         cfg = model.config
         stats = model.load_stats
         results["load"] = stats

@@ -326,6 +326,8 @@ def load(
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len={max_seq_len} must be positive")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU (torch {torch.__version__}); use device='cpu'")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     folder, shards = find_shards(path)
