@@ -346,7 +346,7 @@ def load(
             except (SafetensorError, OSError) as exc:
                 raise LoaderError(f"{file}: cannot open the shard ({exc}); is it truncated? Re-download it") from None
             with handle as f:
-                present = set(f.keys())
+                present, counted = set(f.keys()), 0
                 for name in names if names is not None else sorted(present):
                     if name not in present:
                         raise LoaderError(f"{file}: the index lists {name} in {file.name} but the shard lacks it")
@@ -361,6 +361,8 @@ def load(
                         filler.put(name, file, t.to(device))
                         nbytes += size
                     bar.update(size)
+                    counted += size
+            bar.update(file.stat().st_size - counted)  # the header, and tensors the index did not list
         if config.tie_word_embeddings and model.lm_head.weight is not None and model.lm_head.weight.is_meta:
             model.lm_head.weight = model.model.embed_tokens.weight
         filler.check_complete(folder)
