@@ -79,25 +79,27 @@ def main():
                                                             128, 0, 0))  # fmt: skip
             tr = bench(lambda: glm_awq.w4a16_linear(x, pt)) if pt is not None else float("nan")
             mm = bench(lambda: x @ w_bf16.T)
-            deq = bench(lambda: x @ torch.ops.glm_awq.dequantize_int4(packed, scale, 128, torch.bfloat16).T)
+            deq = bench(lambda: torch.nn.functional.linear(
+                x, torch.ops.glm_awq.dequantize_cuda_layout(t["weight"], t["scale.bfloat16"], 128)))  # fmt: skip
+            api = bench(lambda: glm_awq.w4a16_linear(x, pc))
             row = dict(card=card, shape=name, n=n, k=k, m=m, bytes=nbytes, floor_us=floor * 1e6, cuda_us=cu * 1e6,
-                       triton_us=tr * 1e6, matmul_us=mm * 1e6, dequant_matmul_us=deq * 1e6,
+                       triton_us=tr * 1e6, matmul_us=mm * 1e6, dequant_matmul_us=deq * 1e6, backend_us=api * 1e6,
                        cuda_tbps=nbytes / cu / 1e12, cuda_pct_floor=100 * floor / cu)  # fmt: skip
             rows.append(row)
             print(f"{card} {name:8s} M={m:5d}: cuda {cu * 1e6:8.1f} us ({nbytes / cu / 1e12:5.2f} TB/s, "
                   f"{100 * floor / cu:5.1f}% of floor {floor * 1e6:7.1f})  triton {tr * 1e6:8.1f}  "
-                  f"bf16 matmul {mm * 1e6:8.1f}  dequant+matmul {deq * 1e6:8.1f}", flush=True)  # fmt: skip
+                  f"bf16 matmul {mm * 1e6:8.1f}  dequant+matmul {deq * 1e6:8.1f}  backend {api * 1e6:8.1f}", flush=True)  # fmt: skip
         if args.sweep and name in ("q_proj", "o_proj"):
-            for m in (1, 16):
+            for m in (1, 16, 64):
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
                 nbytes = n * k // 2 + n * (k // 128) * 2 + m * k * 2 + m * n * 2
-                for block_n in (64, 128):
-                    for splits in (1, 2, 3, 4, 6, 8):
+                for block_n in (128, 256, 512):
+                    for splits in (0, 1, 2, 3, 4, 6, 8, 12):
                         s = bench(lambda: torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None,
                                                                        t["tickets"], 128, block_n, splits))  # fmt: skip
                         sweep.append(dict(card=card, shape=name, m=m, block_n=block_n, splits=splits, us=s * 1e6,
                                           tbps=nbytes / s / 1e12))  # fmt: skip
-                best = sorted((r for r in sweep if r["shape"] == name and r["m"] == m), key=lambda r: r["us"])[:4]
+                best = sorted((r for r in sweep if r["shape"] == name and r["m"] == m), key=lambda r: r["us"])[:5]
                 print(f"{card} sweep {name} M={m}: " + ", ".join(
                     f"bn{r['block_n']}/s{r['splits']} {r['us']:.1f}us {r['tbps']:.2f}TB/s" for r in best))
         del pc, pt, w_bf16

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from glm_awq.kernels import tuning
-from glm_awq.kernels.w4a16_gemm import _check_activation, _load_weight_tile
+from glm_awq.kernels.w4a16_gemm import KBLOCK, _check_activation, _magic, _offset_tile, _sm_count
 
 # ------------------------------------------------------------------------------------------------- routing
 
@@ -172,12 +172,13 @@ def _scatter_kernel(
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr,  # GEMM1: x [T, K]; GEMM2: h [S, K]   (bf16/fp16, unit column stride)
-    w_ptr,  # int32 [E, K/8, W_COLS]
+    w_ptr,  # int32 [E, K/8, W_COLS], block-interleaved (kernels/w4a16_gemm.py)
     s_ptr,  # [E, K/GROUP, W_COLS]
-    out_ptr,  # GEMM1: h [S, N]; GEMM2: y [S, N]
+    out_ptr,  # SPLIT_K == 1: GEMM1 h [S, N], GEMM2 y [S, N] (x's dtype); else fp32 partials, see below
     sorted_ptr,  # int32 slot ids grouped by expert (see _scatter_kernel)
     counts_ptr,  # int32 [E]
     topk_w_ptr,  # fp32 [S] routing weights (GEMM2)
+    S,  # token-slots (rows of a partial buffer)
     N,  # output columns (GEMM1: I; GEMM2: H)
     K,
     E,
@@ -185,19 +186,18 @@ def _moe_gemm_kernel(
     stride_am,
     stride_om,
     TOP_K: tl.constexpr,  # GEMM1 reads row slot // TOP_K of x; GEMM2 reads row slot of h
-    GATE_UP: tl.constexpr,  # GEMM1: two accumulators (gate cols n, up cols I + n), silu(gate) * up
+    GATE_UP: tl.constexpr,  # GEMM1: gate cols n and up cols I + n; silu(gate) * up (or both partials)
     WEIGHTED: tl.constexpr,  # GEMM2: scale each row by its routing weight
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr,  # a multiple of 128
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
-    LOAD_ONCE: tl.constexpr,  # see w4a16_gemm._load_weight_tile
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
-    MAGIC: tl.constexpr = 1032.0 if DTYPE == tl.float16 else 136.0
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     row0 = pid_b * BLOCK_M
     counts, ends, padded = _expert_offsets(counts_ptr, E, BLOCK_M, E_PAD)
     if row0 >= tl.max(ends, axis=0):
@@ -213,54 +213,90 @@ def _moe_gemm_kernel(
     a_rows = slots // TOP_K if GATE_UP else slots
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    k_per_split = K // SPLIT_K
+    k_begin = pid_k * k_per_split
 
     e64 = e.to(tl.int64)
-    w_base = w_ptr + e64 * (K // 8) * W_COLS
-    s_base = s_ptr + e64 * (K // GROUP) * W_COLS
-    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + e64 * (K // 8) * W_COLS + (k_begin // 8 + tl.arange(0, 16))[:, None] * W_COLS + offs_n[None, :]
+    s_ptrs = s_ptr + e64 * (K // GROUP) * W_COLS + offs_n
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + (k_begin + tl.arange(0, 16))[None, :]
+    offset = _offset_tile(BLOCK_N, DTYPE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATE_UP:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # a feeds the row sums as well as the dot, so the pipeliner leaves it alone: prefetch one step ahead
-    # (the scales too), as in w4a16_gemm.
-    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-    s_ptrs = s_base + offs_n
-    scale = tl.load(s_ptrs, mask=mask_n, other=0.0)
-    if GATE_UP:
-        scale_up = tl.load(s_ptrs + N, mask=mask_n, other=0.0)
-    for k in range(0, K, BLOCK_K):
-        w = _load_weight_tile(w_base, k, offs_k, offs_n, mask_n, W_COLS, DTYPE, BLOCK_K, BLOCK_N, LOAD_ONCE)
-        step = tl.where(k + BLOCK_K < K, BLOCK_K, 0)  # the last step re-reads itself: stays in bounds
-        a_next = tl.load(a_ptrs + step, mask=mask_m[:, None], other=0.0)
-        s_next = s_ptrs + ((k + step) // GROUP) * W_COLS
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    scale = tl.load(s_ptrs + (k_begin // GROUP) * W_COLS, mask=mask_n, other=0.0)
+    scale_up = tl.load(s_ptrs + (k_begin // GROUP) * W_COLS + (N if GATE_UP else 0), mask=mask_n, other=0.0)
+    for kb in range(0, k_per_split, 128):
+        words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        step = tl.where(kb + 128 < k_per_split, 128, 0)  # prefetch the next scales; the last re-reads itself
+        s_next = s_ptrs + ((k_begin + kb + step) // GROUP) * W_COLS
         scale_next = tl.load(s_next, mask=mask_n, other=0.0)
-        a_sum = MAGIC * tl.sum(a.to(tl.float32), axis=1)[:, None]
-        acc += (tl.dot(a, w) - a_sum) * scale.to(tl.float32)[None, :]
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATE_UP:  # the up columns sit N to the right of the gate columns
-            w = _load_weight_tile(w_base + N, k, offs_k, offs_n, mask_n, W_COLS, DTYPE, BLOCK_K, BLOCK_N, LOAD_ONCE)
+            words_up = tl.load(w_ptrs + N, mask=mask_n[None, :], other=0)
             scale_up_next = tl.load(s_next + N, mask=mask_n, other=0.0)
-            acc_up += (tl.dot(a, w) - a_sum) * scale_up.to(tl.float32)[None, :]
+            part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
+            part = tl.dot(a, _magic(words, j, DTYPE), part)
+            part = tl.dot(a, offset, part)
+            if GATE_UP:
+                part_up = tl.dot(a, _magic(words_up, j, DTYPE), part_up)
+                part_up = tl.dot(a, offset, part_up)
+        acc += part * scale.to(tl.float32)[None, :]
+        scale = scale_next
+        if GATE_UP:
+            acc_up += part_up * scale_up.to(tl.float32)[None, :]
             scale_up = scale_up_next
-        a, scale = a_next, scale_next
-        a_ptrs += BLOCK_K
+        a_ptrs += 128
+        w_ptrs += 16 * W_COLS
 
-    if GATE_UP:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    if WEIGHTED:
+    if WEIGHTED:  # linear, so it may come before the split-K sum
         acc *= tl.load(topk_w_ptr + slots, mask=mask_m, other=0.0)[:, None]
-    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(DTYPE), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = slots[:, None].to(tl.int64)
+    if SPLIT_K == 1:
+        if GATE_UP:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        tl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(DTYPE), mask=mask)
+    else:
+        part_ptrs = out_ptr + (pid_k * S + rows) * N + offs_n[None, :]
+        tl.store(part_ptrs, acc, mask=mask)
+        if GATE_UP:
+            tl.store(part_ptrs + SPLIT_K * S * N, acc_up, mask=mask)
+
+
+@triton.jit
+def _silu_mul_reduce_kernel(
+    part_ptr,  # fp32 [2, SPLIT_K, S, I]: gate partials, then up partials
+    local_ptr,  # int32 [S] local expert per slot (-1: not computed here, skipped)
+    h_ptr,  # [S, I] out, activation dtype
+    S,
+    I,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """GEMM1's epilogue when it runs split-K: h = silu(sum of gate partials) * (sum of up partials)."""
+    s = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs < I) & (tl.load(local_ptr + s + tl.zeros_like(offs)) >= 0)
+    gate = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(SPLIT_K):  # fixed order: the same bits every run
+        gate += tl.load(part_ptr + (k * S + s) * I + offs, mask=mask, other=0.0)
+        up += tl.load(part_ptr + ((SPLIT_K + k) * S + s) * I + offs, mask=mask, other=0.0)
+    tl.store(h_ptr + s * I + offs, (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _sum_slots_kernel(
-    y_ptr,  # [S, H] per-slot outputs (already weighted)
+    y_ptr,  # [SPLIT_K, S, H] per-slot outputs, already weighted (fp32 partials when SPLIT_K > 1)
     local_ptr,  # int32 [S] local expert per slot, -1 = not computed here (contributes 0)
     out_ptr,  # [T, H]
+    S,
     H,
     TOP_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -268,32 +304,42 @@ def _sum_slots_kernel(
     mask_h = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for a in tl.static_range(TOP_K):  # fixed order: the same bits every run
-        here = tl.load(local_ptr + t * TOP_K + a + tl.zeros_like(offs_h)) >= 0  # [BLOCK_H], all equal
-        acc += tl.load(y_ptr + (t * TOP_K + a) * H + offs_h, mask=mask_h & here, other=0.0).to(tl.float32)
+        slot = t * TOP_K + a
+        here = tl.load(local_ptr + slot + tl.zeros_like(offs_h)) >= 0  # [BLOCK_H], all equal
+        for k in tl.static_range(SPLIT_K):
+            acc += tl.load(y_ptr + (k * S + slot) * H + offs_h, mask=mask_h & here, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask_h)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, group_size: int, device) -> dict:
-    """Block sizes for GEMM1 ("w13") or GEMM2 ("w2") at this many token-slots: the tuned table, else a rule."""
-    per_expert = slots / max(1, min(num_experts, slots))
-    tuned = tuning.lookup(f"moe_{gemm}", device, m=int(per_expert), n=n, k=k)
+def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, device) -> dict:
+    """Block sizes for GEMM1 ("w13") or GEMM2 ("w2") at this many token-slots: the tuned table, else a rule.
+
+    SPLIT_K = 0 means: choose enough K splits for ~4 programs per SM over the expected blocks.
+    """
+    busy = min(num_experts, slots)  # experts with at least one slot, at most
+    per_expert = slots / max(1, busy)
+    tuned = tuning.lookup(f"moe_{gemm}", device, m=slots, n=n, k=k)
     if tuned is not None:
         cfg = dict(tuned)
     elif per_expert <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=32 if gemm == "w13" else 64, BLOCK_K=128, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     elif per_expert <= 48:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=3)
+    blocks = k // KBLOCK
+    if cfg["SPLIT_K"] == 0:
+        programs = (triton.cdiv(slots, cfg["BLOCK_M"]) + busy) * triton.cdiv(n, cfg["BLOCK_N"])
+        want = max(1, (4 * _sm_count(device.index or 0)) // max(programs, 1))
+        cfg["SPLIT_K"] = max(s for s in range(1, min(want, blocks, 8) + 1) if blocks % s == 0)
     return cfg
 
 
 def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
-    """Slots grouped by local expert, each run padded to block_m -> (sorted, counts, local, max_blocks)."""
+    """Slots grouped by local expert, each run padded to block_m -> (sorted, counts, local)."""
     s = topk_ids.numel()
     device = topk_ids.device
     max_blocks = triton.cdiv(s, block_m) + min(num_experts, s)
@@ -310,26 +356,31 @@ def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
         local, rank, counts, sorted_slots, s, num_experts,
         BLOCK=block, BLOCK_M=block_m, E_PAD=triton.next_power_of_2(num_experts),
     )  # fmt: skip
-    return sorted_slots, counts, local, max_blocks
+    return sorted_slots, counts, local
 
 
-def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate_up, weighted, group, cfg, e):
+def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate_up, weighted, group, cfg):
     cfg = dict(cfg)
-    cfg.setdefault("LOAD_ONCE", True)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    k = w.shape[1] * 8
-    max_blocks = sorted_slots.numel() // cfg["BLOCK_M"]
-    grid = (max_blocks, triton.cdiv(n, cfg["BLOCK_N"]))
+    e, k = w.shape[0], w.shape[1] * 8
+    if k % (cfg["SPLIT_K"] * KBLOCK):
+        raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")
+    grid = (sorted_slots.numel() // cfg["BLOCK_M"], triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _moe_gemm_kernel[grid](
-        a, w, scale, out, sorted_slots, counts, topk_w, n, k, e, w.shape[2], a.stride(0), out.stride(0),
+        a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
         num_warps=warps, num_stages=stages, **cfg,
     )  # fmt: skip
 
 
-def fused_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_size=128, expert_map=None):
-    """x [T, H] bf16/fp16 -> [T, H]: the routed experts' weighted sum (weights prepared as described above)."""
+def fused_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_size=128, expert_map=None, configs=None):
+    """x [T, H] bf16/fp16 -> [T, H]: the routed experts' weighted sum (weights prepared as described above).
+
+    configs: optional (GEMM1, GEMM2) launch configs overriding pick_config (benchmarks and tuning).
+    """
     _check_activation(x)
+    if group_size % KBLOCK:
+        raise ValueError(f"the triton MoE needs group_size a multiple of 128, got {group_size}; use backend='torch'")
     t, h = x.shape
     top_k = topk_ids.shape[1]
     e, i = w13.shape[0], w2.shape[1] * 8
@@ -343,16 +394,26 @@ def fused_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_siz
     if expert_map is not None:
         expert_map = expert_map.to(torch.int32)
 
-    cfg1 = pick_config("w13", s, i, h, e, group_size, x.device)
-    cfg2 = pick_config("w2", s, h, i, e, group_size, x.device)
+    cfg1, cfg2 = configs or (pick_config("w13", s, i, h, e, x.device), pick_config("w2", s, h, i, e, x.device))
     if cfg1["BLOCK_M"] != cfg2["BLOCK_M"]:
-        raise ValueError(f"tuned MoE configs disagree on BLOCK_M ({cfg1['BLOCK_M']} vs {cfg2['BLOCK_M']})")
-    sorted_slots, counts, local, _ = _sort(ids, expert_map, e, cfg1["BLOCK_M"])
+        raise ValueError(f"MoE configs disagree on BLOCK_M ({cfg1['BLOCK_M']} vs {cfg2['BLOCK_M']}); they share one sort")
+    sorted_slots, counts, local = _sort(ids, expert_map, e, cfg1["BLOCK_M"])
 
     hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, w13_scale, hidden, sorted_slots, counts, weights, i, top_k, True, False, group_size, cfg1, e)
-    y = torch.empty((s, h), dtype=x.dtype, device=x.device)
-    _grouped_gemm(hidden, w2, w2_scale, y, sorted_slots, counts, weights, h, top_k, False, True, group_size, cfg2, e)
+    if cfg1["SPLIT_K"] == 1:
+        _grouped_gemm(x, w13, w13_scale, hidden, sorted_slots, counts, weights, i, top_k, True, False, group_size, cfg1)
+    else:
+        part = torch.empty((2, cfg1["SPLIT_K"], s, i), dtype=torch.float32, device=x.device)
+        _grouped_gemm(x, w13, w13_scale, part, sorted_slots, counts, weights, i, top_k, True, False, group_size, cfg1)
+        block = 512
+        _silu_mul_reduce_kernel[(s, triton.cdiv(i, block))](
+            part, local, hidden, s, i, SPLIT_K=cfg1["SPLIT_K"], BLOCK=block, num_warps=4
+        )
+    split2 = cfg2["SPLIT_K"]
+    y = torch.empty((split2, s, h), dtype=x.dtype if split2 == 1 else torch.float32, device=x.device)
+    _grouped_gemm(hidden, w2, w2_scale, y, sorted_slots, counts, weights, h, top_k, False, True, group_size, cfg2)
     block_h = 1024
-    _sum_slots_kernel[(t, triton.cdiv(h, block_h))](y, local, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    _sum_slots_kernel[(t, triton.cdiv(h, block_h))](
+        y, local, out, s, h, TOP_K=top_k, SPLIT_K=split2, BLOCK_H=block_h, num_warps=4
+    )
     return out

@@ -1,22 +1,23 @@
 """Fused int4 dequant + GEMM (W4A16) in Triton: y = x @ W^T (+ bias), W int4 symmetric with per-group scales.
 
-Legend: M rows of x, N output features, K input features, G = K / group_size.
+Legend: M rows of x, N output features, K input features, G = K / group_size, KB = K / 128 blocks.
 
-Layout (made once by `prepare`, never per call):
-    weight  int32 [K/8, N]  the checkpoint's [N, K/8] transposed: word (k // 8, n) holds elements k..k+7 of
-                            column n, nibble j = element 8 * (k // 8) + j, stored with +8. Transposed so that a
-                            tile's loads run along N, coalesced.
-    scale   [G, N]          transposed likewise.
+Layout (made once by `prepare`, never per call). K is cut into blocks of 128; inside a block, word w (0..15)
+holds in nibble j (0..7) the element k = 16 j + w:
+    weight  int32 [K/8, N]  row 16 b + w = word w of block b, for every column n (loads along N coalesce)
+    scale   [G, N]          the checkpoint's scales, transposed
+So the 16 words of a block, shifted by 4 j, give the weights of the 16 consecutive rows 16 j .. 16 j + 15: a
+[16, N] operand for one k16 tensor-core step against x[:, 16 j : 16 j + 16], with no reshape or shuffle.
 
 Dequant without int->float conversions: OR-ing a nibble into the bits of 128.0 (bf16 0x4300) or 1024.0
-(fp16 0x6400) gives the float 128 + nibble (1024 + nibble) exactly. The tile's dot product then runs on
-those "magic" values and the offset is folded out afterwards, once per output instead of once per weight:
-    sum_k x_k * (q_k) = sum_k x_k * (magic_k) - (BIAS + 8) * sum_k x_k,     BIAS = 128 or 1024,
-and the group's scale multiplies the whole partial sum (a K step never crosses a group).
+(fp16 0x6400) gives exactly 128 + nibble (1024 + nibble). The offset (128 + 8, or 1024 + 8) comes out with a
+second dot against a constant tile of -offset: both dots accumulate in fp32 and every product is exact, so
+    x . q = x . (magic) + x . (-offset)
+holds to fp32 rounding. x then feeds nothing but dots, which lets Triton pipeline its loads.
 
 Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that a
-second small kernel sums (deterministic, no atomics), adds the bias and casts. Large M runs plain tiles on
-tensor cores.
+second small kernel sums in a fixed order (deterministic), adds the bias and casts. Large M (>= DENSE_MIN_M)
+dequantizes W once and runs cuBLAS on tensor cores.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ import triton.language as tl
 
 from glm_awq.kernels import tuning
 
+KBLOCK = 128  # K rows per layout block (16 words x 8 nibbles)
+
 
 @triton.jit
-def _dequant_magic(words, shifts, DTYPE: tl.constexpr):
-    """int32 words (one per element, repeated 8x along K) -> the float (BIAS + nibble) in DTYPE, exactly."""
-    nib = (words >> shifts) & 0xF
+def _magic(words, j: tl.constexpr, DTYPE: tl.constexpr):
+    """Nibble j of each int32 word -> the float (BIAS + nibble) in DTYPE, exactly (bit tricks, no cvt)."""
+    nib = (words >> (4 * j)) & 0xF
     if DTYPE == tl.float16:
         return (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     else:
@@ -41,29 +44,44 @@ def _dequant_magic(words, shifts, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_weight_tile(w_ptr, k0, offs_k, offs_n, mask_n, N, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, LOAD_ONCE: tl.constexpr):
-    """The dequantized-to-magic tile [BLOCK_K, BLOCK_N] of rows k0.. of W^T from int32 [K/8, N].
-
-    LOAD_ONCE=False: every element loads its own word (8 loads of each word, 7 of them L1 hits).
-    LOAD_ONCE=True: each word is loaded once as [BLOCK_K/8, BLOCK_N] and split into [BLOCK_K/8, 8, BLOCK_N],
-    then reshaped (element 8w + j <- nibble j of word w); the reshape may cost a layout conversion.
-    """
-    if LOAD_ONCE:
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        shifts = (tl.arange(0, 8) * 4)[None, :, None]
-        vals = _dequant_magic(words[:, None, :], shifts, DTYPE)
-        return tl.reshape(vals, (BLOCK_K, BLOCK_N))
+def _offset_tile(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    """The constant [16, BLOCK_N] tile -(BIAS + 8): dotted with x it removes the magic offset."""
+    if DTYPE == tl.float16:
+        return tl.full((16, BLOCK_N), -1032.0, tl.float16)
     else:
-        words = tl.load(w_ptr + ((k0 + offs_k) // 8)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        return _dequant_magic(words, ((offs_k % 8) * 4)[:, None], DTYPE)
+        return tl.full((16, BLOCK_N), -136.0, tl.bfloat16)
+
+
+@triton.jit
+def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, offset, DTYPE: tl.constexpr,
+               GROUP: tl.constexpr):
+    """acc += x[:, k0:k0+128] @ W^T[k0:k0+128, :] for one layout block.
+
+    a_ptrs [BM, 16]: x at columns k0 + 0..15; words [16, BN]: the block's int32 words; scale [BN]: the group's
+    scale when GROUP >= 128 (one per block); for smaller groups the scale of each 16-row slice is read from
+    s_ptrs [BN] (group row 0, rows stride_s apart) instead.
+    """
+    if GROUP >= 128:
+        part = tl.zeros(acc.shape, dtype=tl.float32)
+        for j in tl.static_range(8):
+            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
+            part = tl.dot(a, _magic(words, j, DTYPE), part)
+            part = tl.dot(a, offset, part)
+        acc += part * scale.to(tl.float32)[None, :]
+    else:  # groups of 16..64 rows: a scale per 16-row slice
+        for j in tl.static_range(8):
+            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
+            part = tl.dot(a, _magic(words, j, DTYPE))
+            part = tl.dot(a, offset, part)
+            s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0)
+            acc += part * s.to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr,  # [M, K] activations (bf16/fp16), row stride stride_xm, unit column stride
-    w_ptr,  # int32 [K/8, N]
+    w_ptr,  # int32 [K/8, N], the block-interleaved layout above
     s_ptr,  # [G, N] scales
     bias_ptr,  # [N] or a dummy when HAS_BIAS is False
     out_ptr,  # SPLIT_K == 1: [M, N] in x's dtype; else fp32 partials [SPLIT_K, M, N]
@@ -72,46 +90,39 @@ def _w4a16_gemm_kernel(
     K,
     stride_xm,
     stride_om,
-    GROUP: tl.constexpr,  # quantization group along K
+    GROUP: tl.constexpr,  # quantization group along K (a multiple of 16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # divides GROUP, so one K step sees one scale per column
-    SPLIT_K: tl.constexpr,  # programs along K; each covers K / SPLIT_K (a multiple of BLOCK_K)
+    SPLIT_K: tl.constexpr,  # programs along K; each covers K / SPLIT_K (a multiple of 128)
     HAS_BIAS: tl.constexpr,
-    LOAD_ONCE: tl.constexpr,  # see _load_weight_tile
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    MAGIC: tl.constexpr = 1032.0 if DTYPE == tl.float16 else 136.0  # BIAS + 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     k_per_split = K // SPLIT_K
     k_begin = pid_k * k_per_split
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
+    a_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + tl.arange(0, 16))[None, :]
+    w_ptrs = w_ptr + (k_begin // 8 + tl.arange(0, 16))[:, None] * N + offs_n[None, :]
     s_ptrs = s_ptr + offs_n
-
-    # x and the scales feed arithmetic besides the dot, which Triton's pipeliner does not stage through shared
-    # memory: prefetch them one K step ahead in registers so their latency hides behind the current step.
-    x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+    offset = _offset_tile(BLOCK_N, DTYPE)
+    # The scales feed arithmetic, which Triton's pipeliner does not stage: prefetch them one block ahead.
     scale = tl.load(s_ptrs + (k_begin // GROUP) * N, mask=mask_n, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
-        w = _load_weight_tile(w_ptr, k_begin + k, offs_k, offs_n, mask_n, N, DTYPE, BLOCK_K, BLOCK_N, LOAD_ONCE)
-        step = tl.where(k + BLOCK_K < k_per_split, BLOCK_K, 0)  # the last step re-reads itself: stays in bounds
-        x_next = tl.load(x_ptrs + step, mask=mask_m[:, None], other=0.0)
-        scale_next = tl.load(s_ptrs + ((k_begin + k + step) // GROUP) * N, mask=mask_n, other=0.0)
-        part = tl.dot(x, w)
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
-        acc += (part - MAGIC * x_sum[:, None]) * scale.to(tl.float32)[None, :]
-        x, scale = x_next, scale_next
-        x_ptrs += BLOCK_K
+    for kb in range(0, k_per_split, 128):
+        k0 = k_begin + kb
+        words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        step = tl.where(kb + 128 < k_per_split, 128, 0)  # the last block re-reads itself: stays in bounds
+        scale_next = tl.load(s_ptrs + ((k0 + step) // GROUP) * N, mask=mask_n, other=0.0)
+        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP)
+        scale = scale_next
+        a_ptrs += 128
+        w_ptrs += 16 * N
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -146,36 +157,68 @@ def _split_k_reduce_kernel(
 
 @triton.jit
 def _dequantize_kernel(
-    w_ptr,  # int32 [K/8, N]
+    w_ptr,  # int32 [K/8, N], block-interleaved
     s_ptr,  # [G, N]
     out_ptr,  # [K, N] dense W^T in the activation dtype
     N,
     GROUP: tl.constexpr,
-    BLOCK_W: tl.constexpr,  # packed rows (8 K rows each) per program
     BLOCK_N: tl.constexpr,
 ):
-    """The large-M path's first half: W^T = q * scale, exactly (fp32 product, one rounding to the dtype)."""
-    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    """The large-M path's first half: one 128-row block of W^T = q * scale, exact (fp32 product, one rounding)."""
+    kb = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-    q = ((words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF) - 8  # [BLOCK_W, 8, BLOCK_N]
-    q = tl.reshape(q, (BLOCK_W * 8, BLOCK_N))
-    offs_k = tl.program_id(0) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
-    scale = tl.load(s_ptr + (offs_k // GROUP)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-    out = (q.to(tl.float32) * scale.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], out, mask=mask_n[None, :])
+    offs_w = tl.arange(0, 16)
+    words = tl.load(w_ptr + (kb * 16 + offs_w)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    for j in tl.static_range(8):
+        offs_k = kb * 128 + 16 * j + offs_w
+        q = ((words >> (4 * j)) & 0xF) - 8
+        scale = tl.load(s_ptr + (offs_k // GROUP)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+        out = (q.to(tl.float32) * scale.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], out, mask=mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- launchers
 
 
+def _interleave_words(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., K/8] checkpoint words -> the block-interleaved words, same shape (pure torch, exact).
+
+    New word w of block b, nibble j = element k = 16 j + w of the block = old word 2 j + w // 8, nibble w % 8.
+    """
+    lead, kw = words.shape[:-1], words.shape[-1]
+    old = words.reshape(*lead, kw // 16, 16)  # [..., KB, 16 old words]
+    w = torch.arange(16, device=words.device)
+    j = torch.arange(8, device=words.device)
+    src = old[..., (2 * j[None, :] + w[:, None] // 8)]  # [..., KB, 16 new words, 8 nibbles]
+    nib = (src >> (4 * (w % 8))[:, None].to(torch.int32)) & 0xF
+    new = (nib.to(torch.int64) << (4 * j).to(torch.int64)).sum(-1)
+    return torch.where(new >= 2**31, new - 2**32, new).to(torch.int32).reshape(words.shape)
+
+
 def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Checkpoint layout ([..., N, K/8] int32, [..., N, G]) -> this kernel's ([..., K/8, N], [..., G, N])."""
+    """Checkpoint layout ([..., N, K/8] int32, [..., N, G]) -> this kernel's ([..., K/8, N], [..., G, N]).
+
+    Done in slices of rows so stacked experts never need more than ~256 MB of scratch.
+    """
+    k = weight_packed.shape[-1] * 8
+    if k % KBLOCK:
+        raise ValueError(f"the triton backend needs K a multiple of {KBLOCK}, got K={k}; use backend='torch'")
+    flat = weight_packed.reshape(-1, weight_packed.shape[-1])
+    rows = max(1, (1 << 22) // flat.shape[1])
+    inter = torch.cat([_interleave_words(flat[i : i + rows]) for i in range(0, flat.shape[0], rows)])
     return {
-        "weight": weight_packed.transpose(-1, -2).contiguous(),
+        "weight": inter.reshape(weight_packed.shape).transpose(-1, -2).contiguous(),
         "scale": weight_scale.transpose(-1, -2).contiguous(),
     }
+
+
+def check_group(group_size: int) -> None:
+    """A layout block (128 rows) must sit inside one group, or each 16-row slice must."""
+    if group_size % KBLOCK and (group_size > KBLOCK or group_size % 16):
+        raise ValueError(
+            f"the triton backend needs group_size a multiple of 128, or a multiple of 16 below 128; got {group_size}"
+        )
 
 
 def _check_activation(x: torch.Tensor) -> None:
@@ -199,9 +242,9 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int, dtype
     """Prepared int4 (int32 [K/8, N], [G, N]) -> dense W^T [K, N] in dtype."""
     kw, n = weight.shape
     out = torch.empty((kw * 8, n), dtype=dtype, device=weight.device)
-    block_w, block_n = 4, 128
-    _dequantize_kernel[(triton.cdiv(kw, block_w), triton.cdiv(n, block_n))](
-        weight, scale, out, n, GROUP=group_size, BLOCK_W=block_w, BLOCK_N=block_n, num_warps=4
+    block_n = 128
+    _dequantize_kernel[(kw // 16, triton.cdiv(n, block_n))](
+        weight, scale, out, n, GROUP=group_size, BLOCK_N=block_n, num_warps=4
     )
     return out
 
@@ -214,20 +257,17 @@ def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
     elif m >= DENSE_MIN_M:
         cfg = dict(DENSE=True)
     elif m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, num_warps=4, num_stages=4)
-    elif m <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     if cfg.get("DENSE"):
         return cfg
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
-    steps = k // cfg["BLOCK_K"]
-    if cfg["SPLIT_K"] == 0:  # 0 = choose: enough programs for ~2 waves, dividing the K steps evenly
+    blocks = k // KBLOCK
+    if cfg["SPLIT_K"] == 0:  # 0 = choose: ~4 programs per SM, dividing the K blocks evenly
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        want = max(1, (2 * _sm_count(device.index or 0)) // max(tiles, 1))
-        cfg["SPLIT_K"] = max(s for s in range(1, min(want, steps, 16) + 1) if steps % s == 0)
-    if steps % cfg["SPLIT_K"]:
+        want = max(1, (4 * _sm_count(device.index or 0)) // max(tiles, 1))
+        cfg["SPLIT_K"] = max(s for s in range(1, min(want, blocks, 16) + 1) if blocks % s == 0)
+    if blocks % cfg["SPLIT_K"]:
         cfg["SPLIT_K"] = 1
     return cfg
 
@@ -242,6 +282,7 @@ def w4a16_gemm(
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16) @ W^T with W prepared by `prepare` -> [..., N] in x's dtype."""
     _check_activation(x)
+    check_group(group_size)
     k, n = weight.shape[0] * 8, weight.shape[1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -256,13 +297,9 @@ def w4a16_gemm(
         if bias is not None:
             out += bias
         return out.reshape(*x.shape[:-1], n)
-    cfg.setdefault("LOAD_ONCE", True)
     split_k = cfg.pop("SPLIT_K")
-    if k % (split_k * cfg["BLOCK_K"]) or group_size % cfg["BLOCK_K"]:
-        raise ValueError(
-            f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*BLOCK_K={split_k * cfg['BLOCK_K']} "
-            f"and group_size={group_size} a multiple of BLOCK_K"
-        )
+    if k % (split_k * KBLOCK):
+        raise ValueError(f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     has_bias = bias is not None

@@ -184,6 +184,26 @@ def test_fused_moe_all_tokens_on_one_expert_and_expert_map(backend):
     _check_fused_moe(backend, x[:9], ids, torch.rand(9, 3, generator=gen), experts, DTYPES[-1], expert_map)
 
 
+@pytest.mark.parametrize("split", [(1, 1), (2, 1), (1, 2), (4, 2)])  # split-K of GEMM1 / GEMM2 (K blocks: 4 / 2)
+def test_triton_moe_split_k(split):
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    from glm_awq.kernels import moe
+
+    gen = torch.Generator().manual_seed(sum(split))
+    experts = [w.to(DEVICE) for w in _experts(6, 512, 256, gen)]
+    p = glm_awq.prepare_experts(*experts, backend="triton")
+    x = torch.randn(7, 512, generator=gen).to(DTYPES[-1]).to(DEVICE)
+    ids, w = route_ref(torch.randn(7, 6, generator=gen), torch.zeros(6), top_k=3)
+    ids, w = ids.to(DEVICE), w.to(DEVICE)
+    cfgs = [dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=sk, num_warps=4, num_stages=2) for sk in split]
+    t = p.tensors
+    out = moe.fused_moe(x, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, None, cfgs)
+    assert rel_err(out, fused_moe_ref(x.float(), ids, w, *experts)) < 1e-2
+    again = moe.fused_moe(x, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, None, cfgs)
+    assert torch.equal(out, again)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_moe_zero_tokens(backend):
     experts = _experts(4, 128, 128, torch.Generator().manual_seed(0))

@@ -49,6 +49,6 @@ def test_one_module_reads_glm_awq_variables():
     readers = [
         p.relative_to(ROOT)
         for p in [*(ROOT / "glm_awq").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "setup.py"]
-        if "environ" in p.read_text() and "GLM_AWQ_" in p.read_text()
+        if "os.environ" in p.read_text() and "GLM_AWQ_" in p.read_text()
     ]
     assert readers == [Path("glm_awq/env.py")]

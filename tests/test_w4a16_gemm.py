@@ -101,24 +101,37 @@ def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
     _check_backend(backend, m, n, k, group_size, dtype, with_bias=(m % 2 == 1), seed=m + n + k)
 
 
-@pytest.mark.parametrize("load_once", [False, True])  # the two ways of expanding packed words to a tile
-@pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 steps of 64; a split of 3 steps straddles groups of 2
-def test_triton_split_k_is_exact_and_deterministic(split_k, load_once):
+@pytest.mark.parametrize("group_size", [128, 64, 384])  # a block inside a group, groups inside a block
+@pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 blocks of 128
+def test_triton_split_k_is_exact_and_deterministic(split_k, group_size):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
 
     gen = torch.Generator().manual_seed(split_k)
-    packed, scale = random_int4_weight(40, 576, group_size=64, gen=gen)
-    x = torch.randn(5, 576, generator=gen).to(DTYPES[-1])
+    packed, scale = random_int4_weight(40, 1152, group_size=group_size, gen=gen)
+    x = torch.randn(5, 1152, generator=gen).to(DTYPES[-1])
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2, LOAD_ONCE=load_once)
-    out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config=cfg)
-    assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, None, 64)) < 1e-2
-    again = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config=cfg)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config=cfg)
+    assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, None, group_size)) < 1e-2
+    again = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config=cfg)
     assert torch.equal(out, again)
-    with pytest.raises(ValueError, match="does not tile K=576"):
-        w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 64, config={**cfg, "SPLIT_K": 2})
+    with pytest.raises(ValueError, match="does not tile K=1152"):
+        w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 2})
+
+
+def test_triton_layout_twin_and_limits():
+    from glm_awq.kernels import w4a16_gemm
+
+    q = torch.randint(-8, 8, (3, 256), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    words = w4a16_gemm._interleave_words(quant.pack_int4(q))  # block b, word w, nibble j <- k = 128 b + 16 j + w
+    nibbles = quant.unpack_int4(words, 256).reshape(3, 2, 16, 8)  # [N, block, word, nibble]
+    assert torch.equal(nibbles.transpose(-1, -2).reshape(3, 256), q)
+    with pytest.raises(ValueError, match="K a multiple of 128, got K=64"):
+        w4a16_gemm.prepare(quant.pack_int4(q[:, :64]), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="group_size a multiple of 128, or a multiple of 16 below 128; got 192"):
+        w4a16_gemm.check_group(192)
 
 
 def test_triton_dequantize_is_exact():
