@@ -1,26 +1,205 @@
-// The glm_awq op catalogue: every schema of glm_awq._C lives here (fakes: glm_awq/_fakes.py).
+// The glm_awq op catalogue: every schema of glm_awq._C lives here (fakes: glm_awq/_fakes.py), with the checked
+// entry points of the kernels whose launchers never throw (see ops.h).
 #include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+
 #include "ops.h"
+
+namespace glm_awq {
+namespace {
+
+constexpr int64_t kBK = 128;  // the GEMM's K per pipeline stage (w4a16_gemm.cu)
+
+void check_launch(const char* op, int err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", err, " (", cudaGetErrorString(static_cast<cudaError_t>(err)),
+              ")");
+}
+
+void check_cuda_layout(const char* op, const at::Tensor& weight, const at::Tensor& scale, int64_t k,
+                       int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(weight.is_cuda() && scale.is_cuda() && weight.device() == scale.device(), op,
+              ": weight and scale must be on one CUDA device, got ", weight.device(), " and ", scale.device());
+  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.dim() == 4 && weight.size(2) == 32 && weight.size(3) == 4 &&
+                  weight.is_contiguous(),
+              op, ": weight must be the contiguous repacked int32 [K/16, N/64, 32, 4], got ", weight.scalar_type(),
+              " ", weight.sizes());
+  const int64_t n = weight.size(1) * 64;
+  TORCH_CHECK(weight.size(0) * 16 == k, op, ": K=", k, " but the weight was packed for K=", weight.size(0) * 16);
+  TORCH_CHECK(k % kBK == 0 && group_size > 0 && group_size % kBK == 0 && k % group_size == 0, op, ": K=", k,
+              " and group_size=", group_size, " must be multiples of ", kBK,
+              " (K a multiple of group_size); use the triton backend for this shape");
+  TORCH_CHECK(scale.scalar_type() == dtype && scale.dim() == 2 && scale.size(0) == k / group_size &&
+                  scale.size(1) == n && scale.is_contiguous(),
+              op, ": scale must be the repacked contiguous [G=", k / group_size, ", N=", n, "] in ", dtype, ", got ",
+              scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX, op, ": N=", n, " and K=", k, " must fit in int32");
+}
+
+}  // namespace
+
+at::Tensor repack_int4(const at::Tensor& weight_packed) {
+  TORCH_CHECK(weight_packed.is_cuda(), "repack_int4: weight_packed must be on a CUDA device");
+  TORCH_CHECK(weight_packed.scalar_type() == at::kInt, "repack_int4: weight_packed must be int32, got ",
+              weight_packed.scalar_type());
+  TORCH_CHECK(weight_packed.dim() == 2 || weight_packed.dim() == 3,
+              "repack_int4: weight_packed must be [N, K/8] or [E, N, K/8], got ", weight_packed.sizes());
+  const int64_t n = weight_packed.size(-2), k = weight_packed.size(-1) * 8;
+  TORCH_CHECK(n % 64 == 0 && k % 16 == 0, "repack_int4: N=", n, " must be a multiple of 64 and K=", k,
+              " a multiple of 16 for the cuda layout; use the triton backend for this shape");
+  TORCH_CHECK(weight_packed.numel() < INT32_MAX * int64_t{4}, "repack_int4: ", weight_packed.numel(),
+              " words is too many for one call; repack experts in chunks");
+  const c10::cuda::CUDAGuard guard(weight_packed.device());
+  auto src = weight_packed.contiguous();
+  std::vector<int64_t> shape;
+  if (src.dim() == 3) shape.push_back(src.size(0));
+  shape.insert(shape.end(), {k / 16, n / 64, 32, 4});
+  auto dst = at::empty(shape, src.options());
+  check_launch("repack_int4", launch_repack_int4(src, dst, n, k));
+  return dst;
+}
+
+at::Tensor dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, int64_t group_size) {
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 || scale.scalar_type() == at::kHalf,
+              "dequantize_cuda_layout: scale must be bf16 or fp16 (it sets the output dtype), got ",
+              scale.scalar_type());
+  TORCH_CHECK(weight.dim() == 4, "dequantize_cuda_layout: weight must be [K/16, N/64, 32, 4], got ", weight.sizes());
+  const int64_t k = weight.size(0) * 16, n = weight.size(1) * 64;
+  check_cuda_layout("dequantize_cuda_layout", weight, scale, k, group_size, scale.scalar_type());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto out = at::empty({n, k}, scale.options());
+  check_launch("dequantize_cuda_layout", launch_dequantize_cuda_layout(weight, scale, out, group_size));
+  return out;
+}
+
+at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
+                      int64_t block_n, int64_t splits) {
+  TORCH_CHECK(x.is_cuda() && tickets.is_cuda(), "w4a16_gemm: x and tickets must be on a CUDA device");
+  TORCH_CHECK(x.dim() == 2, "w4a16_gemm: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "w4a16_gemm: x must be bf16 or fp16, got ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 4, "w4a16_gemm: weight must be [K/16, N/64, 32, 4], got ", weight.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(1) * 64;
+  check_cuda_layout("w4a16_gemm", weight, scale, k, group_size, x.scalar_type());
+  TORCH_CHECK(x.device() == weight.device() && tickets.device() == weight.device(),
+              "w4a16_gemm: x, weight and tickets must be on one device, got ", x.device(), ", ", weight.device(),
+              " and ", tickets.device());
+  TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous(), "w4a16_gemm: tickets must be int32");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->numel() == n &&
+                    bias->is_contiguous(),
+                "w4a16_gemm: bias must be contiguous [N=", n, "] in x's dtype ", x.scalar_type(), " on ",
+                x.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+  }
+  TORCH_CHECK(block_n == 0 || block_n == 64 || block_n == 128 || block_n == 256 || block_n == 512,
+              "w4a16_gemm: block_n=", block_n, " must be 0 (auto), 64, 128, 256 or 512");
+  TORCH_CHECK(block_n == 0 || n % block_n == 0, "w4a16_gemm: N=", n, " is not a multiple of block_n=", block_n);
+  TORCH_CHECK(m <= INT32_MAX, "w4a16_gemm: M=", m, " must fit in int32");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  auto xc = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // cp.async reads 16-byte chunks
+  const GemmLaunch args{xc, weight, scale, bias.has_value() ? &*bias : nullptr, out, tickets,
+                        static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+                        splits};
+  check_launch("w4a16_gemm", launch_w4a16_gemm(args, static_cast<int>(block_n)));
+  return out;
+}
+
+at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& sorted,
+                    const at::Tensor& counts, const at::Tensor& topk_weights, int64_t top_k, int64_t block_m,
+                    int64_t mode, int64_t group_size) {
+  TORCH_CHECK(mode == 1 || mode == 2, "moe_gemm: mode=", mode, " must be 1 (gate/up + SiLU) or 2 (down x weight)");
+  TORCH_CHECK(a.is_cuda() && a.dim() == 2 && (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
+              "moe_gemm: a must be a 2-D bf16/fp16 CUDA tensor, got ", a.scalar_type(), " ", a.sizes(), " on ",
+              a.device());
+  TORCH_CHECK(weight.dim() == 5 && scale.dim() == 3 && weight.size(0) == scale.size(0),
+              "moe_gemm: weight must be [E, K/16, N/64, 32, 4] and scale [E, G, N], got ", weight.sizes(), " and ",
+              scale.sizes());
+  const int64_t e = weight.size(0), k = a.size(1), n = weight.size(2) * 64;
+  check_cuda_layout("moe_gemm", weight[0], scale[0], k, group_size, a.scalar_type());
+  TORCH_CHECK(weight.is_contiguous() && scale.is_contiguous(), "moe_gemm: weight and scale must be contiguous");
+  TORCH_CHECK(n % 128 == 0, "moe_gemm: N=", n, " must be a multiple of 128 (the MoE tile width)");
+  TORCH_CHECK(block_m == 16 || block_m == 32 || block_m == 48 || block_m == 64, "moe_gemm: block_m=", block_m,
+              " must be 16, 32, 48 or 64");
+  const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
+  TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
+                  counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&
+                  topk_weights.numel() == slots && sorted.is_contiguous() && counts.is_contiguous() &&
+                  topk_weights.is_contiguous(),
+              "moe_gemm: expected top_k >= 1 (got ", top_k, "), int32 sorted [blocks * ", block_m, "] (got ",
+              sorted.scalar_type(), " ", sorted.sizes(), "), int32 counts [E=", e, "] (got ", counts.sizes(),
+              ") and fp32 topk_weights [S=", slots, "] (got ", topk_weights.scalar_type(), " ", topk_weights.sizes(),
+              ")");
+  TORCH_CHECK(sorted.device() == a.device() && counts.device() == a.device() && topk_weights.device() == a.device() &&
+                  weight.device() == a.device(),
+              "moe_gemm: all tensors must be on ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({slots, mode == 1 ? n / 2 : n}, a.options());
+  if (slots == 0) return out;
+  auto ac = a.contiguous();
+  if (reinterpret_cast<uintptr_t>(ac.data_ptr()) % 16) ac = ac.clone();
+  const MoeLaunch args{ac, weight, scale, out, sorted, counts, topk_weights, static_cast<int>(top_k),
+                       static_cast<int>(block_m / 16), static_cast<int>(mode), static_cast<int>(group_size)};
+  check_launch("moe_gemm", launch_moe_gemm(args));
+  return out;
+}
+
+at::Tensor moe_sum(const at::Tensor& y, const at::Tensor& local, int64_t top_k) {
+  TORCH_CHECK(y.is_cuda() && y.dim() == 2 && (y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf) &&
+                  y.is_contiguous(),
+              "moe_sum: y must be a contiguous 2-D bf16/fp16 CUDA tensor, got ", y.scalar_type(), " ", y.sizes());
+  TORCH_CHECK(top_k >= 1 && y.size(0) % top_k == 0 && y.size(1) % 8 == 0, "moe_sum: y ", y.sizes(),
+              " must be [T * top_k, H] with top_k=", top_k, " and H a multiple of 8");
+  TORCH_CHECK(local.scalar_type() == at::kInt && local.numel() == y.size(0) && local.is_contiguous() &&
+                  local.device() == y.device(),
+              "moe_sum: local must be int32 [S=", y.size(0), "] on ", y.device(), ", got ", local.scalar_type(), " ",
+              local.sizes());
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto out = at::empty({y.size(0) / top_k, y.size(1)}, y.options());
+  check_launch("moe_sum", launch_moe_sum(y, local, out, static_cast<int>(top_k)));
+  return out;
+}
+
+}  // namespace glm_awq
 
 TORCH_LIBRARY(glm_awq, m) {
   // int32 [N, K/8] pack-quantized + scale [N, K/group_size] -> dense [N, K] in `dtype` (bf16 or fp16).
   m.def("dequantize_int4(Tensor weight_packed, Tensor weight_scale, int group_size, ScalarType dtype) -> Tensor");
   // int32 [(E,) N, K/8] checkpoint layout -> int32 [(E,) K/16, N/64, 32, 4] cuda layout (w4a16_gemm.cu header).
   m.def("repack_int4(Tensor weight_packed) -> Tensor");
+  // cuda layout [K/16, N/64, 32, 4] + repacked scale [G, N] -> dense [N, K] in the scale's dtype, bit for bit the
+  // weights the GEMM's mma path uses (the large-M path runs a dense matmul on it).
+  m.def("dequantize_cuda_layout(Tensor weight, Tensor scale, int group_size) -> Tensor");
   // x [M, K] bf16/fp16 @ W^T + bias -> [M, N]. weight: repack_int4's [K/16, N/64, 32, 4]; scale: [G, N] repacked
   // (glm_awq.quant.repack_scales_for_cuda) in x's dtype; tickets: int32 zeros the kernel uses for split-K and
-  // leaves zero; block_n 0|64|128 and splits 0 (auto) or >= 1.
+  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512 and splits 0 (auto) or >= 1.
   m.def(
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
       "int splits) -> Tensor");
+  // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block).
+  // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
+  // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
+  // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.
+  m.def(
+      "moe_gemm(Tensor a, Tensor weight, Tensor scale, Tensor sorted, Tensor counts, Tensor topk_weights, int top_k, "
+      "int block_m, int mode, int group_size) -> Tensor");
+  // y [T * top_k, H] -> [T, H]: each token's slots summed in slot order in fp32, slots with local < 0 skipped.
+  m.def("moe_sum(Tensor y, Tensor local, int top_k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glm_awq, CUDA, m) {
   m.impl("dequantize_int4", &glm_awq::dequantize_int4);
   m.impl("repack_int4", &glm_awq::repack_int4);
+  m.impl("dequantize_cuda_layout", &glm_awq::dequantize_cuda_layout);
   m.impl("w4a16_gemm", &glm_awq::w4a16_gemm);
+  m.impl("moe_gemm", &glm_awq::moe_gemm);
+  m.impl("moe_sum", &glm_awq::moe_sum);
 }
 
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.

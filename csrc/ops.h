@@ -1,18 +1,54 @@
-// Host entry points of glm_awq._C, one per schema in ops.cpp.
+// Host entry points of glm_awq._C, one per schema in ops.cpp, and the raw launchers behind them.
 #pragma once
 #include <ATen/core/Tensor.h>
+
+#include <optional>
 
 namespace glm_awq {
 
 at::Tensor dequantize_int4(const at::Tensor& weight_packed, const at::Tensor& weight_scale, int64_t group_size,
                            at::ScalarType dtype);
 
-// w4a16_gemm.cu: checkpoint int32 [(E,) N, K/8] -> the cuda layout int32 [(E,) K/16, N/64, 32, 4].
+// Checked entry points (ops.cpp): validate, allocate, launch, raise with the numbers.
 at::Tensor repack_int4(const at::Tensor& weight_packed);
-
-// w4a16_gemm.cu: x [M, K] @ W^T (+ bias) with W repacked by repack_int4 and scales repacked to [G, N].
+at::Tensor dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, int64_t group_size);
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
                       int64_t block_n, int64_t splits);
+at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& sorted,
+                    const at::Tensor& counts, const at::Tensor& topk_weights, int64_t top_k, int64_t block_m,
+                    int64_t mode, int64_t group_size);
+at::Tensor moe_sum(const at::Tensor& y, const at::Tensor& local, int64_t top_k);
+
+// Raw launchers (w4a16_gemm.cu): trust their inputs, never throw, return a cudaError_t as int. The checks and
+// every error message live in ops.cpp, compiled by the host C++ compiler (an exception thrown from nvcc-built
+// host code crashed the process on the device machine's toolchain).
+struct GemmLaunch {
+  const at::Tensor& x;        // [M, K] bf16/fp16, contiguous, 16-byte aligned
+  const at::Tensor& weight;   // int32 [K/16, N/64, 32, 4]
+  const at::Tensor& scale;    // [G, N] in x's dtype
+  const at::Tensor* bias;     // [N] in x's dtype, or nullptr
+  const at::Tensor& out;      // [M, N] in x's dtype
+  const at::Tensor& tickets;  // int32 zeros
+  int m, n, k, group_size;
+  int64_t splits;             // 0: auto
+};
+int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
+
+struct MoeLaunch {
+  const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned
+  const at::Tensor& weight;   // int32 [E, K/16, N/64, 32, 4]; GEMM1's rows interleaved 32 gate / 32 up
+  const at::Tensor& scale;    // [E, G, N] in a's dtype
+  const at::Tensor& out;      // GEMM1: [S, N/2]; GEMM2: [S, N]
+  const at::Tensor& sorted;   // int32 [max_blocks * 16 * m_blocks] from the token sort
+  const at::Tensor& counts;   // int32 [E]
+  const at::Tensor& weights;  // fp32 [S]
+  int top_k, m_blocks, mode, group_size;
+};
+int launch_moe_gemm(const MoeLaunch& args);
+int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
+int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
+int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,
+                                  int64_t group_size);
 
 }  // namespace glm_awq

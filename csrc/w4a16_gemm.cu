@@ -16,16 +16,14 @@
 //
 // Work split: a CTA computes a BM x BN tile over a contiguous range of K (split-K when M is small, so that the
 // grid fills every SM). Its 8 warps are WN along N (64 columns each) by WK = 8 / WN along K: each warp runs its
-// share of the 16-deep k steps of every stage, and the WK partial tiles are summed in shared memory in a fixed
-// order. Split-K partials go to an fp32 workspace; the CTA that finishes a tile last (an atomic ticket per
+// WN of the 8 16-deep k steps of every stage (register double-buffered: the next step's fragments load while
+// this one's dequant and mmas run), and the WK partial tiles are summed in shared memory in a fixed order. Split-K partials go to an fp32 workspace; the CTA that finishes a tile last (an atomic ticket per
 // tile) sums the splits in split order, adds the bias and writes the output, then resets the ticket to zero.
 // Every sum has a fixed order, so the output bits do not depend on scheduling.
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include "ops.h"
 
@@ -118,7 +116,7 @@ struct Num<__half> {
     w[3] = *reinterpret_cast<uint32_t*>(&r3);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -152,7 +150,7 @@ struct Num<__nv_bfloat16> {
     }
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -165,19 +163,40 @@ struct Num<__nv_bfloat16> {
 template <int M_BLOCKS, int WN>
 struct Tile {
   static constexpr int WK = 8 / WN;               // warps splitting each stage's K
-  static constexpr int KPW = kBK / 16 / WK;       // 16-deep k steps per warp per stage
+  static constexpr int KPW = kBK / 16 / WK;       // 16-deep k steps per warp per stage (= WN)
   static constexpr int BM = 16 * M_BLOCKS, BN = 64 * WN;
-  static constexpr int A_CHUNKS = BM * kBK / 8;   // 16-byte chunks of activations per stage
-  static constexpr int B_CHUNKS = kBK * BN / 32;  // 16-byte chunks of int4 weights per stage
+  static constexpr int A_CHUNKS = BM * kBK / 8;   // 16-byte chunks of activations per stage: M_BLOCKS per thread
+  static constexpr int B_CHUNKS = kBK * BN / 32;  // 16-byte chunks of int4 weights per stage: WN per thread
   static constexpr int S_CHUNKS = BN / 8;         // 16-byte chunks of scales per stage
   static constexpr int SMEM = kStages * (A_CHUNKS + B_CHUNKS + S_CHUNKS) * 16;
-  static constexpr int RED = WN * M_BLOCKS * 32 * 32 * 4;  // bytes of the cross-warp K reduction buffer
+  static constexpr int RED = WK > 1 ? WN * M_BLOCKS * 32 * 32 * 4 : 0;  // bytes of the cross-warp K reduction
+  static_assert(A_CHUNKS == M_BLOCKS * kThreads && B_CHUNKS == WN * kThreads, "whole chunks per thread");
   static_assert(RED <= SMEM, "the K reduction reuses the pipeline's shared memory");
+};
+
+// What a CTA's rows are and what its epilogue writes.
+enum Mode : int {
+  kDense = 0,   // rows m0.. of x; out = acc + bias, split-K allowed
+  kGateUp = 1,  // MoE GEMM1: rows are sorted token-slots of one expert, A row = x[slot / top_k]; the weight's
+                // 64-row blocks hold 32 gate rows then the matching 32 up rows, so n8 blocks j and j + 4 of a
+                // thread are gate and up of the same columns: out[slot, I-col] = silu(gate) * up
+  kDown = 2,    // MoE GEMM2: A row = h[slot]; out[slot, col] = routing weight[slot] * acc
+};
+
+// The MoE side of the kernel's arguments (unused by kDense).
+struct MoeArgs {
+  const int* sorted;     // [max_blocks * BM] slots grouped by local expert, each run padded to BM (kernels/moe.py)
+  const int* counts;     // [E] slots per local expert
+  const float* weights;  // [S] routing weight per slot (kDown)
+  int num_experts, top_k;
+  int64_t w_stride;      // int4 chunks per expert in wq
+  int64_t s_stride;      // scale elements per expert in wsc
 };
 
 template <typename T,      // activation, scale, bias and output dtype: __half or __nv_bfloat16
           int M_BLOCKS,    // 16-row token blocks per CTA tile: BM = 16 * M_BLOCKS (1..4)
-          int WN>          // warps along N, 64 columns each: BN = 64 * WN (1 or 2); the other 8 / WN warps split K
+          int WN,          // warps along N, 64 columns each: BN = 64 * WN (1, 2, 4, 8); the other 8 / WN warps split K
+          int MODE>        // kDense, kGateUp or kDown (see Mode)
 __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
     const T* __restrict__ x,       // [M, K] row-major, 16-byte aligned rows
     const int4* __restrict__ wq,   // [K/16, N/64, 32] int4 chunks: the cuda layout above
@@ -186,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
     T* __restrict__ out,           // [M, N]
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [m_tiles * n_tiles] zeros, left zero
-    int M, int N, int K, int group_size, int k_tiles_per_split) {
+    int M, int N, int K, int group_size, int k_tiles_per_split, MoeArgs moe) {
   using Cfg = Tile<M_BLOCKS, WN>;
   using V = Num<T>;
   constexpr int WK = Cfg::WK, KPW = Cfg::KPW, BM = Cfg::BM, BN = Cfg::BN;
@@ -207,27 +226,84 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
   const int wn = warp % WN, wk = warp / WN;
   const int n64 = N / 64;
 
+  // MoE: which expert this block of sorted slots belongs to (a warp-wide scan of the padded counts), how many
+  // of its BM rows are real, and their slot ids. Blocks past the last expert's run exit here.
+  __shared__ int s_slot[MODE == kDense ? 1 : BM];
+  __shared__ int s_info[2];
+  int rows_here = M - m0;
+  if constexpr (MODE != kDense) {
+    if (warp == 0) {
+      int base = 0, found_e = -1, found_rows = 0;
+      for (int e0 = 0; e0 < moe.num_experts; e0 += 32) {
+        const int e = e0 + lane;
+        const int c = e < moe.num_experts ? moe.counts[e] : 0;
+        const int padded = (c + BM - 1) / BM * BM;
+        int incl = padded;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int v = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += v;
+        }
+        const int start = base + incl - padded;
+        if (m0 >= start && m0 < start + padded) found_e = e, found_rows = min(BM, c - (m0 - start));
+        base += __shfl_sync(0xffffffffu, incl, 31);
+      }
+      const unsigned who = __ballot_sync(0xffffffffu, found_e >= 0);
+      const int src = who ? __ffs(who) - 1 : 0;
+      const int e = __shfl_sync(0xffffffffu, found_e, src), rows = __shfl_sync(0xffffffffu, found_rows, src);
+      for (int r = lane; r < BM; r += 32) s_slot[r] = (who && r < rows) ? moe.sorted[m0 + r] : 0;
+      if (lane == 0) s_info[0] = who ? e : -1, s_info[1] = rows;
+    }
+    __syncthreads();
+    if (s_info[0] < 0) return;  // the whole CTA: no barrier follows for anyone
+    rows_here = s_info[1];
+    wq += s_info[0] * moe.w_stride;
+    wsc += s_info[0] * moe.s_stride;
+  }
+
+  // The copy plan, computed once: this thread's M_BLOCKS activation chunks (row (tid / 16) + 16 i, chunk
+  // tid % 16 of the 128-wide row) and WN weight chunks (tid + 256 i of the stage, which is WN * 512 contiguous
+  // bytes per k16 row); each k tile then only adds a fixed stride.
+  const T* a_src[M_BLOCKS];
+  int a_dst[M_BLOCKS];
+  bool a_ok[M_BLOCKS];
+#pragma unroll
+  for (int i = 0; i < M_BLOCKS; ++i) {
+    const int r = (tid >> 4) + 16 * i, cc = tid & 15;
+    a_ok[i] = r < rows_here;
+    int row = m0 + r;
+    if constexpr (MODE == kGateUp) row = s_slot[a_ok[i] ? r : 0] / moe.top_k;
+    if constexpr (MODE == kDown) row = s_slot[a_ok[i] ? r : 0];
+    a_src[i] = x + static_cast<size_t>(a_ok[i] ? row : 0) * K + static_cast<size_t>(kt0) * kBK + cc * 8;
+    a_dst[i] = r * 16 + (cc ^ (r & 7));  // the XOR swizzle puts the 8 rows one ldmatrix phase reads in 8 bank groups
+  }
+  const int4* b_src[WN];
+#pragma unroll
+  for (int i = 0; i < WN; ++i) {
+    const int c = tid + kThreads * i, r = c / (WN * 32), cc = c % (WN * 32);
+    b_src[i] = wq + (static_cast<size_t>(kt0 * 8 + r) * n64 + nt * WN) * 32 + cc;
+  }
+  const size_t b_step = static_cast<size_t>(8) * n64 * 32;  // int4 chunks per k tile
+
+  // Rows past M are zero in every stage, written once here and never copied over.
+#pragma unroll
+  for (int i = 0; i < M_BLOCKS; ++i)
+    if (!a_ok[i])
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) sA[s * A_CHUNKS + a_dst[i]] = make_int4(0, 0, 0, 0);
+
   // Issue the copies of k-tile kt0 + it into stage slot it % kStages; always commit a group, even an empty
   // one, so that wait_group<kStages - 2> below always means "the tile about to be computed has landed".
   auto fetch = [&](int it) {
     if (it < iters) {
-      const int slot = it % kStages, kt = kt0 + it;
+      const int slot = it % kStages;
 #pragma unroll
-      for (int c = tid; c < A_CHUNKS; c += kThreads) {
-        // 16 chunks per 128-wide row; the XOR swizzle puts the 8 rows one ldmatrix phase reads in 8 bank groups.
-        const int r = c / 16, cc = c % 16, row = m0 + r;
-        const bool valid = row < M;
-        const T* src = x + static_cast<size_t>(valid ? row : 0) * K + kt * kBK + cc * 8;
-        cp_async16(&sA[slot * A_CHUNKS + r * 16 + (cc ^ (r & 7))], src, valid);
-      }
+      for (int i = 0; i < M_BLOCKS; ++i)
+        if (a_ok[i]) cp_async16(&sA[slot * A_CHUNKS + a_dst[i]], a_src[i] + it * kBK, true);
 #pragma unroll
-      for (int c = tid; c < B_CHUNKS; c += kThreads) {
-        // Each k16 row of the tile is WN sub-tiles = WN * 512 contiguous bytes of the repacked weight.
-        const int r = c / (WN * 32), cc = c % (WN * 32);
-        cp_async16_stream(&sB[slot * B_CHUNKS + c], wq + (static_cast<size_t>(kt * 8 + r) * n64 + nt * WN) * 32 + cc);
-      }
+      for (int i = 0; i < WN; ++i) cp_async16_stream(&sB[slot * B_CHUNKS + tid + kThreads * i], b_src[i] + it * b_step);
       if (tid < S_CHUNKS) {
-        const int g = kt * kBK / group_size;
+        const int g = (kt0 + it) * kBK / group_size;
         cp_async16(&sS[slot * S_CHUNKS + tid], wsc + static_cast<size_t>(g) * N + n0 + tid * 8, true);
       }
     }
@@ -245,41 +321,55 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) fetch(s);
 
+  // Operand fragments of one k step: A by ldmatrix (lanes 0-15 address rows 0-15 at k 0..7 of the step,
+  // lanes 16-31 the same rows at k 8..15), B as this lane's 16 bytes of the warp's 16x64 sub-tile.
+  uint32_t a[2][M_BLOCKS][4];
+  int4 bq[2];
+  auto load_step = [&](int slot, int kk, uint32_t (&af)[M_BLOCKS][4], int4& bf) {
+    const int ks = wk * KPW + kk;
+#pragma unroll
+    for (int mb = 0; mb < M_BLOCKS; ++mb) {
+      const int r = mb * 16 + (lane & 15), cc = ks * 2 + (lane >> 4);
+      ldmatrix_x4(af[mb], &sA[slot * A_CHUNKS + r * 16 + (cc ^ (r & 7))]);
+    }
+    bf = sB[slot * B_CHUNKS + (ks * WN + wn) * 32 + lane];
+  };
+
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // the tile `it` is visible to all warps, and every warp is done with slot (it - 1)
-    fetch(it + kStages - 1);
     const int slot = it % kStages;
-    // Scales of my column g in n8 blocks 0..7 (the repack put them side by side): word i = blocks (2i, 2i+1).
+    load_step(slot, 0, a[0], bq[0]);
+    fetch(it + kStages - 1);
+    // Scales of my column g in n8 blocks 0..7 (the repack put them side by side), broadcast to both halves:
+    // s2[j] multiplies the (k, k+1) pairs of block j.
     const int4 sv = sS[slot * S_CHUNKS + wn * 8 + (lane >> 2)];
     const uint32_t sw[4] = {static_cast<uint32_t>(sv.x), static_cast<uint32_t>(sv.y), static_cast<uint32_t>(sv.z),
                             static_cast<uint32_t>(sv.w)};
+    uint32_t s2[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s2[2 * i] = __byte_perm(sw[i], 0, 0x1010);
+      s2[2 * i + 1] = __byte_perm(sw[i], 0, 0x3232);
+    }
 #pragma unroll
     for (int kk = 0; kk < KPW; ++kk) {
-      const int ks = wk * KPW + kk;  // 16-deep k step inside the stage
-      uint32_t a[M_BLOCKS][4];
-#pragma unroll
-      for (int mb = 0; mb < M_BLOCKS; ++mb) {
-        // ldmatrix: lanes 0-15 address rows 0-15 at k 0..7 of the step, lanes 16-31 the same rows at k 8..15.
-        const int r = mb * 16 + (lane & 15), cc = ks * 2 + (lane >> 4);
-        ldmatrix_x4(a[mb], &sA[slot * A_CHUNKS + r * 16 + (cc ^ (r & 7))]);
-      }
-      const int4 bq = sB[slot * B_CHUNKS + (ks * WN + wn) * 32 + lane];
-      const uint32_t q[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
-                             static_cast<uint32_t>(bq.w)};
+      if (kk + 1 < KPW) load_step(slot, kk + 1, a[(kk + 1) & 1], bq[(kk + 1) & 1]);
+      const int4 b = bq[kk & 1];
+      const uint32_t q[4] = {static_cast<uint32_t>(b.x), static_cast<uint32_t>(b.y), static_cast<uint32_t>(b.z),
+                             static_cast<uint32_t>(b.w)};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         uint32_t w[4];
         V::dequant(q[i], w);
-        const uint32_t s_lo = __byte_perm(sw[i], 0, 0x1010), s_hi = __byte_perm(sw[i], 0, 0x3232);  // broadcast
-        w[0] = V::mul(w[0], s_lo);
-        w[1] = V::mul(w[1], s_lo);
-        w[2] = V::mul(w[2], s_hi);
-        w[3] = V::mul(w[3], s_hi);
+        w[0] = V::mul(w[0], s2[2 * i]);
+        w[1] = V::mul(w[1], s2[2 * i]);
+        w[2] = V::mul(w[2], s2[2 * i + 1]);
+        w[3] = V::mul(w[3], s2[2 * i + 1]);
 #pragma unroll
         for (int mb = 0; mb < M_BLOCKS; ++mb) {
-          V::mma(acc[mb][2 * i], a[mb], w[0], w[1]);
-          V::mma(acc[mb][2 * i + 1], a[mb], w[2], w[3]);
+          V::mma(acc[mb][2 * i], a[kk & 1][mb], w[0], w[1]);
+          V::mma(acc[mb][2 * i + 1], a[kk & 1][mb], w[2], w[3]);
         }
       }
     }
@@ -317,6 +407,49 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 
   // C fragment of an m16n8 block: (row g, cols 2t, 2t+1) in c0, c1 and row g + 8 in c2, c3.
   const int g = lane >> 2, t = lane & 3;
+  if constexpr (MODE == kGateUp) {
+    if (wk == 0) {
+      const int half_n = N / 2;  // I
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = (n0 + wn * 64) / 2 + j * 8 + 2 * t;
+#pragma unroll
+        for (int mb = 0; mb < M_BLOCKS; ++mb)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = mb * 16 + g + 8 * h;
+            if (r < rows_here) {
+              const float g0 = acc[mb][j][2 * h], g1 = acc[mb][j][2 * h + 1];
+              const float v0 = g0 / (1.f + __expf(-g0)) * acc[mb][j + 4][2 * h];
+              const float v1 = g1 / (1.f + __expf(-g1)) * acc[mb][j + 4][2 * h + 1];
+              *reinterpret_cast<uint32_t*>(&out[static_cast<size_t>(s_slot[r]) * half_n + col]) = V::pack(v0, v1);
+            }
+          }
+      }
+    }
+    return;
+  }
+  if constexpr (MODE == kDown) {
+    if (wk == 0) {
+#pragma unroll
+      for (int mb = 0; mb < M_BLOCKS; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = mb * 16 + g + 8 * h;
+          if (r < rows_here) {
+            const int slot = s_slot[r];
+            const float w = moe.weights[slot];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              const int col = n0 + wn * 64 + j * 8 + 2 * t;
+              *reinterpret_cast<uint32_t*>(&out[static_cast<size_t>(slot) * N + col]) =
+                  V::pack(acc[mb][j][2 * h] * w, acc[mb][j][2 * h + 1] * w);
+            }
+          }
+        }
+    }
+    return;
+  }
   if (gridDim.z == 1) {
     if (wk == 0) {
 #pragma unroll
@@ -411,148 +544,221 @@ __global__ void repack_int4_kernel(const uint32_t* __restrict__ src,  // [B, N, 
   dst[idx] = word;
 }
 
+// The cuda layout back to a dense [N, K] weight with the GEMM's own dequant and scale multiply (so the large-M
+// path, dense matmul on this, sees bit for bit the weights the mma path sees). One thread per 16-byte chunk;
+// each (k, k+1) pair is one 4-byte store.
+template <typename T>
+__global__ void dequantize_cuda_layout_kernel(const int4* __restrict__ wq,  // [K/16, N/64, 32] chunks
+                                              const T* __restrict__ wsc,    // [G, N] repacked scales
+                                              T* __restrict__ out,          // [N, K]
+                                              int N, int K, int group_size, int64_t chunks) {
+  using V = Num<T>;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= chunks) return;
+  const int lane = idx % 32;
+  const int64_t sub = idx / 32;
+  const int nb = sub % (N / 64), kb = static_cast<int>(sub / (N / 64));
+  const int g = lane / 4, t = lane % 4;
+  const int4 sv = *reinterpret_cast<const int4*>(wsc + static_cast<size_t>(kb * 16 / group_size) * N + nb * 64 + g * 8);
+  const int4 b = wq[idx];
+  const uint32_t q[4] = {static_cast<uint32_t>(b.x), static_cast<uint32_t>(b.y), static_cast<uint32_t>(b.z),
+                         static_cast<uint32_t>(b.w)};
+  const uint32_t sw[4] = {static_cast<uint32_t>(sv.x), static_cast<uint32_t>(sv.y), static_cast<uint32_t>(sv.z),
+                          static_cast<uint32_t>(sv.w)};
+  const int k0 = kb * 16 + 2 * t;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t w[4];
+    V::dequant(q[i], w);
+    const uint32_t s_lo = __byte_perm(sw[i], 0, 0x1010), s_hi = __byte_perm(sw[i], 0, 0x3232);
+    const size_t n_lo = static_cast<size_t>(nb * 64 + 16 * i + g), n_hi = n_lo + 8;
+    *reinterpret_cast<uint32_t*>(&out[n_lo * K + k0]) = V::mul(w[0], s_lo);
+    *reinterpret_cast<uint32_t*>(&out[n_lo * K + k0 + 8]) = V::mul(w[1], s_lo);
+    *reinterpret_cast<uint32_t*>(&out[n_hi * K + k0]) = V::mul(w[2], s_hi);
+    *reinterpret_cast<uint32_t*>(&out[n_hi * K + k0 + 8]) = V::mul(w[3], s_hi);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ launch
+// The host side here never throws: the checked entry points (validation, error messages) are in ops.cpp,
+// built by the host C++ compiler, and these launchers report failures as a cudaError_t for ops.cpp to raise.
 
 int sm_count(int device) {
   static int cache[64] = {0};
   if (device < 64 && cache[device]) return cache[device];
   int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
   if (device < 64) cache[device] = n;
   return n;
 }
 
+// Launch one instantiation: pick the split count from its occupancy (CTAs resident per SM x SMs), split K no
+// finer than one k tile per CTA, and only while the tickets cover the tile grid.
 template <typename T, int M_BLOCKS, int WN>
-void launch(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wsc, const T* bias, at::Tensor& out,
-            float* partial, int* tickets, int m, int n, int k, int group_size, int m_tiles, int splits,
-            int k_per_split, cudaStream_t stream) {
+cudaError_t launch(const GemmLaunch& a) {
   using Cfg = Tile<M_BLOCKS, WN>;
-  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN>;
-  static bool configured = false;  // per instantiation; the attribute is per function, not per device
-  if (!configured) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
-    configured = true;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, kDense>;
+  static int per_sm = 0;  // per instantiation; the attribute is per function, not per device
+  if (per_sm == 0) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg::SMEM);
+    if (err != cudaSuccess) return err;
+    if (per_sm <= 0) return cudaErrorInvalidConfiguration;
   }
-  const dim3 grid(m_tiles, n / Cfg::BN, splits);
-  kernel<<<grid, kThreads, Cfg::SMEM, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const int4*>(wq.data_ptr()),
-      reinterpret_cast<const T*>(wsc.data_ptr()), bias, reinterpret_cast<T*>(out.data_ptr()), partial, tickets, m,
-      n, k, group_size, k_per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t m_tiles = (a.m + Cfg::BM - 1) / Cfg::BM, n_tiles = a.n / Cfg::BN, k_tiles = a.k / kBK;
+  int64_t s = a.splits;
+  if (s <= 0) {
+    const int64_t tiles = m_tiles * n_tiles, slots = static_cast<int64_t>(per_sm) * sm_count(a.x.get_device());
+    s = tiles >= slots ? 1 : slots / tiles;
+  }
+  s = std::max<int64_t>(1, std::min(s, k_tiles));
+  if (m_tiles * n_tiles > a.tickets.numel()) s = 1;
+  const int64_t k_per_split = (k_tiles + s - 1) / s;
+  s = (k_tiles + k_per_split - 1) / k_per_split;  // no empty splits
+  if (n_tiles > 65535 || m_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  at::Tensor partial;
+  if (s > 1) partial = at::empty({s, a.m, a.n}, a.x.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(s));
+  kernel<<<grid, kThreads, Cfg::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(a.x.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
+      reinterpret_cast<const T*>(a.scale.data_ptr()), a.bias ? reinterpret_cast<const T*>(a.bias->data_ptr()) : nullptr,
+      reinterpret_cast<T*>(a.out.data_ptr()), s > 1 ? partial.data_ptr<float>() : nullptr, a.tickets.data_ptr<int>(),
+      a.m, a.n, a.k, a.group_size, static_cast<int>(k_per_split), MoeArgs{});
+  return cudaGetLastError();
 }
 
-// The instantiation table: dtype x M_BLOCKS {1, 2, 3, 4} x WN {1 (BN = 64), 2 (BN = 128)}.
+constexpr int kMoeWN = 2;  // MoE tiles are 128 wide: T = 1 still gives 8 experts x 24 (GEMM1) or 40 (GEMM2) CTAs
+
+template <typename T, int M_BLOCKS, int MODE>
+cudaError_t launch_moe(const MoeLaunch& a) {
+  using Cfg = Tile<M_BLOCKS, kMoeWN>;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, kMoeWN, MODE>;
+  static bool configured = false;
+  if (!configured) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  const int num_experts = static_cast<int>(a.weight.size(0));
+  const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
+  const int64_t max_blocks = a.sorted.numel() / Cfg::BM;
+  if (max_blocks == 0) return cudaSuccess;
+  const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
+                    a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
+  const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(n / Cfg::BN), 1);
+  kernel<<<grid, kThreads, Cfg::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(a.a.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
+      reinterpret_cast<const T*>(a.scale.data_ptr()), nullptr, reinterpret_cast<T*>(a.out.data_ptr()), nullptr,
+      nullptr, 0, n, k, a.group_size, k / kBK, moe);
+  return cudaGetLastError();
+}
+
+// out[t] = sum over a of y[t * top_k + a] (slots whose expert is elsewhere, local < 0, skipped), in slot order:
+// fp32, deterministic. One CTA per token, 8 columns (16 bytes) per thread and step.
 template <typename T>
-void dispatch(int m_blocks, int wn, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wsc, const T* bias,
-              at::Tensor& out, float* partial, int* tickets, int m, int n, int k, int group_size, int m_tiles,
-              int splits, int k_per_split, cudaStream_t stream) {
-#define GLM_AWQ_GEMM_CASE(MB, W)                                                                                   \
-  if (m_blocks == MB && wn == W)                                                                                   \
-    return launch<T, MB, W>(x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size, m_tiles, splits,          \
-                            k_per_split, stream);
+__global__ void moe_sum_kernel(const T* __restrict__ y, const int* __restrict__ local, T* __restrict__ out, int H,
+                               int top_k) {
+  using V = Num<T>;
+  const int t = blockIdx.x;
+  for (int c = threadIdx.x * 8; c < H; c += blockDim.x * 8) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int a = 0; a < top_k; ++a) {
+      const int slot = t * top_k + a;
+      if (local[slot] < 0) continue;
+      const int4 v = *reinterpret_cast<const int4*>(y + static_cast<size_t>(slot) * H + c);
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += V::to_float(e[i]);
+    }
+    int4 o;
+    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ow[i] = V::pack(acc[2 * i], acc[2 * i + 1]);
+    *reinterpret_cast<int4*>(out + static_cast<size_t>(t) * H + c) = o;
+  }
+}
+
+// The instantiation table: dtype x M_BLOCKS {1, 2, 3, 4} x WN {1, 2, 4, 8} (BN = 64, 128, 256, 512).
+template <typename T>
+cudaError_t dispatch(int m_blocks, int wn, const GemmLaunch& a) {
+#define GLM_AWQ_GEMM_CASE(MB, W) \
+  if (m_blocks == MB && wn == W) return launch<T, MB, W>(a);
   GLM_AWQ_GEMM_CASE(1, 1) GLM_AWQ_GEMM_CASE(2, 1) GLM_AWQ_GEMM_CASE(3, 1) GLM_AWQ_GEMM_CASE(4, 1)
   GLM_AWQ_GEMM_CASE(1, 2) GLM_AWQ_GEMM_CASE(2, 2) GLM_AWQ_GEMM_CASE(3, 2) GLM_AWQ_GEMM_CASE(4, 2)
+  GLM_AWQ_GEMM_CASE(1, 4) GLM_AWQ_GEMM_CASE(2, 4) GLM_AWQ_GEMM_CASE(3, 4) GLM_AWQ_GEMM_CASE(4, 4)
+  GLM_AWQ_GEMM_CASE(1, 8) GLM_AWQ_GEMM_CASE(2, 8) GLM_AWQ_GEMM_CASE(3, 8) GLM_AWQ_GEMM_CASE(4, 8)
 #undef GLM_AWQ_GEMM_CASE
-  TORCH_CHECK(false, "w4a16_gemm: no kernel instantiated for m_blocks=", m_blocks, ", block_n=", 64 * wn);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-at::Tensor repack_int4(const at::Tensor& weight_packed) {
-  TORCH_CHECK(weight_packed.is_cuda(), "repack_int4: weight_packed must be on a CUDA device");
-  TORCH_CHECK(weight_packed.scalar_type() == at::kInt, "repack_int4: weight_packed must be int32, got ",
-              weight_packed.scalar_type());
-  TORCH_CHECK(weight_packed.dim() == 2 || weight_packed.dim() == 3,
-              "repack_int4: weight_packed must be [N, K/8] or [E, N, K/8], got ", weight_packed.sizes());
-  const int64_t n = weight_packed.size(-2), k = weight_packed.size(-1) * 8;
-  TORCH_CHECK(n % 64 == 0 && k % 16 == 0, "repack_int4: N=", n, " must be a multiple of 64 and K=", k,
-              " a multiple of 16 for the cuda layout; use the triton backend for this shape");
-  const c10::cuda::CUDAGuard guard(weight_packed.device());
-  auto src = weight_packed.contiguous();
-  std::vector<int64_t> shape;
-  if (src.dim() == 3) shape.push_back(src.size(0));
-  shape.insert(shape.end(), {k / 16, n / 64, 32, 4});
-  auto dst = at::empty(shape, src.options());
+int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k) {
   const int64_t total = dst.numel();
-  if (total == 0) return dst;
+  if (total == 0) return cudaSuccess;
   const int threads = 256;
   repack_int4_kernel<<<(total + threads - 1) / threads, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint32_t*>(src.data_ptr()), reinterpret_cast<uint32_t*>(dst.data_ptr()),
       static_cast<int>(n), static_cast<int>(k), total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dst;
+  return cudaGetLastError();
 }
 
-at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                      const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
-                      int64_t block_n, int64_t splits) {
-  TORCH_CHECK(x.is_cuda() && weight.is_cuda() && scale.is_cuda() && tickets.is_cuda(),
-              "w4a16_gemm: all tensors must be on a CUDA device");
-  TORCH_CHECK(x.dim() == 2, "w4a16_gemm: x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "w4a16_gemm: x must be bf16 or fp16, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.dim() == 4 && weight.size(2) == 32 && weight.size(3) == 4,
-              "w4a16_gemm: weight must be the repacked int32 [K/16, N/64, 32, 4], got ", weight.scalar_type(), " ",
-              weight.sizes());
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(1) * 64;
-  TORCH_CHECK(weight.size(0) * 16 == k, "w4a16_gemm: x has K=", k, " but the weight was packed for K=",
-              weight.size(0) * 16);
-  TORCH_CHECK(k % kBK == 0 && group_size > 0 && group_size % kBK == 0 && k % group_size == 0,
-              "w4a16_gemm: K=", k, " and group_size=", group_size, " must be multiples of ", kBK,
-              " (K a multiple of group_size); use the triton backend for this shape");
-  TORCH_CHECK(scale.scalar_type() == x.scalar_type() && scale.dim() == 2 && scale.size(0) == k / group_size &&
-                  scale.size(1) == n && scale.is_contiguous(),
-              "w4a16_gemm: scale must be the repacked contiguous [G=", k / group_size, ", N=", n, "] in x's dtype ",
-              x.scalar_type(), ", got ", scale.scalar_type(), " ", scale.sizes());
-  TORCH_CHECK(weight.is_contiguous(), "w4a16_gemm: weight must be contiguous");
-  TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous(), "w4a16_gemm: tickets must be int32");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == n && bias->is_contiguous(),
-                "w4a16_gemm: bias must be contiguous [N=", n, "] in x's dtype ", x.scalar_type(), ", got ",
-                bias->scalar_type(), " ", bias->sizes());
-  }
-  TORCH_CHECK(block_n == 0 || block_n == 64 || block_n == 128, "w4a16_gemm: block_n=", block_n,
-              " must be 0 (auto), 64 or 128");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return out;
-  auto xc = x.contiguous();
-  if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // cp.async reads 16-byte chunks
-
-  const int wn = block_n == 64 ? 1 : block_n == 128 ? 2 : (n % 128 == 0 ? 2 : 1);
-  TORCH_CHECK(n % (64 * wn) == 0, "w4a16_gemm: N=", n, " is not a multiple of block_n=", 64 * wn);
-  const int m_blocks = static_cast<int>(std::min<int64_t>(4, (m + 15) / 16));
-  const int64_t m_tiles = (m + 16 * m_blocks - 1) / (16 * m_blocks);
-  const int64_t n_tiles = n / (64 * wn), k_tiles = k / kBK;
-  TORCH_CHECK(m_tiles <= 65535 * 1024, "w4a16_gemm: M=", m, " is too large");
-
-  // Split K until the grid is about two CTAs per SM (what fits beside each other at small M); never more
-  // splits than k tiles, and only while the tile grid is small enough for the tickets.
-  int64_t s = splits;
-  if (s <= 0) {
-    const int64_t tiles = m_tiles * n_tiles, target = 2 * sm_count(x.get_device());
-    s = tiles >= target ? 1 : std::min<int64_t>(16, target / tiles);
-  }
-  s = std::max<int64_t>(1, std::min(s, k_tiles));
-  if (m_tiles * n_tiles > tickets.numel()) s = 1;
-  const int64_t k_per_split = (k_tiles + s - 1) / s;
-  s = (k_tiles + k_per_split - 1) / k_per_split;  // no empty splits
-
-  at::Tensor partial;
-  if (s > 1) partial = at::empty({s, m, n}, x.options().dtype(at::kFloat));
-  float* partial_ptr = s > 1 ? partial.data_ptr<float>() : nullptr;
+int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,
+                                  int64_t group_size) {
+  const int64_t k = weight.size(0) * 16, n = weight.size(1) * 64, chunks = weight.numel() / 4;
+  if (chunks == 0) return cudaSuccess;
+  const int threads = 256;
+  const auto blocks = (chunks + threads - 1) / threads;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k), gs = static_cast<int>(group_size);
-  if (x.scalar_type() == at::kBFloat16) {
-    const auto* b = bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
-    dispatch<__nv_bfloat16>(m_blocks, wn, xc, weight, scale, b, out, partial_ptr, tickets.data_ptr<int>(), mi, ni, ki,
-                            gs, static_cast<int>(m_tiles), static_cast<int>(s), static_cast<int>(k_per_split), stream);
-  } else {
-    const auto* b = bias.has_value() ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr;
-    dispatch<__half>(m_blocks, wn, xc, weight, scale, b, out, partial_ptr, tickets.data_ptr<int>(), mi, ni, ki, gs,
-                     static_cast<int>(m_tiles), static_cast<int>(s), static_cast<int>(k_per_split), stream);
+  const auto* wq = reinterpret_cast<const int4*>(weight.data_ptr());
+  if (scale.scalar_type() == at::kBFloat16)
+    dequantize_cuda_layout_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(
+        wq, reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
+        reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), static_cast<int>(n), static_cast<int>(k),
+        static_cast<int>(group_size), chunks);
+  else
+    dequantize_cuda_layout_kernel<__half><<<blocks, threads, 0, stream>>>(
+        wq, reinterpret_cast<const __half*>(scale.data_ptr()), reinterpret_cast<__half*>(out.data_ptr()),
+        static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size), chunks);
+  return cudaGetLastError();
+}
+
+// The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128.
+int launch_moe_gemm(const MoeLaunch& a) {
+#define GLM_AWQ_MOE_CASE(MB)                                                                              \
+  if (a.m_blocks == MB) {                                                                                 \
+    if (bf16) return a.mode == kGateUp ? launch_moe<__nv_bfloat16, MB, kGateUp>(a)                        \
+                                       : launch_moe<__nv_bfloat16, MB, kDown>(a);                         \
+    return a.mode == kGateUp ? launch_moe<__half, MB, kGateUp>(a) : launch_moe<__half, MB, kDown>(a);    \
   }
-  return out;
+  const bool bf16 = a.a.scalar_type() == at::kBFloat16;
+  GLM_AWQ_MOE_CASE(1) GLM_AWQ_MOE_CASE(2) GLM_AWQ_MOE_CASE(3) GLM_AWQ_MOE_CASE(4)
+#undef GLM_AWQ_MOE_CASE
+  return cudaErrorInvalidValue;
+}
+
+int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k) {
+  const int tokens = static_cast<int>(out.size(0)), h = static_cast<int>(out.size(1));
+  if (tokens == 0) return cudaSuccess;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (y.scalar_type() == at::kBFloat16)
+    moe_sum_kernel<__nv_bfloat16><<<tokens, 128, 0, stream>>>(
+        reinterpret_cast<const __nv_bfloat16*>(y.data_ptr()), local.data_ptr<int>(),
+        reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), h, top_k);
+  else
+    moe_sum_kernel<__half><<<tokens, 128, 0, stream>>>(reinterpret_cast<const __half*>(y.data_ptr()),
+                                                       local.data_ptr<int>(), reinterpret_cast<__half*>(out.data_ptr()),
+                                                       h, top_k);
+  return cudaGetLastError();
+}
+
+int launch_w4a16_gemm(const GemmLaunch& a, int block_n) {
+  int wn = block_n / 64;
+  // BN = 256 measured best (or tied) at M = 1..64 on q_proj and o_proj (H200, benchmarks/NOTES.md).
+  if (wn == 0) wn = a.n % 256 == 0 ? 4 : a.n % 128 == 0 ? 2 : 1;
+  const int m_blocks = std::min(4, (a.m + 15) / 16);
+  if (a.x.scalar_type() == at::kBFloat16) return dispatch<__nv_bfloat16>(m_blocks, wn, a);
+  return dispatch<__half>(m_blocks, wn, a);
 }
 
 }  // namespace glm_awq

@@ -22,6 +22,20 @@ def register() -> None:
         *lead, n, words = weight_packed.shape
         return weight_packed.new_empty((*lead, words * 8 // 16, n // 64, 32, 4))
 
+    @torch.library.register_fake("glm_awq::dequantize_cuda_layout")
+    def _(weight, scale, group_size):
+        return scale.new_empty((weight.shape[1] * 64, weight.shape[0] * 16))
+
     @torch.library.register_fake("glm_awq::w4a16_gemm")
     def _(x, weight, scale, bias, tickets, group_size, block_n, splits):
         return x.new_empty((x.shape[0], weight.shape[1] * 64))
+
+    @torch.library.register_fake("glm_awq::moe_gemm")
+    def _(a, weight, scale, sorted, counts, topk_weights, top_k, block_m, mode, group_size):
+        n = weight.shape[2] * 64
+        slots = a.shape[0] * top_k if mode == 1 else a.shape[0]
+        return a.new_empty((slots, n // 2 if mode == 1 else n))
+
+    @torch.library.register_fake("glm_awq::moe_sum")
+    def _(y, local, top_k):
+        return y.new_empty((y.shape[0] // top_k, y.shape[1]))

@@ -92,12 +92,17 @@ class CudaBackend:
     """glm_awq._C: Marlin-style CUDA C++ kernels (csrc/).
 
     Linear: weights repacked once on the GPU (glm_awq::repack_int4, scales by quant.repack_scales_for_cuda);
-    needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0, else prepare_linear raises ValueError.
-    MoE: the CUDA fused MoE is not written yet; routing and the MoE run on the Triton kernels meanwhile.
+    needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0, else prepare_linear raises ValueError. Below
+    DENSE_FROM_M rows the fused mma.sync GEMM runs; from there the weight is dequantized (from the same layout,
+    bit for bit the same weights) and a dense bf16/fp16 matmul runs.
+    MoE: the Triton token sort (kernels/moe.py _sort) and routing, then two CUDA grouped GEMMs over the sorted
+    token-slots (SiLU*up fused into GEMM1, the routing weight into GEMM2) and a deterministic sum over each
+    token's slots (glm_awq::moe_gemm, glm_awq::moe_sum).
     """
 
     name = "cuda"
-    MOE_FALLBACK = "triton"  # until csrc/moe.cu lands (issue 5)
+    MOE_FALLBACK = "triton"  # routing
+    DENSE_FROM_M = 512  # from this many rows, dequantize + dense matmul beats the mma.sync path (benchmarks/NOTES.md)
 
     def unavailable_reason(self, device):
         reason = _ext.unavailable_reason()
@@ -162,17 +167,83 @@ class CudaBackend:
             x2 = x2.to(torch.bfloat16)
         scale = self._cast(p, "scale", x2.dtype)
         bias = None if p.bias is None else self._cast_bias(p, x2.dtype)
-        y = torch.ops.glm_awq.w4a16_gemm(x2, p.tensors["weight"], scale, bias, p.tensors["tickets"], p.group_size, 0, 0)
+        t = p.tensors
+        if x2.shape[0] >= self.DENSE_FROM_M:  # prefill: the weight dequantized once, then a dense tensor-core GEMM
+            w = torch.ops.glm_awq.dequantize_cuda_layout(t["weight"], scale, p.group_size)  # [N, K]
+            y = torch.nn.functional.linear(x2, w, bias)
+        else:
+            y = torch.ops.glm_awq.w4a16_gemm(x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0)
         return y.reshape(*x.shape[:-1], p.out_features).to(dtype)
 
+    # ---------------------------------------------------------------------------------------------- MoE
+
+    @staticmethod
+    def gate_up_rows(two_i: int, device):
+        """w13 row order for the CUDA MoE: 32 gate rows, then the matching 32 up rows, and so on, so that each
+        64-row block of the cuda layout carries gate in n8 blocks 0-3 and up in 4-7 (SiLU*up in registers)."""
+        import torch
+
+        i = two_i // 2
+        chunk = torch.arange(i // 32, device=device).view(-1, 1, 1) * 32
+        half = torch.tensor([0, i], device=device).view(1, 2, 1)
+        return (chunk + half + torch.arange(32, device=device).view(1, 1, -1)).reshape(-1)
+
     def prepare_experts(self, p):
-        return _BACKENDS[self.MOE_FALLBACK].prepare_experts(p)
+        from glm_awq import quant
+
+        h, i, group = p.hidden_size, p.intermediate_size, p.group_size
+        if h % 128 or i % 128 or group % 128:
+            raise ValueError(
+                f"the CUDA MoE needs H % 128 == 0, I % 128 == 0 and group_size % 128 == 0; got H={h}, I={i}, "
+                f"group_size={group}: use backend='triton' for these experts"
+            )
+        t = p.tensors
+        ops = _ext.ops()
+        rows = self.gate_up_rows(2 * i, t["w13_packed"].device)
+        p.tensors = {
+            "w13": ops.repack_int4(t["w13_packed"][:, rows].contiguous()),  # [E, H/16, 2I/64, 32, 4]
+            "w13_scale": quant.repack_scales_for_cuda(t["w13_scale"][:, rows]),  # [E, H/group, 2I]
+            "w2": ops.repack_int4(t["w2_packed"]),  # [E, I/16, H/64, 32, 4]
+            "w2_scale": quant.repack_scales_for_cuda(t["w2_scale"]),  # [E, I/group, H]
+        }
+        import torch
+
+        self._cast(p, "w13_scale", torch.bfloat16)
+        self._cast(p, "w2_scale", torch.bfloat16)
+        return p
 
     def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
         return _BACKENDS[self.MOE_FALLBACK].route(logits, bias, top_k, scaling, n_group, topk_group, renormalize)
 
+    @staticmethod
+    def moe_block_m(slots: int, experts: int) -> int:
+        """Rows per expert block: the average slots per touched expert, rounded up to 16, at most 64."""
+        per_expert = slots / max(1, min(experts, slots))
+        return 16 * min(4, max(1, -(-int(per_expert) // 16)))
+
     def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):
-        return _BACKENDS[self.MOE_FALLBACK].fused_moe(x, topk_ids, topk_weights, p, expert_map)
+        import torch
+
+        from glm_awq.kernels import moe as triton_moe  # the token sort (no host sync) is shared with Triton
+
+        dtype = x.dtype
+        xx = x.to(torch.bfloat16) if dtype == torch.float32 else x  # [T, H]
+        tokens, top_k = topk_ids.shape
+        slots = tokens * top_k
+        if slots == 0:
+            return torch.zeros_like(x)
+        block_m = self.moe_block_m(slots, p.num_experts)
+        if expert_map is not None:
+            expert_map = expert_map.to(torch.int32)
+        sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)
+        sorted_slots, counts, local = sort[0], sort[1], sort[2]  # [blocks * block_m], [E], [S]
+        weights = topk_weights.reshape(-1).float().contiguous()  # [S]
+        t = p.tensors
+        ops = torch.ops.glm_awq
+        s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
+        h = ops.moe_gemm(xx, t["w13"], s13, sorted_slots, counts, weights, top_k, block_m, 1, p.group_size)  # [S, I]
+        y = ops.moe_gemm(h, t["w2"], s2, sorted_slots, counts, weights, top_k, block_m, 2, p.group_size)  # [S, H]
+        return ops.moe_sum(y, local, top_k).to(dtype)  # [T, H]
 
 
 _BACKENDS = {b.name: b for b in (CudaBackend(), TritonBackend(), TorchBackend())}
