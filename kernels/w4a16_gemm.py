@@ -54,19 +54,26 @@ def _offset_tile(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, offset, DTYPE: tl.constexpr,
-               GROUP: tl.constexpr):
+               GROUP: tl.constexpr, OFFSET_BY_DOT: tl.constexpr):
     """acc += x[:, k0:k0+128] @ W^T[k0:k0+128, :] for one layout block.
 
     a_ptrs [BM, 16]: x at columns k0 + 0..15; words [16, BN]: the block's int32 words; scale [BN]: the group's
     scale when GROUP >= 128 (one per block); for smaller groups the scale of each 16-row slice is read from
-    s_ptrs [BN] (group row 0, rows stride_s apart) instead.
+    s_ptrs [BN] (group row 0, rows stride_s apart) instead. OFFSET_BY_DOT=False removes the magic offset with
+    row sums of x instead of the second dot (half the MMAs; x then also feeds plain arithmetic).
     """
     if GROUP >= 128:
         part = tl.zeros(acc.shape, dtype=tl.float32)
+        x_sum = tl.zeros((acc.shape[0],), dtype=tl.float32)
         for j in tl.static_range(8):
             a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
             part = tl.dot(a, _magic(words, j, DTYPE), part)
-            part = tl.dot(a, offset, part)
+            if OFFSET_BY_DOT:
+                part = tl.dot(a, offset, part)
+            else:
+                x_sum += tl.sum(a.to(tl.float32), axis=1)
+        if not OFFSET_BY_DOT:
+            part += x_sum[:, None] * (-1032.0 if DTYPE == tl.float16 else -136.0)
         acc += part * scale.to(tl.float32)[None, :]
     else:  # groups of 16..64 rows: a scale per 16-row slice
         for j in tl.static_range(8):
@@ -95,6 +102,7 @@ def _w4a16_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs along K; each covers K / SPLIT_K (a multiple of 128)
     HAS_BIAS: tl.constexpr,
+    OFFSET_BY_DOT: tl.constexpr,  # see _block_dot
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -119,7 +127,7 @@ def _w4a16_gemm_kernel(
         words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         step = tl.where(kb + 128 < k_per_split, 128, 0)  # the last block re-reads itself: stays in bounds
         scale_next = tl.load(s_ptrs + ((k0 + step) // GROUP) * N, mask=mask_n, other=0.0)
-        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP)
+        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP, OFFSET_BY_DOT)
         scale = scale_next
         a_ptrs += 128
         w_ptrs += 16 * N
@@ -297,6 +305,7 @@ def w4a16_gemm(
         if bias is not None:
             out += bias
         return out.reshape(*x.shape[:-1], n)
+    cfg.setdefault("OFFSET_BY_DOT", True)
     split_k = cfg.pop("SPLIT_K")
     if k % (split_k * KBLOCK):
         raise ValueError(f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")
