@@ -77,7 +77,7 @@ at::Tensor dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
-                      int64_t block_n, int64_t splits) {
+                      int64_t block_n, int64_t splits, int64_t variant) {
   TORCH_CHECK(x.is_cuda() && tickets.is_cuda(), "w4a16_gemm: x and tickets must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "w4a16_gemm: x must be [M, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -99,6 +99,7 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
               "w4a16_gemm: block_n=", block_n, " must be 0 (auto), 64, 128, 256 or 512");
   TORCH_CHECK(block_n == 0 || n % block_n == 0, "w4a16_gemm: N=", n, " is not a multiple of block_n=", block_n);
   TORCH_CHECK(m <= INT32_MAX, "w4a16_gemm: M=", m, " must fit in int32");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "w4a16_gemm: variant=", variant, " must be 0, 1 or 2");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
@@ -106,14 +107,14 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // cp.async reads 16-byte chunks
   const GemmLaunch args{xc, weight, scale, bias.has_value() ? &*bias : nullptr, out, tickets,
                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-                        splits};
+                        splits, static_cast<int>(variant)};
   check_launch("w4a16_gemm", launch_w4a16_gemm(args, static_cast<int>(block_n)));
   return out;
 }
 
 at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& sorted,
                     const at::Tensor& counts, const at::Tensor& topk_weights, int64_t top_k, int64_t block_m,
-                    int64_t mode, int64_t group_size) {
+                    int64_t mode, int64_t group_size, int64_t variant) {
   TORCH_CHECK(mode == 1 || mode == 2, "moe_gemm: mode=", mode, " must be 1 (gate/up + SiLU) or 2 (down x weight)");
   TORCH_CHECK(a.is_cuda() && a.dim() == 2 && (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
               "moe_gemm: a must be a 2-D bf16/fp16 CUDA tensor, got ", a.scalar_type(), " ", a.sizes(), " on ",
@@ -145,7 +146,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   auto ac = a.contiguous();
   if (reinterpret_cast<uintptr_t>(ac.data_ptr()) % 16) ac = ac.clone();
   const MoeLaunch args{ac, weight, scale, out, sorted, counts, topk_weights, static_cast<int>(top_k),
-                       static_cast<int>(block_m / 16), static_cast<int>(mode), static_cast<int>(group_size)};
+                       static_cast<int>(block_m / 16), static_cast<int>(mode), static_cast<int>(group_size),
+                       static_cast<int>(variant)};
   check_launch("moe_gemm", launch_moe_gemm(args));
   return out;
 }
@@ -178,17 +180,18 @@ TORCH_LIBRARY(glm_awq, m) {
   m.def("dequantize_cuda_layout(Tensor weight, Tensor scale, int group_size) -> Tensor");
   // x [M, K] bf16/fp16 @ W^T + bias -> [M, N]. weight: repack_int4's [K/16, N/64, 32, 4]; scale: [G, N] repacked
   // (glm_awq.quant.repack_scales_for_cuda) in x's dtype; tickets: int32 zeros the kernel uses for split-K and
-  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512 and splits 0 (auto) or >= 1.
+  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default) | 1 (scales
+  // multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators after each k tile).
   m.def(
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
-      "int splits) -> Tensor");
+      "int splits, int variant=0) -> Tensor");
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.
   m.def(
       "moe_gemm(Tensor a, Tensor weight, Tensor scale, Tensor sorted, Tensor counts, Tensor topk_weights, int top_k, "
-      "int block_m, int mode, int group_size) -> Tensor");
+      "int block_m, int mode, int group_size, int variant=0) -> Tensor");
   // y [T * top_k, H] -> [T, H]: each token's slots summed in slot order in fp32, slots with local < 0 skipped.
   m.def("moe_sum(Tensor y, Tensor local, int top_k) -> Tensor");
 }

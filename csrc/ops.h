@@ -14,10 +14,10 @@ at::Tensor repack_int4(const at::Tensor& weight_packed);
 at::Tensor dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, int64_t group_size);
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
-                      int64_t block_n, int64_t splits);
+                      int64_t block_n, int64_t splits, int64_t variant);
 at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& sorted,
                     const at::Tensor& counts, const at::Tensor& topk_weights, int64_t top_k, int64_t block_m,
-                    int64_t mode, int64_t group_size);
+                    int64_t mode, int64_t group_size, int64_t variant);
 at::Tensor moe_sum(const at::Tensor& y, const at::Tensor& local, int64_t top_k);
 
 // Raw launchers (w4a16_gemm.cu): trust their inputs, never throw, return a cudaError_t as int. The checks and
@@ -32,6 +32,7 @@ struct GemmLaunch {
   const at::Tensor& tickets;  // int32 zeros
   int m, n, k, group_size;
   int64_t splits;             // 0: auto
+  int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage
 };
 int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
 
@@ -43,7 +44,7 @@ struct MoeLaunch {
   const at::Tensor& sorted;   // int32 [max_blocks * 16 * m_blocks] from the token sort
   const at::Tensor& counts;   // int32 [E]
   const at::Tensor& weights;  // fp32 [S]
-  int top_k, m_blocks, mode, group_size;
+  int top_k, m_blocks, mode, group_size, variant;
 };
 int launch_moe_gemm(const MoeLaunch& args);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);

@@ -31,7 +31,7 @@ namespace glm_awq {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps per CTA
-constexpr int kStages = 4;     // cp.async pipeline depth: 3 k-tiles in flight while one is computed
+constexpr int kSmemPerSM = 227 * 1024;  // shared memory an sm_90 SM gives its CTAs (1 KB each is reserved)
 constexpr int kBK = 128;       // K per pipeline stage (one scale row per stage: group_size % kBK == 0)
 
 // ------------------------------------------------------------------------------------------------ PTX helpers
@@ -122,6 +122,16 @@ struct Num<__half> {
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  static __device__ __forceinline__ void mma0(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};\n"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+  // FOLD: 0x6400 | n is the exact fp16 1024 + n; the 1032 offset and the scale come after the mma.
+  static constexpr uint32_t kMagic = 0x64006400u, kOffset = 0x64086408u;  // 1024, 1032
+  static __device__ __forceinline__ float lo(uint32_t w) { return __half2float(__ushort_as_half(w & 0xffffu)); }
+  static __device__ __forceinline__ float hi(uint32_t w) { return __half2float(__ushort_as_half(w >> 16)); }
 };
 
 template <>
@@ -156,11 +166,21 @@ struct Num<__nv_bfloat16> {
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  static __device__ __forceinline__ void mma0(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};\n"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+  // FOLD: 0x4300 | n is the exact bf16 128 + n; the 136 offset and the scale come after the mma.
+  static constexpr uint32_t kMagic = 0x43004300u, kOffset = 0x43084308u;  // 128, 136
+  static __device__ __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
+  static __device__ __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 };
 
 // -------------------------------------------------------------------------------------------------- GEMM
 
-template <int M_BLOCKS, int WN>
+template <int M_BLOCKS, int WN, bool FOLD = false>
 struct Tile {
   static constexpr int WK = 8 / WN;               // warps splitting each stage's K
   static constexpr int KPW = kBK / 16 / WK;       // 16-deep k steps per warp per stage (= WN)
@@ -168,7 +188,15 @@ struct Tile {
   static constexpr int A_CHUNKS = BM * kBK / 8;   // 16-byte chunks of activations per stage: M_BLOCKS per thread
   static constexpr int B_CHUNKS = kBK * BN / 32;  // 16-byte chunks of int4 weights per stage: WN per thread
   static constexpr int S_CHUNKS = BN / 8;         // 16-byte chunks of scales per stage
-  static constexpr int SMEM = kStages * (A_CHUNKS + B_CHUNKS + S_CHUNKS) * 16;
+  static constexpr int bytes(int stages) { return stages * (A_CHUNKS + B_CHUNKS + S_CHUNKS) * 16; }
+  // Occupancy: at M <= 16 the SM is issue-latency bound (ncu, H200: 3.5 warps per scheduler, 0.49 issued per
+  // cycle), so small tiles ask for 3 CTAs per SM (registers capped at 80) and drop to 3 stages where 4 don't fit.
+  // FOLD keeps a second accumulator set (tmp) per stage: 2 CTAs, 128 registers.
+  static constexpr int WANT = M_BLOCKS == 1 ? (FOLD ? 2 : 3) : M_BLOCKS == 2 ? 2 : 1;
+  static constexpr int STAGES = WANT * (bytes(4) + 1024) <= kSmemPerSM ? 4 : 3;  // cp.async pipeline depth
+  static constexpr int SMEM = bytes(STAGES);
+  static constexpr int FIT = kSmemPerSM / (SMEM + 1024);
+  static constexpr int MIN_BLOCKS = FIT < 1 ? 1 : FIT < WANT ? FIT : WANT;  // __launch_bounds__ minimum
   static constexpr int RED = WK > 1 ? WN * M_BLOCKS * 32 * 32 * 4 : 0;  // bytes of the cross-warp K reduction
   static_assert(A_CHUNKS == M_BLOCKS * kThreads && B_CHUNKS == WN * kThreads, "whole chunks per thread");
   static_assert(RED <= SMEM, "the K reduction reuses the pipeline's shared memory");
@@ -196,8 +224,9 @@ struct MoeArgs {
 template <typename T,      // activation, scale, bias and output dtype: __half or __nv_bfloat16
           int M_BLOCKS,    // 16-row token blocks per CTA tile: BM = 16 * M_BLOCKS (1..4)
           int WN,          // warps along N, 64 columns each: BN = 64 * WN (1, 2, 4, 8); the other 8 / WN warps split K
-          int MODE>        // kDense, kGateUp or kDown (see Mode)
-__global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
+          int MODE,        // kDense, kGateUp or kDown (see Mode)
+          bool FOLD>       // scales folded in after each stage (see the k loop) instead of multiplied into B
+__global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS) w4a16_gemm_kernel(
     const T* __restrict__ x,       // [M, K] row-major, 16-byte aligned rows
     const int4* __restrict__ wq,   // [K/16, N/64, 32] int4 chunks: the cuda layout above
     const T* __restrict__ wsc,     // [G, N] repacked scales
@@ -206,9 +235,9 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [m_tiles * n_tiles] zeros, left zero
     int M, int N, int K, int group_size, int k_tiles_per_split, MoeArgs moe) {
-  using Cfg = Tile<M_BLOCKS, WN>;
+  using Cfg = Tile<M_BLOCKS, WN, FOLD>;
   using V = Num<T>;
-  constexpr int WK = Cfg::WK, KPW = Cfg::KPW, BM = Cfg::BM, BN = Cfg::BN;
+  constexpr int WK = Cfg::WK, KPW = Cfg::KPW, BM = Cfg::BM, BN = Cfg::BN, kStages = Cfg::STAGES;
   constexpr int A_CHUNKS = Cfg::A_CHUNKS, B_CHUNKS = Cfg::B_CHUNKS, S_CHUNKS = Cfg::S_CHUNKS;
 
   extern __shared__ int4 smem[];
@@ -351,6 +380,63 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
     for (int i = 0; i < 4; ++i) {
       s2[2 * i] = __byte_perm(sw[i], 0, 0x1010);
       s2[2 * i + 1] = __byte_perm(sw[i], 0, 0x3232);
+    }
+    if constexpr (FOLD) {
+      // FOLD: the mmas see the raw codes x = magic + n (one lop3 per nibble pair, no subtract, no scale), so
+      // tmp = A . X; a ninth mma per step against a constant B of (magic + 8) gives off = A . (magic + 8) in
+      // every column; after the stage acc += scale * (tmp - off) = scale * A . q, in fp32. Exact products,
+      // fp32 sums: the cancellation costs ~2^-23 * (magic + 8) * sum|a| per group, far below bf16 rounding.
+      // The scales now follow the C fragment's columns 2t and 2t + 1 of each n8 block (not the B operand's
+      // column g): the repacked chunks of columns 2t and 2t + 1, blocks 0..7 each.
+      const int4 sv0 = sS[slot * S_CHUNKS + wn * 8 + 2 * (lane & 3)], sv1 = sS[slot * S_CHUNKS + wn * 8 + 2 * (lane & 3) + 1];
+      const uint32_t c0[4] = {static_cast<uint32_t>(sv0.x), static_cast<uint32_t>(sv0.y), static_cast<uint32_t>(sv0.z),
+                              static_cast<uint32_t>(sv0.w)};
+      const uint32_t c1[4] = {static_cast<uint32_t>(sv1.x), static_cast<uint32_t>(sv1.y), static_cast<uint32_t>(sv1.z),
+                              static_cast<uint32_t>(sv1.w)};
+      float sf[2][8];  // [column 2t + c][n8 block]
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sf[0][2 * i] = V::lo(c0[i]), sf[0][2 * i + 1] = V::hi(c0[i]);
+        sf[1][2 * i] = V::lo(c1[i]), sf[1][2 * i + 1] = V::hi(c1[i]);
+      }
+      float tmp[M_BLOCKS][8][4], off[M_BLOCKS][4];
+#pragma unroll
+      for (int kk = 0; kk < KPW; ++kk) {
+        if (kk + 1 < KPW) load_step(slot, kk + 1, a[(kk + 1) & 1], bq[(kk + 1) & 1]);
+        const int4 b = bq[kk & 1];
+        const uint32_t q[4] = {static_cast<uint32_t>(b.x), static_cast<uint32_t>(b.y), static_cast<uint32_t>(b.z),
+                               static_cast<uint32_t>(b.w)};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          uint32_t w[4];
+#pragma unroll
+          for (int p = 0; p < 4; ++p) w[p] = and_or(q[i] >> (4 * p), 0x000f000fu, V::kMagic);
+#pragma unroll
+          for (int mb = 0; mb < M_BLOCKS; ++mb) {
+            if (kk == 0) {
+              V::mma0(tmp[mb][2 * i], a[kk & 1][mb], w[0], w[1]);
+              V::mma0(tmp[mb][2 * i + 1], a[kk & 1][mb], w[2], w[3]);
+            } else {
+              V::mma(tmp[mb][2 * i], a[kk & 1][mb], w[0], w[1]);
+              V::mma(tmp[mb][2 * i + 1], a[kk & 1][mb], w[2], w[3]);
+            }
+          }
+        }
+#pragma unroll
+        for (int mb = 0; mb < M_BLOCKS; ++mb) {
+          if (kk == 0)
+            V::mma0(off[mb], a[kk & 1][mb], V::kOffset, V::kOffset);
+          else
+            V::mma(off[mb], a[kk & 1][mb], V::kOffset, V::kOffset);
+        }
+      }
+#pragma unroll
+      for (int mb = 0; mb < M_BLOCKS; ++mb)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mb][j][e] = fmaf(sf[e & 1][j], tmp[mb][j][e] - off[mb][e], acc[mb][j][e]);
+      continue;
     }
 #pragma unroll
     for (int kk = 0; kk < KPW; ++kk) {
@@ -594,10 +680,10 @@ int sm_count(int device) {
 
 // Launch one instantiation: pick the split count from its occupancy (CTAs resident per SM x SMs), split K no
 // finer than one k tile per CTA, and only while the tickets cover the tile grid.
-template <typename T, int M_BLOCKS, int WN>
+template <typename T, int M_BLOCKS, int WN, bool FOLD>
 cudaError_t launch(const GemmLaunch& a) {
-  using Cfg = Tile<M_BLOCKS, WN>;
-  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, kDense>;
+  using Cfg = Tile<M_BLOCKS, WN, FOLD>;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, kDense, FOLD>;
   static int per_sm = 0;  // per instantiation; the attribute is per function, not per device
   if (per_sm == 0) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
@@ -627,12 +713,13 @@ cudaError_t launch(const GemmLaunch& a) {
   return cudaGetLastError();
 }
 
+constexpr int kVariantClassic = 1, kVariantFold = 2;  // .variant; 0: FOLD for the dense GEMM at M <= 16, else classic
 constexpr int kMoeWN = 2;  // MoE tiles are 128 wide: T = 1 still gives 8 experts x 24 (GEMM1) or 40 (GEMM2) CTAs
 
-template <typename T, int M_BLOCKS, int MODE>
+template <typename T, int M_BLOCKS, int MODE, bool FOLD>
 cudaError_t launch_moe(const MoeLaunch& a) {
-  using Cfg = Tile<M_BLOCKS, kMoeWN>;
-  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, kMoeWN, MODE>;
+  using Cfg = Tile<M_BLOCKS, kMoeWN, FOLD>;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, kMoeWN, MODE, FOLD>;
   static bool configured = false;
   if (!configured) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
@@ -678,11 +765,18 @@ __global__ void moe_sum_kernel(const T* __restrict__ y, const int* __restrict__ 
   }
 }
 
-// The instantiation table: dtype x M_BLOCKS {1, 2, 3, 4} x WN {1, 2, 4, 8} (BN = 64, 128, 256, 512).
+// The instantiation table: dtype x M_BLOCKS {1, 2, 3, 4} x WN {1, 2, 4, 8} (BN = 64, 128, 256, 512), scales
+// into B; plus FOLD (scales after each stage) at M_BLOCKS 1, WN {2, 4, 8}: its second accumulator set spills
+// at larger tiles. Any other fold request runs the classic kernel.
 template <typename T>
-cudaError_t dispatch(int m_blocks, int wn, const GemmLaunch& a) {
+cudaError_t dispatch(int m_blocks, int wn, bool fold, const GemmLaunch& a) {
+  if (m_blocks == 1 && fold) {
+    if (wn == 2) return launch<T, 1, 2, true>(a);
+    if (wn == 4) return launch<T, 1, 4, true>(a);
+    if (wn == 8) return launch<T, 1, 8, true>(a);
+  }
 #define GLM_AWQ_GEMM_CASE(MB, W) \
-  if (m_blocks == MB && wn == W) return launch<T, MB, W>(a);
+  if (m_blocks == MB && wn == W) return launch<T, MB, W, false>(a);
   GLM_AWQ_GEMM_CASE(1, 1) GLM_AWQ_GEMM_CASE(2, 1) GLM_AWQ_GEMM_CASE(3, 1) GLM_AWQ_GEMM_CASE(4, 1)
   GLM_AWQ_GEMM_CASE(1, 2) GLM_AWQ_GEMM_CASE(2, 2) GLM_AWQ_GEMM_CASE(3, 2) GLM_AWQ_GEMM_CASE(4, 2)
   GLM_AWQ_GEMM_CASE(1, 4) GLM_AWQ_GEMM_CASE(2, 4) GLM_AWQ_GEMM_CASE(3, 4) GLM_AWQ_GEMM_CASE(4, 4)
@@ -723,15 +817,22 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
   return cudaGetLastError();
 }
 
-// The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128.
+// The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,
+// scales into B; plus FOLD at M_BLOCKS 1.
 int launch_moe_gemm(const MoeLaunch& a) {
+  const bool bf16 = a.a.scalar_type() == at::kBFloat16;
+  if (a.m_blocks == 1 && a.variant == kVariantFold) {
+    if (bf16)
+      return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true>(a)
+                               : launch_moe<__nv_bfloat16, 1, kDown, true>(a);
+    return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true>(a) : launch_moe<__half, 1, kDown, true>(a);
+  }
 #define GLM_AWQ_MOE_CASE(MB)                                                                              \
   if (a.m_blocks == MB) {                                                                                 \
-    if (bf16) return a.mode == kGateUp ? launch_moe<__nv_bfloat16, MB, kGateUp>(a)                        \
-                                       : launch_moe<__nv_bfloat16, MB, kDown>(a);                         \
-    return a.mode == kGateUp ? launch_moe<__half, MB, kGateUp>(a) : launch_moe<__half, MB, kDown>(a);    \
+    if (bf16) return a.mode == kGateUp ? launch_moe<__nv_bfloat16, MB, kGateUp, false>(a)                 \
+                                       : launch_moe<__nv_bfloat16, MB, kDown, false>(a);                  \
+    return a.mode == kGateUp ? launch_moe<__half, MB, kGateUp, false>(a) : launch_moe<__half, MB, kDown, false>(a); \
   }
-  const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   GLM_AWQ_MOE_CASE(1) GLM_AWQ_MOE_CASE(2) GLM_AWQ_MOE_CASE(3) GLM_AWQ_MOE_CASE(4)
 #undef GLM_AWQ_MOE_CASE
   return cudaErrorInvalidValue;
@@ -757,8 +858,10 @@ int launch_w4a16_gemm(const GemmLaunch& a, int block_n) {
   // BN = 256 measured best (or tied) at M = 1..64 on q_proj and o_proj (H200, benchmarks/NOTES.md).
   if (wn == 0) wn = a.n % 256 == 0 ? 4 : a.n % 128 == 0 ? 2 : 1;
   const int m_blocks = std::min(4, (a.m + 15) / 16);
-  if (a.x.scalar_type() == at::kBFloat16) return dispatch<__nv_bfloat16>(m_blocks, wn, a);
-  return dispatch<__half>(m_blocks, wn, a);
+  // Default (variant 0): FOLD at M <= 16, where it measured 4-13% faster than scales-into-B (H200, NOTES.md).
+  const bool fold = wn > 1 && (a.variant == kVariantFold || (a.variant == 0 && m_blocks == 1));
+  if (a.x.scalar_type() == at::kBFloat16) return dispatch<__nv_bfloat16>(m_blocks, wn, fold, a);
+  return dispatch<__half>(m_blocks, wn, fold, a);
 }
 
 }  // namespace glm_awq

@@ -27,11 +27,11 @@ def register() -> None:
         return scale.new_empty((weight.shape[1] * 64, weight.shape[0] * 16))
 
     @torch.library.register_fake("glm_awq::w4a16_gemm")
-    def _(x, weight, scale, bias, tickets, group_size, block_n, splits):
+    def _(x, weight, scale, bias, tickets, group_size, block_n, splits, variant=0):
         return x.new_empty((x.shape[0], weight.shape[1] * 64))
 
     @torch.library.register_fake("glm_awq::moe_gemm")
-    def _(a, weight, scale, sorted, counts, topk_weights, top_k, block_m, mode, group_size):
+    def _(a, weight, scale, sorted, counts, topk_weights, top_k, block_m, mode, group_size, variant=0):
         n = weight.shape[2] * 64
         slots = a.shape[0] * top_k if mode == 1 else a.shape[0]
         return a.new_empty((slots, n // 2 if mode == 1 else n))

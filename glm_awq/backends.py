@@ -102,15 +102,18 @@ class CudaBackend:
 
     name = "cuda"
     MOE_FALLBACK = "triton"  # routing
+    VARIANT = 0  # 0: the kernels' default; 1: scales multiplied into B; 2: scales folded per k tile (M <= 16)
     DENSE_FROM_M = 512  # from this many rows, dequantize + dense matmul beats the mma.sync path (benchmarks/NOTES.md)
 
+    _reasons: dict = {}  # device type -> answer: ops.route asks on every call, also inside torch.compile
+
     def unavailable_reason(self, device):
-        reason = _ext.unavailable_reason()
-        if reason is not None:
-            return reason
-        if device.type != "cuda":
-            return f"the CUDA kernels need tensors on a CUDA device, not {device}"
-        return None
+        if device.type not in self._reasons:  # probing _C (an import) once, eagerly, keeps dynamo off it
+            reason = _ext.unavailable_reason()
+            if reason is None and device.type != "cuda":
+                reason = f"the CUDA kernels need tensors on a CUDA device, not {device}"
+            self._reasons[device.type] = reason
+        return self._reasons[device.type]
 
     @staticmethod
     def check_linear_shape(n: int, k: int, group_size: int) -> str | None:
@@ -172,7 +175,9 @@ class CudaBackend:
             w = torch.ops.glm_awq.dequantize_cuda_layout(t["weight"], scale, p.group_size)  # [N, K]
             y = torch.nn.functional.linear(x2, w, bias)
         else:
-            y = torch.ops.glm_awq.w4a16_gemm(x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0)
+            y = torch.ops.glm_awq.w4a16_gemm(
+                x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0, self.VARIANT
+            )
         return y.reshape(*x.shape[:-1], p.out_features).to(dtype)
 
     # ---------------------------------------------------------------------------------------------- MoE
@@ -241,8 +246,9 @@ class CudaBackend:
         t = p.tensors
         ops = torch.ops.glm_awq
         s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
-        h = ops.moe_gemm(xx, t["w13"], s13, sorted_slots, counts, weights, top_k, block_m, 1, p.group_size)  # [S, I]
-        y = ops.moe_gemm(h, t["w2"], s2, sorted_slots, counts, weights, top_k, block_m, 2, p.group_size)  # [S, H]
+        v = self.VARIANT
+        h = ops.moe_gemm(xx, t["w13"], s13, sorted_slots, counts, weights, top_k, block_m, 1, p.group_size, v)  # [S, I]
+        y = ops.moe_gemm(h, t["w2"], s2, sorted_slots, counts, weights, top_k, block_m, 2, p.group_size, v)  # [S, H]
         return ops.moe_sum(y, local, top_k).to(dtype)  # [T, H]
 
 
