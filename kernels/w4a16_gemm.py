@@ -234,11 +234,16 @@ def _check_activation(x: torch.Tensor) -> None:
         raise TypeError(f"the triton backend runs bf16 or fp16 activations, got {x.dtype}; cast x with .to(torch.bfloat16)")
 
 
-@functools.cache
+_SM_COUNTS: dict[int, int] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing the driver
+
+
 def _sm_count(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 8  # the interpreter: few programs keep CPU tests quick
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    count = _SM_COUNTS.get(device_index)
+    if count is None:
+        # the interpreter (no GPU): few programs keep CPU tests quick
+        count = torch.cuda.get_device_properties(device_index).multi_processor_count if torch.cuda.is_available() else 8
+        _SM_COUNTS[device_index] = count
+    return count
 
 
 # From this many rows up, dequantizing W once (bytes ~ 2.5 N K) and running cuBLAS beats the fused kernel
