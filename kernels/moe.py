@@ -329,7 +329,7 @@ def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, device)
     elif per_expert <= 48:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=1, num_warps=4, num_stages=3)
     blocks = k // KBLOCK
     if cfg["SPLIT_K"] == 0:
         programs = (triton.cdiv(slots, cfg["BLOCK_M"]) + busy) * triton.cdiv(n, cfg["BLOCK_N"])
