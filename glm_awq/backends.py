@@ -11,6 +11,11 @@ from glm_awq import _ext, env, reference
 NAMES = ("cuda", "triton", "torch")
 
 
+class UnsupportedShape(ValueError):
+    """A backend's kernels do not tile this layer's shape. Explicit backend: the error reaches the user, with
+    the numbers; backend='auto': the next backend in line prepares the layer instead."""
+
+
 class TorchBackend:
     """The pure-torch references (fp32 math). Runs anywhere; the CPU path and every test's oracle."""
 
@@ -57,6 +62,11 @@ class TritonBackend:
     def prepare_linear(self, p):
         from glm_awq.kernels import w4a16_gemm
 
+        if p.in_features % w4a16_gemm.KBLOCK or (p.group_size % 128 and (p.group_size > 128)):
+            raise UnsupportedShape(
+                f"the Triton W4A16 GEMM needs K % 128 == 0 and group_size a multiple of 128 (or of 16 below 128); "
+                f"got K={p.in_features}, group_size={p.group_size}: use backend='torch' for this layer"
+            )
         p.tensors = w4a16_gemm.prepare(p.tensors["weight_packed"], p.tensors["weight_scale"])
         return p
 
@@ -68,6 +78,11 @@ class TritonBackend:
     def prepare_experts(self, p):
         from glm_awq.kernels import w4a16_gemm
 
+        if p.hidden_size % 128 or p.intermediate_size % 128 or p.group_size % 128:
+            raise UnsupportedShape(
+                f"the Triton MoE needs H % 128 == 0, I % 128 == 0 and group_size % 128 == 0; got H={p.hidden_size}, "
+                f"I={p.intermediate_size}, group_size={p.group_size}: use backend='torch' for these experts"
+            )
         t = p.tensors
         w13 = w4a16_gemm.prepare(t["w13_packed"], t["w13_scale"])
         w2 = w4a16_gemm.prepare(t["w2_packed"], t["w2_scale"])
@@ -132,7 +147,7 @@ class CudaBackend:
 
         reason = self.check_linear_shape(p.out_features, p.in_features, p.group_size)
         if reason is not None:
-            raise ValueError(reason)
+            raise UnsupportedShape(reason)
         t = p.tensors
         weight = _ext.ops().repack_int4(t["weight_packed"])  # [K/16, N/64, 32, 4]
         scale = quant.repack_scales_for_cuda(t["weight_scale"])  # [G, N] as stored
@@ -198,7 +213,7 @@ class CudaBackend:
 
         h, i, group = p.hidden_size, p.intermediate_size, p.group_size
         if h % 128 or i % 128 or group % 128:
-            raise ValueError(
+            raise UnsupportedShape(
                 f"the CUDA MoE needs H % 128 == 0, I % 128 == 0 and group_size % 128 == 0; got H={h}, I={i}, "
                 f"group_size={group}: use backend='triton' for these experts"
             )
@@ -259,10 +274,8 @@ def get(name: str):
     return _BACKENDS[name]
 
 
-def auto_backend(device, kind: str) -> str:
-    """`auto`: the fastest backend that runs on `device` (cuda, then triton, then torch)."""
-    if device.type == "cuda":
-        for name in ("cuda", "triton"):
-            if _BACKENDS[name].unavailable_reason(device) is None:
-                return name
-    return "torch"  # on the CPU the references beat the Triton interpreter, which exists for tests
+def auto_candidates(device) -> list[str]:
+    """`auto`, in order of preference on `device`: cuda, then triton on a GPU; torch always last. On the CPU the
+    references beat the Triton interpreter, which exists for tests."""
+    names = [n for n in ("cuda", "triton") if device.type == "cuda" and _BACKENDS[n].unavailable_reason(device) is None]
+    return [*names, "torch"]

@@ -110,11 +110,26 @@ def resolve_backend(backend: str | None, device: torch.device, kind: str = "line
     if name not in env.BACKENDS:
         raise ValueError(f"backend={name!r} is not one of {', '.join(env.BACKENDS)}")
     if name == "auto":
-        return backends.auto_backend(device, kind)
+        return backends.auto_candidates(device)[0]
     reason = backends.get(name).unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available for tensors on {device}: {reason}")
     return name
+
+
+def _prepare(backend: str | None, device: torch.device, kind: str, make, prepare_name: str):
+    """Prepare with the chosen backend; under `auto`, a backend whose kernels do not tile the shape
+    (backends.UnsupportedShape) hands the layer to the next one (cuda -> triton -> torch)."""
+    name = env.backend() if backend is None else backend
+    if name != "auto":
+        name = resolve_backend(name, device, kind)
+        return getattr(backends.get(name), prepare_name)(make(name))
+    for candidate in backends.auto_candidates(device):
+        try:
+            return getattr(backends.get(candidate), prepare_name)(make(candidate))
+        except backends.UnsupportedShape:
+            continue
+    raise AssertionError("unreachable: the torch backend prepares every shape")
 
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, str | None]:
@@ -148,11 +163,11 @@ def prepare_linear(
         _check("bias", bias, ACT_DTYPES, 1, weight_packed.device)
         if bias.shape[0] != n:
             raise ValueError(f"bias has {bias.shape[0]} elements; the layer has N={n} outputs")
-    name = resolve_backend(backend, weight_packed.device, "linear")
-    impl = backends.get(name)
-    return impl.prepare_linear(
-        PreparedLinear(name, n, k, group_size, bias, {"weight_packed": weight_packed, "weight_scale": weight_scale})
-    )
+    tensors = {"weight_packed": weight_packed, "weight_scale": weight_scale}
+    return _prepare(
+        backend, weight_packed.device, "linear",
+        lambda name: PreparedLinear(name, n, k, group_size, bias, dict(tensors)), "prepare_linear",
+    )  # fmt: skip
 
 
 def w4a16_linear(x: torch.Tensor, prepared: PreparedLinear) -> torch.Tensor:
@@ -191,9 +206,11 @@ def prepare_experts(
             f"w2_packed {tuple(w2_packed.shape)} means E={w2_packed.shape[0]}, H={h2}, I={i}. "
             "w13 must stack [gate; up] as [E, 2I, H/8] and w2 be [E, H, I/8]"
         )
-    name = resolve_backend(backend, w13_packed.device, "moe")
     tensors = {"w13_packed": w13_packed, "w13_scale": w13_scale, "w2_packed": w2_packed, "w2_scale": w2_scale}
-    return backends.get(name).prepare_experts(PreparedExperts(name, e, h, i, group_size, tensors))
+    return _prepare(
+        backend, w13_packed.device, "moe",
+        lambda name: PreparedExperts(name, e, h, i, group_size, dict(tensors)), "prepare_experts",
+    )  # fmt: skip
 
 
 def route(

@@ -122,3 +122,17 @@ def test_env_module_reads_its_variables(monkeypatch):
     monkeypatch.setenv("GLM_AWQ_CACHE", "/tmp/x")
     assert str(env.cache_dir()) == "/tmp/x"
     assert set(ops.available_backends("cpu")) == {"cuda", "triton", "torch"}
+
+
+def test_auto_hands_unsupported_shapes_to_the_next_backend(monkeypatch):
+    """K=64 is not a whole Triton layout block: explicit triton says so; auto falls through to torch."""
+    from glm_awq import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "auto_candidates", lambda device: ["triton", "torch"])
+    packed, scale = random_int4_weight(8, 64, group_size=32)
+    with pytest.raises(backends.UnsupportedShape, match="K % 128 == 0.*got K=64"):
+        glm_awq.prepare_linear(packed, scale, group_size=32, backend="triton")
+    assert glm_awq.prepare_linear(packed, scale, group_size=32, backend="auto").backend == "torch"
+    packed, scale = random_int4_weight(8, 128)
+    assert glm_awq.prepare_linear(packed, scale, backend="auto").backend == "triton"
