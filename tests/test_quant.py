@@ -5,10 +5,12 @@ import torch
 
 from glm_awq import quant
 
-ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
-from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+@pytest.fixture
+def ct_helpers():
+    """compressed-tensors' packing helpers (the independent reference); tests that need it skip without it,
+    the rest of this file (GPU dequant, format math) runs anywhere."""
+    return pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
 # N: 1 (a single row), 3 and 17 (odd), 1536 (an expert's gate rows). K: one group, three groups, GLM's 5120.
 SHAPES = [(1, 128), (3, 384), (17, 256), (64, 5120), (1536, 128)]
@@ -16,6 +18,11 @@ SHAPES = [(1, 128), (3, 384), (17, 256), (64, 5120), (1536, 128)]
 
 def _ct_quantize(w: torch.Tensor, group_size: int):
     """compressed-tensors' own path: group min/max -> calculate_qparams -> quantize -> pack_to_int32."""
+    ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
     groups = w.reshape(w.shape[0], -1, group_size)
     scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
@@ -48,7 +55,7 @@ def test_all_zero_group_gets_eps_scale_like_compressed_tensors():
 
 
 @pytest.mark.parametrize("k", [8, 24, 128, 5120, 13])  # 13: not a multiple of 8, padded as compressed-tensors pads
-def test_pack_unpack_roundtrip_and_ct_layout(k):
+def test_pack_unpack_roundtrip_and_ct_layout(k, ct_helpers):
     gen = torch.Generator().manual_seed(k)
     q = torch.randint(-8, 8, (5, k), generator=gen, dtype=torch.int8)
     packed = quant.pack_int4(q)
