@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
-                        help="also time the Triton kernel with these config overrides, e.g. once:LOAD_ONCE=1")
+                        help="also time the Triton kernel with these config overrides, e.g. sumx:OFFSET_BY_DOT=0")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     reasons = glm_awq.available_backends("cuda")

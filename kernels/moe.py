@@ -7,16 +7,18 @@ Pipeline (no host synchronisation anywhere: the whole layer can be captured in a
     route          [T, E] logits -> ids int32 [T, A], weights fp32 [T, A]          (one program per BLOCK_T tokens)
     _count         atomic histogram of the slots' local experts; each slot keeps its rank within its expert
     _scatter       sorted[offset[e] + rank] = slot, where offset[e] = sum of counts before e, each padded to BM
-    _moe_gemm      GEMM1 per (expert block, N tile): h[s] = silu(x[s // A] @ gate^T) * (x[s // A] @ up^T)
-    _moe_gemm      GEMM2: y[s] = weight[s] * (h[s] @ down^T)
-    _sum_slots     out[t] = sum_a y[t * A + a], in a fixed order (deterministic)
+    _moe_gemm      GEMM1 per (expert block, N tile, K split): h[s] = silu(x[s // A] @ gate^T) * (x[s // A] @ up^T)
+                   (with split-K: fp32 gate/up partials, then _silu_mul_reduce sums them and applies SiLU*up)
+    _moe_gemm      GEMM2: y[s] = weight[s] * (h[s] @ down^T)   (with split-K: fp32 partials per split)
+    _sum_slots     out[t] = sum_a sum_split y[t * A + a], in a fixed order (deterministic)
 Every GEMM program finds its expert from the counts alone (a cumsum over E in registers), so no expert-id
 array is written, and programs past the last real block exit at once: the grid is sized for the worst
 case from T alone, sum_e ceil(c_e / BM) <= ceil(S / BM) + min(E, S).
 
-Expert weights use kernels/w4a16_gemm.py's layout, stacked: w13 int32 [E, H/8, 2I] (gate columns then up
-columns), scale [E, H/group, 2I]; w2 int32 [E, I/8, H], scale [E, I/group, H]. The magic-number dequant and
-offset folding are the same as there.
+Expert weights use kernels/w4a16_gemm.py's block-interleaved layout, stacked: w13 int32 [E, H/8, 2I] (gate
+columns then up columns), scale [E, H/group, 2I]; w2 int32 [E, I/8, H], scale [E, I/group, H]. The
+magic-number dequant, the per-nibble k16 dots and the offset dot are the same as there; group_size must be a
+multiple of 128. Launch configs come from kernels/tuned.json (keyed by token-slots) or pick_config's rule.
 """
 
 from __future__ import annotations
