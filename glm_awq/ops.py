@@ -104,7 +104,7 @@ def _check_packed(prefix: str, packed, scale, group_size: int, ndim: int) -> tup
 # ------------------------------------------------------------------------------------------------- dispatch
 
 
-def resolve_backend(backend: str | None, device: torch.device, kind: str = "linear") -> str:
+def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Name of the backend to use for weights on `device`; raises if an explicit choice cannot run here."""
     name = env.backend() if backend is None else backend
     if name not in env.BACKENDS:
@@ -117,12 +117,12 @@ def resolve_backend(backend: str | None, device: torch.device, kind: str = "line
     return name
 
 
-def _prepare(backend: str | None, device: torch.device, kind: str, make, prepare_name: str):
+def _prepare(backend: str | None, device: torch.device, make, prepare_name: str):
     """Prepare with the chosen backend; under `auto`, a backend whose kernels do not tile the shape
     (backends.UnsupportedShape) hands the layer to the next one (cuda -> triton -> torch)."""
     name = env.backend() if backend is None else backend
     if name != "auto":
-        name = resolve_backend(name, device, kind)
+        name = resolve_backend(name, device)
         return getattr(backends.get(name), prepare_name)(make(name))
     for candidate in backends.auto_candidates(device):
         try:
@@ -165,7 +165,7 @@ def prepare_linear(
             raise ValueError(f"bias has {bias.shape[0]} elements; the layer has N={n} outputs")
     tensors = {"weight_packed": weight_packed, "weight_scale": weight_scale}
     return _prepare(
-        backend, weight_packed.device, "linear",
+        backend, weight_packed.device,
         lambda name: PreparedLinear(name, n, k, group_size, bias, dict(tensors)), "prepare_linear",
     )  # fmt: skip
 
@@ -208,7 +208,7 @@ def prepare_experts(
         )
     tensors = {"w13_packed": w13_packed, "w13_scale": w13_scale, "w2_packed": w2_packed, "w2_scale": w2_scale}
     return _prepare(
-        backend, w13_packed.device, "moe",
+        backend, w13_packed.device,
         lambda name: PreparedExperts(name, e, h, i, group_size, dict(tensors)), "prepare_experts",
     )  # fmt: skip
 
@@ -235,7 +235,7 @@ def route(
         raise ValueError(f"n_group={n_group}, topk_group={topk_group} must split E={e} evenly with topk_group <= n_group")
     if n_group > 1 and top_k > topk_group * (e // n_group):
         raise ValueError(f"top_k={top_k} exceeds the {topk_group * (e // n_group)} experts in the top {topk_group} groups")
-    name = resolve_backend(backend, router_logits.device, "route")
+    name = resolve_backend(backend, router_logits.device)
     return backends.get(name).route(
         router_logits, e_score_correction_bias, top_k, routed_scaling_factor, n_group, topk_group, renormalize
     )
