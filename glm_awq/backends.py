@@ -62,11 +62,9 @@ class TritonBackend:
     def prepare_linear(self, p):
         from glm_awq.kernels import w4a16_gemm
 
-        if p.in_features % w4a16_gemm.KBLOCK or (p.group_size % 128 and (p.group_size > 128)):
-            raise UnsupportedShape(
-                f"the Triton W4A16 GEMM needs K % 128 == 0 and group_size a multiple of 128 (or of 16 below 128); "
-                f"got K={p.in_features}, group_size={p.group_size}: use backend='torch' for this layer"
-            )
+        problem = w4a16_gemm.layout_problem(p.in_features, p.group_size)
+        if problem is not None:
+            raise UnsupportedShape(f"{problem}: use backend='torch' for this layer")
         p.tensors = w4a16_gemm.prepare(p.tensors["weight_packed"], p.tensors["weight_scale"])
         return p
 

@@ -210,8 +210,9 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> dict[str
     Done in slices of rows so stacked experts never need more than ~256 MB of scratch.
     """
     k = weight_packed.shape[-1] * 8
-    if k % KBLOCK:
-        raise ValueError(f"the triton backend needs K a multiple of {KBLOCK}, got K={k}; use backend='torch'")
+    problem = layout_problem(k, KBLOCK)
+    if problem is not None:
+        raise ValueError(f"{problem}; use backend='torch'")
     flat = weight_packed.reshape(-1, weight_packed.shape[-1])
     rows = max(1, (1 << 22) // flat.shape[1])
     inter = torch.cat([_interleave_words(flat[i : i + rows]) for i in range(0, flat.shape[0], rows)])
@@ -221,12 +222,20 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> dict[str
     }
 
 
-def check_group(group_size: int) -> None:
-    """A layout block (128 rows) must sit inside one group, or each 16-row slice must."""
+def layout_problem(k: int, group_size: int) -> str | None:
+    """None when this kernel tiles K and the group, else why not: K must be whole 128-row layout blocks, and a
+    block must sit inside one group, or each of its 16-row slices must."""
+    if k % KBLOCK:
+        return f"the triton backend needs K a multiple of {KBLOCK}, got K={k}"
     if group_size % KBLOCK and (group_size > KBLOCK or group_size % 16):
-        raise ValueError(
-            f"the triton backend needs group_size a multiple of 128, or a multiple of 16 below 128; got {group_size}"
-        )
+        return f"the triton backend needs group_size a multiple of 128, or a multiple of 16 below 128; got {group_size}"
+    return None
+
+
+def check_group(group_size: int) -> None:
+    problem = layout_problem(KBLOCK, group_size)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _check_activation(x: torch.Tensor) -> None:
