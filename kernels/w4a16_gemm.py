@@ -22,7 +22,6 @@ dequantizes W once and runs cuBLAS on tensor cores.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import poisoned, random_int4_weight, rel_err
+from helpers import random_int4_weight, rel_err
 
 import glm_awq
 from glm_awq import quant
