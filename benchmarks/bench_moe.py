@@ -72,10 +72,13 @@ def main() -> int:
     parser.add_argument("--ts", default=",".join(map(str, TS)))
     parser.add_argument("--layers", type=int, default=3, help="layers of weights cycled (1.95 GB each)")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--cuda-variants", default="", metavar="N,...",
+                        help="also time the cuda backend with CudaBackend.VARIANT = N (1 tile kernel, 3 skinny)")
     args = parser.parse_args()
     ts = [int(t) for t in args.ts.split(",")]
     reasons = glm_awq.available_backends("cuda")
     backends = [b for b in args.backends.split(",") if reasons.get(b) is None]
+    variants = {f"cuda:v{v}": int(v) for v in args.cuda_variants.split(",") if v and "cuda" in backends}
 
     ceilings = common.measure_ceilings()
     print(f"{common.card()}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s")
@@ -102,7 +105,12 @@ def main() -> int:
         if t <= 256:
             ids_ref, w_ref = glm_awq.route(logits, bias, backend="torch")
             ref = fused_moe_ref(x, ids_ref, w_ref, *layers[0]).float()
-        for b in backends:
+        for column in [*backends, *variants]:
+            b = column.partition(":")[0]
+            cuda_cls = glm_awq.backends.CudaBackend
+            default_variant = cuda_cls.VARIANT
+            cuda_cls.VARIANT = variants.get(column, default_variant)  # read while the graph is captured
+
             def run_layer(p, b=b):
                 ids, w = glm_awq.route(logits, bias, backend=b)
                 return glm_awq.fused_moe(x, ids, w, p)
@@ -115,12 +123,13 @@ def main() -> int:
                     fn()
 
             graph_us = common.graph_time_us(cycle, calls=len(fns))
-            row[b] = {"graph_us": graph_us, "eager_us": common.time_us(cycle) / len(fns),
-                      "pct_floor": 100 * floor / graph_us, "GBps": nbytes / graph_us / 1e3, "rel_err": err}  # fmt: skip
+            row[column] = {"graph_us": graph_us, "eager_us": common.time_us(cycle) / len(fns),
+                           "pct_floor": 100 * floor / graph_us, "GBps": nbytes / graph_us / 1e3, "rel_err": err}  # fmt: skip
+            cuda_cls.VARIANT = default_variant
         if baseline is not None:
             row["torch_grouped_mm_us"] = common.graph_time_us(lambda: baseline(x, logits))
         rows.append(row)
-        print(_line(row, backends), flush=True)
+        print(_line(row, [*backends, *variants]), flush=True)
 
     payload = {"card": common.card(), "ceilings": ceilings, "backends": backends, "expert_bytes": EXPERT_BYTES,
                "rows": rows}  # fmt: skip
@@ -128,10 +137,11 @@ def main() -> int:
     series = {f"{b} (graph)": ([r["T"] for r in rows], [r[b]["pct_floor"] for r in rows]) for b in backends}
     common.plot("moe", f"GLM-4.6 MoE layer, % of floor, {common.card()}", series, "tokens", "% of floor")
     print(f"\nGLM-4.6 MoE layer on {common.card()} (routing included; us)")
-    print(f"{'T':>5} {'experts':>7} {'floor':>7}" + "".join(f" {b + ' graph':>12} {'%fl':>4} {'eager':>7}" for b in backends)
+    columns = [*backends, *variants]
+    print(f"{'T':>5} {'experts':>7} {'floor':>7}" + "".join(f" {b + ' graph':>12} {'%fl':>4} {'eager':>7}" for b in columns)
           + f" {'bf16 grouped_mm':>15}")  # fmt: skip
     for row in rows:
-        print(_line(row, backends))
+        print(_line(row, columns))
     return 0
 
 

@@ -99,7 +99,9 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
               "w4a16_gemm: block_n=", block_n, " must be 0 (auto), 64, 128, 256 or 512");
   TORCH_CHECK(block_n == 0 || n % block_n == 0, "w4a16_gemm: N=", n, " is not a multiple of block_n=", block_n);
   TORCH_CHECK(m <= INT32_MAX, "w4a16_gemm: M=", m, " must fit in int32");
-  TORCH_CHECK(variant >= 0 && variant <= 2, "w4a16_gemm: variant=", variant, " must be 0, 1 or 2");
+  TORCH_CHECK(variant >= 0 && variant <= 3, "w4a16_gemm: variant=", variant, " must be 0, 1, 2 or 3");
+  TORCH_CHECK(variant != 3 || (m <= 16 && block_n <= 256), "w4a16_gemm: the skinny kernel (variant=3) takes M <= 16 "
+              "and block_n <= 256, got M=", m, " and block_n=", block_n, "; use variant=0");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
@@ -126,8 +128,10 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   check_cuda_layout("moe_gemm", weight[0], scale[0], k, group_size, a.scalar_type());
   TORCH_CHECK(weight.is_contiguous() && scale.is_contiguous(), "moe_gemm: weight and scale must be contiguous");
   TORCH_CHECK(n % 128 == 0, "moe_gemm: N=", n, " must be a multiple of 128 (the MoE tile width)");
-  TORCH_CHECK(block_m == 16 || block_m == 32 || block_m == 48 || block_m == 64, "moe_gemm: block_m=", block_m,
-              " must be 16, 32, 48 or 64");
+  TORCH_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 48 || block_m == 64, "moe_gemm: block_m=",
+              block_m, " must be 8, 16, 32, 48 or 64");
+  TORCH_CHECK(block_m != 8 || moe_skinny_fits(k), "moe_gemm: block_m=8 (the skinny kernel) stages [8, K] rows in shared "
+              "memory and K=", k, " is too large for it; use block_m=16");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&
@@ -146,7 +150,7 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   auto ac = a.contiguous();
   if (reinterpret_cast<uintptr_t>(ac.data_ptr()) % 16) ac = ac.clone();
   const MoeLaunch args{ac, weight, scale, out, sorted, counts, topk_weights, static_cast<int>(top_k),
-                       static_cast<int>(block_m / 16), static_cast<int>(mode), static_cast<int>(group_size),
+                       static_cast<int>(block_m), static_cast<int>(mode), static_cast<int>(group_size),
                        static_cast<int>(variant)};
   check_launch("moe_gemm", launch_moe_gemm(args));
   return out;
@@ -180,12 +184,14 @@ TORCH_LIBRARY(glm_awq, m) {
   m.def("dequantize_cuda_layout(Tensor weight, Tensor scale, int group_size) -> Tensor");
   // x [M, K] bf16/fp16 @ W^T + bias -> [M, N]. weight: repack_int4's [K/16, N/64, 32, 4]; scale: [G, N] repacked
   // (glm_awq.quant.repack_scales_for_cuda) in x's dtype; tickets: int32 zeros the kernel uses for split-K and
-  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default) | 1 (scales
-  // multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators after each k tile).
+  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default: skinny at
+  // M <= 16, else 1) | 1 (scales multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators
+  // after each k tile) | 3 (skinny: weights as the mma A operand streamed to registers, M <= 16, w4a16_skinny.cu).
   m.def(
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
       "int splits, int variant=0) -> Tensor");
-  // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block).
+  // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
+  // block_m = 8 runs the skinny kernel, 16..64 the tile kernel).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.

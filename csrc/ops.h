@@ -32,9 +32,11 @@ struct GemmLaunch {
   const at::Tensor& tickets;  // int32 zeros
   int m, n, k, group_size;
   int64_t splits;             // 0: auto
-  int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage
+  int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage, 3: skinny
 };
 int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
+// The skinny kernel (w4a16_skinny.cu): M <= 16, block_n 0 (auto) | 64 | 128 | 256.
+int launch_w4a16_skinny(const GemmLaunch& args, int block_n);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned
@@ -44,9 +46,13 @@ struct MoeLaunch {
   const at::Tensor& sorted;   // int32 [max_blocks * 16 * m_blocks] from the token sort
   const at::Tensor& counts;   // int32 [E]
   const at::Tensor& weights;  // fp32 [S]
-  int top_k, m_blocks, mode, group_size, variant;
+  int top_k, block_m, mode, group_size, variant;
 };
 int launch_moe_gemm(const MoeLaunch& args);
+// block_m = 8 runs the skinny kernel (w4a16_skinny.cu); it stages a block's x rows [8, K] in shared memory, so K
+// is bounded: moe_skinny_fits(K) says whether it is.
+int launch_moe_skinny(const MoeLaunch& args);
+bool moe_skinny_fits(int64_t k);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,

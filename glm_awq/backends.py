@@ -115,7 +115,10 @@ class CudaBackend:
 
     name = "cuda"
     MOE_FALLBACK = "triton"  # routing
-    VARIANT = 0  # 0: the kernels' default; 1: scales multiplied into B; 2: scales folded per k tile (M <= 16)
+    # 0: the kernels' default (skinny where it applies); 1: tile kernel, scales multiplied into B; 2: tile kernel,
+    # scales folded per k tile (M <= 16); 3: skinny (dense M <= 16, MoE blocks of 8 slots; w4a16_skinny.cu)
+    VARIANT = 0
+    SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
     DENSE_FROM_M = 512  # from this many rows, dequantize + dense matmul beats the mma.sync path (benchmarks/NOTES.md)
 
     _reasons: dict = {}  # device type -> answer: ops.route asks on every call, also inside torch.compile
@@ -233,10 +236,13 @@ class CudaBackend:
     def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
         return _BACKENDS[self.MOE_FALLBACK].route(logits, bias, top_k, scaling, n_group, topk_group, renormalize)
 
-    @staticmethod
-    def moe_block_m(slots: int, experts: int) -> int:
-        """Rows per expert block: the average slots per touched expert, rounded up to 16, at most 64."""
+    @classmethod
+    def moe_block_m(cls, slots: int, experts: int, k_max: int) -> int:
+        """Rows per expert block: 8 (the skinny kernel) while the touched experts average <= 8 slots, else that
+        average rounded up to 16, at most 64 (the tile kernel)."""
         per_expert = slots / max(1, min(experts, slots))
+        if per_expert <= 8 and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
+            return 8
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
     def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):
@@ -250,7 +256,7 @@ class CudaBackend:
         slots = tokens * top_k
         if slots == 0:
             return torch.zeros_like(x)
-        block_m = self.moe_block_m(slots, p.num_experts)
+        block_m = self.moe_block_m(slots, p.num_experts, max(p.hidden_size, p.intermediate_size))
         if expert_map is not None:
             expert_map = expert_map.to(torch.int32)
         sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)

@@ -37,14 +37,18 @@ def _gemm(x, p, block_n=0, splits=0, variant=0):
 
 
 # N=1536, K=1280: every block_n tiles N; 10 k tiles, so splits=3 cuts them 4/4/2 and splits=16 clamps to 10;
-# M crosses every M_BLOCKS (1, 3 and 17 odd, 64 one full tile, 100 two tiles with a ragged end, 300 five tiles).
-@pytest.mark.parametrize("m", [1, 3, 17, 64, 100, 300])
+# M crosses every M_BLOCKS (1, 3 and 17 odd, 64 one full tile, 100 two tiles with a ragged end, 300 five tiles)
+# and both skinny row blocks (8: one full B operand, 9 and 16: two).
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 64, 100, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "block_n, splits", [(64, 1), (128, 3), (256, 1), (256, 16), (512, 1), (512, 3), (0, 0)]
 )
-@pytest.mark.parametrize("variant", [1, 2])  # scales into B / folded per k tile (2 runs as 1 above M = 16)
+# variant 1: scales into B; 2: folded per k tile (runs as 1 above M = 16); 3: skinny (M <= 16, block_n <= 256)
+@pytest.mark.parametrize("variant", [1, 2, 3])
 def test_gemm_configs_match_reference(m, dtype, block_n, splits, variant):
+    if variant == 3 and (m > 16 or block_n > 256):
+        pytest.skip("the skinny kernel takes M <= 16 and block_n <= 256")
     packed, scale = _weight(1536, 1280, seed=m)
     bias = torch.randn(1536, device="cuda").to(dtype) * 0.1
     p = glm_awq.prepare_linear(packed, scale, bias, backend="cuda")
@@ -66,7 +70,7 @@ def test_gemm_glm_shapes(n, k, m):
     ref = w4a16_linear_ref(x.float(), packed, scale)
     err = rel_err(glm_awq.w4a16_linear(x, p), ref)
     assert err < 1e-2, f"M={m} N={n} K={k}: rel err {err:.2e}"
-    for variant in (1, 2):  # the mma path at every M, both variants
+    for variant in (1, 2, 3) if m <= 16 else (1, 2):  # the mma paths at every M they take
         err = rel_err(_gemm(x, p, variant=variant), ref)
         assert err < 1e-2, f"mma path variant {variant} M={m} N={n} K={k}: rel err {err:.2e}"
 
@@ -109,7 +113,7 @@ def test_poisoned_output_buffer_is_fully_written():
 
 
 @pytest.mark.parametrize("splits", [1, 4, 0])
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [1, 2, 3])
 def test_same_bits_on_repeated_runs(splits, variant):
     packed, scale = _weight(5120, 12288, seed=11)
     p = glm_awq.prepare_linear(packed, scale, backend="cuda")
@@ -197,10 +201,11 @@ def _routing(t, e, top_k, seed, skew=None):
 
 
 # T = 1 (decode), 3 and 17 (odd), 100 (most experts touched, blocks of 16 with ragged ends), 700 (BM = 64);
-# E = 16 experts, H = 256, I = 128: GEMM1 N = 256, GEMM2 K = 128 (one k tile).
+# E = 16 experts, H = 256, I = 128: GEMM1 N = 256, GEMM2 K = 128 (one k tile). Variant 3 takes blocks of 8 slots
+# (the skinny kernel) up to 8 slots per expert on average (T = 1, 3, 17 here), the tile kernel above.
 @pytest.mark.parametrize("t", [1, 3, 17, 100, 700])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [1, 2, 3])
 def test_moe_matches_reference(t, dtype, variant, monkeypatch):
     monkeypatch.setattr(glm_awq.backends.CudaBackend, "VARIANT", variant)
     e, h, i, top_k = 16, 256, 128, 4
@@ -216,8 +221,9 @@ def test_moe_matches_reference(t, dtype, variant, monkeypatch):
     assert torch.equal(glm_awq.fused_moe(x, ids, weights, p), out), "same bits on a second run"
 
 
-def test_moe_all_tokens_on_few_experts_empty_experts_and_expert_map():
-    e, h, i, top_k, t = 16, 256, 256, 4, 50
+@pytest.mark.parametrize("t", [50, 3])  # 50: blocks of 16 (the tile kernel); 3: blocks of 8 (skinny)
+def test_moe_all_tokens_on_few_experts_empty_experts_and_expert_map(t):
+    e, h, i, top_k = 16, 256, 256, 4
     w13, s13, w2, s2 = _experts(e, h, i, seed=5)
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=5, skew=[3, 7, 11, 12])  # 12 experts get nothing
@@ -233,8 +239,8 @@ def test_moe_all_tokens_on_few_experts_empty_experts_and_expert_map():
     assert glm_awq.fused_moe(x[:0], ids[:0], weights[:0], p).shape == (0, h)
 
 
-@pytest.mark.parametrize("t", [1, 16])
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("t", [1, 16, 100])
+@pytest.mark.parametrize("variant", [1, 2, 3])
 def test_moe_glm_shape(t, variant, monkeypatch):
     monkeypatch.setattr(glm_awq.backends.CudaBackend, "VARIANT", variant)
     e, h, i, top_k = 160, 5120, 1536, 8
@@ -254,15 +260,16 @@ def test_moe_opcheck_and_cuda_graph():
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=9)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-    sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, 16)[:3]
     w = weights.reshape(-1).float().contiguous()
     tt = p.tensors
-    args1 = (x, tt["w13"], tt["w13_scale.bfloat16"], sorted_slots, counts, w, top_k, 16, 1, 128)
-    torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args1)
-    hid = torch.ops.glm_awq.moe_gemm(*args1)
-    args2 = (hid, tt["w2"], tt["w2_scale.bfloat16"], sorted_slots, counts, w, top_k, 16, 2, 128)
-    torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args2)
-    torch.library.opcheck(torch.ops.glm_awq.moe_sum.default, (torch.ops.glm_awq.moe_gemm(*args2), local, top_k))
+    for block_m in (16, 8):  # the tile kernel and the skinny one
+        sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
+        args1 = (x, tt["w13"], tt["w13_scale.bfloat16"], sorted_slots, counts, w, top_k, block_m, 1, 128)
+        torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args1)
+        hid = torch.ops.glm_awq.moe_gemm(*args1)
+        args2 = (hid, tt["w2"], tt["w2_scale.bfloat16"], sorted_slots, counts, w, top_k, block_m, 2, 128)
+        torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args2)
+        torch.library.opcheck(torch.ops.glm_awq.moe_sum.default, (torch.ops.glm_awq.moe_gemm(*args2), local, top_k))
     glm_awq.fused_moe(x, ids, weights, p)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -282,9 +289,9 @@ q = torch.randint(-8, 8, (128, 384), device="cuda", dtype=torch.int8)
 s = (torch.rand(128, 3, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
 p = glm_awq.prepare_linear(quant.pack_int4(q), s, backend="cuda")
 t = p.tensors
-for m, splits in ((1, 3), (17, 1), (70, 2)):
+for m, splits, variant in ((1, 3, 1), (17, 1, 1), (70, 2, 1), (1, 3, 3), (9, 2, 3), (5, 1, 3)):
     x = torch.randn(m, 384, device="cuda").to(torch.bfloat16)
-    torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, splits)
+    torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, splits, variant)
 torch.cuda.synchronize()
 """
 
@@ -295,7 +302,7 @@ def test_compute_sanitizer_clean(tool):
     exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if not os.path.exists(exe):
         pytest.skip("compute-sanitizer not found")
-    cmd = [exe, f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "kns=w4a16_gemm",
+    cmd = [exe, f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "kns=w4a16",
            sys.executable, "-c", _SANITIZED]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -1,0 +1,399 @@
+// Skinny W4A16 GEMM: few activation rows (dense M <= 16, or MoE blocks of <= 8 token-slots of one expert), where
+// the job is streaming the int4 weights at HBM speed. Same math and weight layout as w4a16_gemm.cu (the "cuda
+// layout", see its header), different data flow:
+//
+//  - Swap AB: the weights are the A operand of mma.sync m16n8k16 (16 output features x 16 k) and the few tokens
+//    are the 8-wide B operand, so an 8-token block wastes nothing on padding rows of W. In the cuda layout lane
+//    (g, t) holds, in int i of its 16-byte chunk, n8 blocks 2i and 2i+1 of column g at k rows 2t, 2t+1, 2t+8,
+//    2t+9: that is exactly its A fragment of the 16-feature tile i (rows g and g+8). Dequant gives the nibble
+//    pairs (0,4) (1,5) (2,6) (3,7) = a0a1 (row g, k 2t), a4a5 (row g, k 2t+8), a2a3 (row g+8, k 2t),
+//    a6a7 (row g+8, k 2t+8), so A = {w0, w2, w1, w3}.
+//  - Weights go global -> registers (16-byte streaming loads, no shared memory, no ldmatrix): each warp keeps the
+//    next 128-deep batch (8 loads per lane, 4 KB per warp) in flight while it dequantizes and multiplies this one.
+//  - x for the CTA's K range is staged once in shared memory (rows padded by 16 bytes, so an ldmatrix phase hits
+//    eight bank groups); B fragments come from ldmatrix.x4 (two k16 steps each).
+//  - Scales are applied per 128-deep batch in fp32: the mmas see the exact integers q - 8, tmp = sum q x for the
+//    batch, acc += s * tmp. No rounding of w * s to bf16.
+//
+// Work split: a CTA is 8 warps = WN along N (64 features each, BN = 64 WN) x WK = 8 / WN along K; the CTA covers
+// a range of K batches (split-K over gridDim.z for the dense GEMM) and its WK warps take every WK-th batch. The
+// WK partial tiles are summed in shared memory in warp order; split-K partials go to an fp32 workspace and the
+// CTA that takes a tile's last ticket sums them in split order. Every sum has a fixed order: the output bits do not
+// depend on scheduling.
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "ops.h"
+#include "w4a16_common.h"
+
+namespace glm_awq {
+namespace {
+
+constexpr int kSkinnyWarps = 8;
+constexpr int kSkinnyThreads = 32 * kSkinnyWarps;
+constexpr int kXPad = 8;  // elements of padding per staged x row (16 bytes: consecutive rows in other banks)
+constexpr int kSkinnySmemMax = 200 * 1024;  // dynamic shared memory the launcher allows (x rows + reduction)
+
+// Weight chunks are read exactly once per call: stream them (evict-first in L1 and L2).
+__device__ __forceinline__ int4 load_stream(const int4* p) { return __ldcs(p); }
+
+template <int MB>
+struct Skinny {
+  static constexpr int BM = 8 * MB;                               // token rows per CTA
+  static constexpr int RED = kSkinnyWarps * MB * 16 * 32 * 4;     // bytes of the cross-warp K reduction
+  static constexpr int MIN_BLOCKS = MB == 1 ? 2 : 1;              // __launch_bounds__: 128 / 255 registers
+  static constexpr int KC_MAX = MB == 1 ? 5120 : 2560;            // K per CTA: x rows stay <= 80 KB of smem
+  static int smem(int kc) { return BM * (kc + kXPad) * 2 + RED; }
+};
+
+template <typename T,  // activation, scale, bias and output dtype: __half or __nv_bfloat16
+          int MB,      // 8-token blocks per CTA (B operands): BM = 8 MB rows (1 or 2)
+          int WN,      // warps along N, 64 features each (1, 2 or 4); the other 8 / WN warps split K
+          int MODE>    // kDense, kGateUp or kDown (w4a16_common.h)
+__global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_skinny_kernel(
+    const T* __restrict__ x,       // [M, K] row-major (MoE: x [T, H] or h [S, I]), 16-byte aligned rows
+    const int4* __restrict__ wq,   // [K/16, N/64, 32] int4 chunks: the cuda layout
+    const T* __restrict__ wsc,     // [G, N] repacked scales
+    const T* __restrict__ bias,    // [N] or nullptr
+    T* __restrict__ out,           // [M, N] (MoE: see Mode)
+    float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
+    int* __restrict__ tickets,     // [gridDim.x * gridDim.y] zeros, left zero
+    int M, int N, int K, int group_size, int batches_per_split, MoeArgs moe) {
+  using V = Num<T>;
+  constexpr int WK = kSkinnyWarps / WN, BM = Skinny<MB>::BM, BN = 64 * WN;
+  extern __shared__ int4 smem[];
+  __shared__ int s_slot[MODE == kDense ? 1 : BM];
+  __shared__ int s_info[2];
+  __shared__ int last_cta;
+
+  const int mt = blockIdx.x, nt = blockIdx.y, split = blockIdx.z;
+  const int m0 = mt * BM;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int g = lane >> 2, t = lane & 3;
+  const int n64 = N / 64, nb = nt * WN + wn;  // this warp's 64-feature block
+  const int b0 = split * batches_per_split;   // first 128-deep K batch of the CTA
+  const int nbatch = min(K / kBK, b0 + batches_per_split) - b0;
+  const int xstride = batches_per_split * kBK + kXPad;
+  T* xs = reinterpret_cast<T*>(smem);  // [BM][xstride]
+  float* red = reinterpret_cast<float*>(xs + BM * xstride);
+
+  int rows_here = min(BM, M - m0);
+  if constexpr (MODE != kDense) {
+    if (warp == 0) find_expert_block<BM>(moe, m0, lane, s_slot, s_info);
+    __syncthreads();
+    if (s_info[0] < 0) return;  // the whole CTA: no barrier follows for anyone
+    rows_here = s_info[1];
+    wq += s_info[0] * moe.w_stride;
+    wsc += s_info[0] * moe.s_stride;
+  }
+
+  // This lane's chunk of k16 step 0 of the CTA's range; one k16 step further is `kstep` chunks on.
+  const size_t kstep = static_cast<size_t>(n64) * 32;
+  const int4* wbase = wq + static_cast<size_t>(b0) * 8 * kstep + static_cast<size_t>(nb) * 32 + lane;
+  // Scales of my column g in the eight n8 blocks (features 8 b + g, b = 0..7), one 16-byte chunk per batch.
+  const T* sbase = wsc + static_cast<size_t>(nb) * 64 + g * 8;
+  auto load_batch = [&](int j, int4 (&w)[8], int4& s) {
+    const int4* p = wbase + static_cast<size_t>(j) * 8 * kstep;
+#pragma unroll
+    for (int st = 0; st < 8; ++st) w[st] = load_stream(p + st * kstep);
+    s = *reinterpret_cast<const int4*>(sbase + static_cast<size_t>((b0 + j) * kBK / group_size) * N);
+  };
+
+  int4 cur[8], nxt[8], cs, ns;
+  if (wk < nbatch) load_batch(wk, cur, cs);  // in flight while x is staged
+
+  // Stage the CTA's x rows (zeros past the real rows) for its K range.
+  {
+    const int chunks = nbatch * kBK / 8;  // 16-byte chunks per row
+    for (int c = tid; c < BM * chunks; c += kSkinnyThreads) {
+      const int r = c / chunks, cc = c % chunks;
+      int4 v = make_int4(0, 0, 0, 0);
+      if (r < rows_here) {
+        int row = m0 + r;
+        if constexpr (MODE == kGateUp) row = s_slot[r] / moe.top_k;
+        if constexpr (MODE == kDown) row = s_slot[r];
+        v = *reinterpret_cast<const int4*>(x + static_cast<size_t>(row) * K + static_cast<size_t>(b0) * kBK + cc * 8);
+      }
+      *reinterpret_cast<int4*>(xs + r * xstride + cc * 8) = v;
+    }
+  }
+  __syncthreads();
+
+  float acc[MB][4][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][i][e] = 0.f;
+
+  // ldmatrix.x4 addresses: lanes 8q..8q+7 give rows 0..7 of the 8x8 matrix q = k columns 8q..8q+7 of two steps.
+  const T* xrow = xs + (lane & 7) * xstride + 8 * (lane >> 3);
+  for (int j = wk; j < nbatch; j += WK) {
+    if (j + WK < nbatch) load_batch(j + WK, nxt, ns);
+    float tmp[MB][4][4];
+#pragma unroll
+    for (int st = 0; st < 8; ++st) {
+      uint32_t bx[MB][4];  // b0, b1 of step st (st even) and st + 1
+      if (st % 2 == 0) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(bx[mb], xrow + mb * 8 * xstride + j * kBK + st * 16);
+      }
+      const uint32_t q[4] = {static_cast<uint32_t>(cur[st].x), static_cast<uint32_t>(cur[st].y),
+                             static_cast<uint32_t>(cur[st].z), static_cast<uint32_t>(cur[st].w)};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint32_t w[4];
+        V::dequant(q[i], w);
+        const uint32_t a[4] = {w[0], w[2], w[1], w[3]};
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          const uint32_t bb0 = bx[mb][2 * (st % 2)], bb1 = bx[mb][2 * (st % 2) + 1];
+          if (st == 0)
+            V::mma0(tmp[mb][i], a, bb0, bb1);
+          else
+            V::mma(tmp[mb][i], a, bb0, bb1);
+        }
+      }
+    }
+    // C fragment of tile i: rows (features) g and g + 8 in (c0, c1) and (c2, c3); their scales are n8 blocks 2i
+    // and 2i + 1 of my column: the low and high halves of int i of the scale chunk.
+    const uint32_t sw[4] = {static_cast<uint32_t>(cs.x), static_cast<uint32_t>(cs.y), static_cast<uint32_t>(cs.z),
+                            static_cast<uint32_t>(cs.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float s_lo = V::lo(sw[i]), s_hi = V::hi(sw[i]);
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        acc[mb][i][0] = fmaf(s_lo, tmp[mb][i][0], acc[mb][i][0]);
+        acc[mb][i][1] = fmaf(s_lo, tmp[mb][i][1], acc[mb][i][1]);
+        acc[mb][i][2] = fmaf(s_hi, tmp[mb][i][2], acc[mb][i][2]);
+        acc[mb][i][3] = fmaf(s_hi, tmp[mb][i][3], acc[mb][i][3]);
+      }
+    }
+#pragma unroll
+    for (int st = 0; st < 8; ++st) cur[st] = nxt[st];
+    cs = ns;
+  }
+
+  // Sum the WK warps of each N slice in warp order (the region after the x rows, so no barrier before it).
+  if constexpr (WK > 1) {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[((warp * MB + mb) * 16 + i * 4 + e) * 32 + lane] = acc[mb][i][e];
+    __syncthreads();
+    if (wk == 0) {
+      for (int w = 1; w < WK; ++w) {
+        const int src = w * WN + wn;
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mb][i][e] += red[((src * MB + mb) * 16 + i * 4 + e) * 32 + lane];
+      }
+    }
+  }
+
+  // Element (mb, i, e) of the C fragments: token row mb * 8 + 2t + (e & 1), feature 16 i + g + 8 (e >> 1) of the
+  // warp's 64-feature block.
+  if constexpr (MODE == kGateUp) {
+    // 64-feature blocks are 32 gate then the matching 32 up features: tiles 0, 1 are gate, tiles 2, 3 their up.
+    if (wk == 0) {
+      const int half_n = N / 2;  // I
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mb * 8 + 2 * t + (e & 1);
+          if (r >= rows_here) continue;
+          const size_t row = static_cast<size_t>(s_slot[r]) * half_n + nb * 32 + g + 8 * (e >> 1);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float gate = acc[mb][i][e], up = acc[mb][i + 2][e];
+            out[row + 16 * i] = V::from_float(gate / (1.f + __expf(-gate)) * up);
+          }
+        }
+    }
+    return;
+  }
+  if constexpr (MODE == kDown) {
+    if (wk == 0) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mb * 8 + 2 * t + (e & 1);
+          if (r >= rows_here) continue;
+          const int slot = s_slot[r];
+          const float rw = moe.weights[slot];
+          const size_t row = static_cast<size_t>(slot) * N + nb * 64 + g + 8 * (e >> 1);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) out[row + 16 * i] = V::from_float(acc[mb][i][e] * rw);
+        }
+    }
+    return;
+  }
+  if (gridDim.z == 1) {
+    if (wk == 0) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mb * 8 + 2 * t + (e & 1);
+          if (r >= rows_here) continue;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int col = nb * 64 + 16 * i + g + 8 * (e >> 1);
+            out[static_cast<size_t>(m0 + r) * N + col] = V::from_float(acc[mb][i][e] + (bias ? V::to_float(bias[col]) : 0.f));
+          }
+        }
+    }
+    return;
+  }
+
+  // Split-K: publish this split's partial tile, then the last CTA of the tile sums all splits in split order.
+  const size_t plane = static_cast<size_t>(M) * N;
+  if (wk == 0) {
+    float* part = partial + split * plane;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = mb * 8 + 2 * t + (e & 1);
+        if (r >= rows_here) continue;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[static_cast<size_t>(m0 + r) * N + nb * 64 + 16 * i + g + 8 * (e >> 1)] = acc[mb][i][e];
+      }
+  }
+  __threadfence();  // partials reach L2 before the ticket says so
+  __syncthreads();
+  int* ticket = &tickets[mt * gridDim.y + nt];
+  if (tid == 0) last_cta = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
+  __syncthreads();
+  if (!last_cta) return;
+  __threadfence();
+  const int n0 = nt * BN;
+  for (int e = tid; e < rows_here * (BN / 4); e += kSkinnyThreads) {
+    const int r = e / (BN / 4), c = (e % (BN / 4)) * 4;
+    const size_t off = static_cast<size_t>(m0 + r) * N + n0 + c;
+    float4 s = __ldcg(reinterpret_cast<const float4*>(partial + off));
+    for (int sp = 1; sp < static_cast<int>(gridDim.z); ++sp) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + sp * plane + off));
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    if (bias) {
+      s.x += V::to_float(bias[n0 + c]), s.y += V::to_float(bias[n0 + c + 1]);
+      s.z += V::to_float(bias[n0 + c + 2]), s.w += V::to_float(bias[n0 + c + 3]);
+    }
+    uint2 o;
+    o.x = V::pack(s.x, s.y);
+    o.y = V::pack(s.z, s.w);
+    *reinterpret_cast<uint2*>(&out[off]) = o;
+  }
+  if (tid == 0) *ticket = 0;  // ready for the next call (and for CUDA-graph replays)
+}
+
+// ------------------------------------------------------------------------------------------------ launch
+
+template <typename T, int MB, int WN, int MODE>
+cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq, const T* wsc, const T* bias,
+                          T* out, float* partial, int* tickets, int m, int n, int k, int group_size,
+                          int batches_per_split, const MoeArgs& moe) {
+  auto kernel = w4a16_skinny_kernel<T, MB, WN, MODE>;
+  static bool configured = false;  // per instantiation: the attribute is per function
+  if (!configured) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkinnySmemMax);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  kernel<<<grid, kSkinnyThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size, batches_per_split, moe);
+  return cudaGetLastError();
+}
+
+template <typename T, int MB>
+cudaError_t dense_skinny(const GemmLaunch& a, int wn) {
+  using S = Skinny<MB>;
+  const int n_tiles = a.n / (64 * wn), batches = a.k / kBK;
+  // One wave of equal work: MIN_BLOCKS CTAs per SM over every SM, K split no finer than one batch per warp row
+  // and no coarser than KC_MAX (the x rows must fit in shared memory).
+  const int slots = S::MIN_BLOCKS * sm_count(a.x.get_device());
+  int s = static_cast<int>(a.splits);
+  if (s <= 0) s = std::max(1, slots / n_tiles);
+  s = std::max(s, (batches * kBK + S::KC_MAX - 1) / S::KC_MAX);
+  s = std::min(s, batches);
+  if (n_tiles > a.tickets.numel()) s = 1;
+  const int per_split = (batches + s - 1) / s;
+  s = (batches + per_split - 1) / per_split;  // no empty splits
+  const int smem = S::smem(per_split * kBK);
+  if (per_split * kBK > S::KC_MAX || smem > kSkinnySmemMax) return cudaErrorInvalidConfiguration;
+  at::Tensor partial;
+  if (s > 1) partial = at::empty({s, a.m, a.n}, a.x.options().dtype(at::kFloat));
+  const dim3 grid(1, static_cast<unsigned>(n_tiles), static_cast<unsigned>(s));
+  const T* x = reinterpret_cast<const T*>(a.x.data_ptr());
+  const auto* wq = reinterpret_cast<const int4*>(a.weight.data_ptr());
+  const T* wsc = reinterpret_cast<const T*>(a.scale.data_ptr());
+  const T* bias = a.bias ? reinterpret_cast<const T*>(a.bias->data_ptr()) : nullptr;
+  T* out = reinterpret_cast<T*>(a.out.data_ptr());
+  float* part = s > 1 ? partial.data_ptr<float>() : nullptr;
+  int* tickets = a.tickets.data_ptr<int>();
+#define GLM_AWQ_SKINNY_CASE(W)                                                                                   \
+  if (wn == W)                                                                                                   \
+    return launch_skinny<T, MB, W, kDense>(grid, smem, x, wq, wsc, bias, out, part, tickets, a.m, a.n, a.k,      \
+                                           a.group_size, per_split, MoeArgs{});
+  GLM_AWQ_SKINNY_CASE(1) GLM_AWQ_SKINNY_CASE(2) GLM_AWQ_SKINNY_CASE(4)
+#undef GLM_AWQ_SKINNY_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int MODE>
+cudaError_t moe_skinny(const MoeLaunch& a) {
+  using S = Skinny<1>;
+  const int num_experts = static_cast<int>(a.weight.size(0));
+  const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
+  const int64_t max_blocks = a.sorted.numel() / S::BM;
+  if (max_blocks == 0) return cudaSuccess;
+  const int smem = S::smem(k);
+  if (smem > kSkinnySmemMax) return cudaErrorInvalidConfiguration;  // the launcher checks moe_skinny_fits first
+  const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
+                    a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
+  // GEMM2 (N = H) takes 256-wide tiles: fewer, longer-running CTAs at T = 1 (8 experts x 20 instead of 40).
+  const int wn = MODE == kDown && n % 256 == 0 ? 4 : 2;
+  const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(n / (64 * wn)), 1);
+  const T* x = reinterpret_cast<const T*>(a.a.data_ptr());
+  const auto* wq = reinterpret_cast<const int4*>(a.weight.data_ptr());
+  const T* wsc = reinterpret_cast<const T*>(a.scale.data_ptr());
+  T* out = reinterpret_cast<T*>(a.out.data_ptr());
+  if (wn == 4)
+    return launch_skinny<T, 1, 4, MODE>(grid, smem, x, wq, wsc, nullptr, out, nullptr, nullptr, 0, n, k,
+                                        a.group_size, k / kBK, moe);
+  return launch_skinny<T, 1, 2, MODE>(grid, smem, x, wq, wsc, nullptr, out, nullptr, nullptr, 0, n, k, a.group_size,
+                                      k / kBK, moe);
+}
+
+}  // namespace
+
+bool moe_skinny_fits(int64_t k) { return Skinny<1>::smem(static_cast<int>(k)) <= kSkinnySmemMax; }
+
+int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
+  if (a.m > 16) return cudaErrorInvalidValue;
+  int wn = block_n / 64;
+  if (wn == 0) wn = a.n % 128 == 0 ? 2 : 1;
+  if (wn != 1 && wn != 2 && wn != 4) return cudaErrorInvalidValue;
+  const bool bf16 = a.x.scalar_type() == at::kBFloat16;
+  if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn) : dense_skinny<__half, 1>(a, wn);
+  return bf16 ? dense_skinny<__nv_bfloat16, 2>(a, wn) : dense_skinny<__half, 2>(a, wn);
+}
+
+int launch_moe_skinny(const MoeLaunch& a) {
+  const bool bf16 = a.a.scalar_type() == at::kBFloat16;
+  if (a.mode == kGateUp) return bf16 ? moe_skinny<__nv_bfloat16, kGateUp>(a) : moe_skinny<__half, kGateUp>(a);
+  return bf16 ? moe_skinny<__nv_bfloat16, kDown>(a) : moe_skinny<__half, kDown>(a);
+}
+
+}  // namespace glm_awq
