@@ -109,6 +109,7 @@ struct Num<__half> {
   }
   // FOLD: 0x6400 | n is the exact fp16 1024 + n; the 1032 offset and the scale come after the mma.
   static constexpr uint32_t kMagic = 0x64006400u, kOffset = 0x64086408u;  // 1024, 1032
+  static constexpr float kOffsetF = 1032.f;
   static __device__ __forceinline__ float lo(uint32_t w) { return __half2float(__ushort_as_half(w & 0xffffu)); }
   static __device__ __forceinline__ float hi(uint32_t w) { return __half2float(__ushort_as_half(w >> 16)); }
 };
@@ -153,6 +154,7 @@ struct Num<__nv_bfloat16> {
   }
   // FOLD: 0x4300 | n is the exact bf16 128 + n; the 136 offset and the scale come after the mma.
   static constexpr uint32_t kMagic = 0x43004300u, kOffset = 0x43084308u;  // 128, 136
+  static constexpr float kOffsetF = 136.f;
   static __device__ __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
   static __device__ __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 };

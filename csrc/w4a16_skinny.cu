@@ -12,8 +12,10 @@
 //    next 128-deep batch (8 loads per lane, 4 KB per warp) in flight while it dequantizes and multiplies this one.
 //  - x for the CTA's K range is staged once in shared memory (rows padded by 16 bytes, so an ldmatrix phase hits
 //    eight bank groups); B fragments come from ldmatrix.x4 (two k16 steps each).
-//  - Scales are applied per 128-deep batch in fp32: the mmas see the exact integers q - 8, tmp = sum q x for the
-//    batch, acc += s * tmp. No rounding of w * s to bf16.
+//  - Offset and scales are applied per 128-deep batch in fp32: the mmas see the raw codes magic + n (one lop3 per
+//    nibble pair: bf16 128 + n, fp16 1024 + n, n = q + 8, all exact), so tmp = sum (q + off) x for the batch with
+//    off = 136 (bf16) or 1032 (fp16); staging x also sums each row over each batch (xsum, fp32), and
+//    acc += s * (tmp - off * xsum). No rounding of w * s to bf16; the cancellation costs ~2^-24 off sum|x|.
 //
 // Work split: a CTA is 8 warps = WN along N (64 features each, BN = 64 WN) x WK = 8 / WN along K; the CTA covers
 // a range of K batches (split-K over gridDim.z for the dense GEMM) and its WK warps take every WK-th batch. The
@@ -43,7 +45,8 @@ struct Skinny {
   static constexpr int RED = kSkinnyWarps * MB * 16 * 32 * 4;     // bytes of the cross-warp K reduction
   static constexpr int MIN_BLOCKS = MB == 1 ? 2 : 1;              // __launch_bounds__: 128 / 255 registers
   static constexpr int KC_MAX = MB == 1 ? 5120 : 2560;            // K per CTA: x rows stay <= 80 KB of smem
-  static int smem(int kc) { return BM * (kc + kXPad) * 2 + RED; }
+  // x rows [BM][kc + pad], the reduction, the batch sums of x [BM][kc / 128] (fp32).
+  static int smem(int kc) { return BM * (kc + kXPad) * 2 + RED + BM * (kc / kBK) * 4; }
 };
 
 template <typename T,  // activation, scale, bias and output dtype: __half or __nv_bfloat16
@@ -77,6 +80,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   const int xstride = batches_per_split * kBK + kXPad;
   T* xs = reinterpret_cast<T*>(smem);  // [BM][xstride]
   float* red = reinterpret_cast<float*>(xs + BM * xstride);
+  float* xsum = red + Skinny<MB>::RED / 4;  // [BM][batches_per_split]
 
   int rows_here = min(BM, M - m0);
   if constexpr (MODE != kDense) {
@@ -100,10 +104,12 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     s = *reinterpret_cast<const int4*>(sbase + static_cast<size_t>((b0 + j) * kBK / group_size) * N);
   };
 
-  int4 cur[8], nxt[8], cs, ns;
-  if (wk < nbatch) load_batch(wk, cur, cs);  // in flight while x is staged
+  int4 wa[8], wb[8], sa, sb;  // two batches of weight chunks and scales: one computing, one in flight
+  if (wk < nbatch) load_batch(wk, wa, sa);  // in flight while x is staged
 
-  // Stage the CTA's x rows (zeros past the real rows) for its K range.
+  // Stage the CTA's x rows (zeros past the real rows) for its K range, and sum each row over each batch: the 16
+  // consecutive chunks of one (row, batch) sit in 16 aligned lanes (BM * chunks is a multiple of 128, so every
+  // lane of a warp runs the same iterations) and are summed by shuffles in a fixed order.
   {
     const int chunks = nbatch * kBK / 8;  // 16-byte chunks per row
     for (int c = tid; c < BM * chunks; c += kSkinnyThreads) {
@@ -116,6 +122,14 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
         v = *reinterpret_cast<const int4*>(x + static_cast<size_t>(row) * K + static_cast<size_t>(b0) * kBK + cc * 8);
       }
       *reinterpret_cast<int4*>(xs + r * xstride + cc * 8) = v;
+      const uint32_t u[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                             static_cast<uint32_t>(v.w)};
+      float sum = 0.f;
+#pragma unroll
+      for (int h = 0; h < 4; ++h) sum += V::lo(u[h]) + V::hi(u[h]);
+#pragma unroll
+      for (int o = 8; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if ((lane & 15) == 0) xsum[r * batches_per_split + cc / 16] = sum;
     }
   }
   __syncthreads();
@@ -130,8 +144,8 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 
   // ldmatrix.x4 addresses: lanes 8q..8q+7 give rows 0..7 of the 8x8 matrix q = k columns 8q..8q+7 of two steps.
   const T* xrow = xs + (lane & 7) * xstride + 8 * (lane >> 3);
-  for (int j = wk; j < nbatch; j += WK) {
-    if (j + WK < nbatch) load_batch(j + WK, nxt, ns);
+  // One 128-deep batch j (CTA-local) from its weight chunks w and scale chunk sc into acc.
+  auto compute = [&](const int4 (&w)[8], const int4& sc, int j) {
     float tmp[MB][4][4];
 #pragma unroll
     for (int st = 0; st < 8; ++st) {
@@ -140,13 +154,15 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(bx[mb], xrow + mb * 8 * xstride + j * kBK + st * 16);
       }
-      const uint32_t q[4] = {static_cast<uint32_t>(cur[st].x), static_cast<uint32_t>(cur[st].y),
-                             static_cast<uint32_t>(cur[st].z), static_cast<uint32_t>(cur[st].w)};
+      const uint32_t q[4] = {static_cast<uint32_t>(w[st].x), static_cast<uint32_t>(w[st].y),
+                             static_cast<uint32_t>(w[st].z), static_cast<uint32_t>(w[st].w)};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        uint32_t w[4];
-        V::dequant(q[i], w);
-        const uint32_t a[4] = {w[0], w[2], w[1], w[3]};
+        // Raw codes of nibble pairs (0,4) (1,5) (2,6) (3,7) = a0a1, a4a5, a2a3, a6a7 (see the header).
+        uint32_t c[4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p) c[p] = and_or(q[i] >> (4 * p), 0x000f000fu, V::kMagic);
+        const uint32_t a[4] = {c[0], c[2], c[1], c[3]};
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
           const uint32_t bb0 = bx[mb][2 * (st % 2)], bb1 = bx[mb][2 * (st % 2) + 1];
@@ -157,24 +173,34 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
         }
       }
     }
-    // C fragment of tile i: rows (features) g and g + 8 in (c0, c1) and (c2, c3); their scales are n8 blocks 2i
-    // and 2i + 1 of my column: the low and high halves of int i of the scale chunk.
-    const uint32_t sw[4] = {static_cast<uint32_t>(cs.x), static_cast<uint32_t>(cs.y), static_cast<uint32_t>(cs.z),
-                            static_cast<uint32_t>(cs.w)};
+    // C fragment of tile i: rows (features) g and g + 8 in (c0, c1) and (c2, c3), token columns 2t and 2t + 1;
+    // the row scales are n8 blocks 2i and 2i + 1 of my column: the low and high halves of int i of the chunk.
+    const uint32_t sw[4] = {static_cast<uint32_t>(sc.x), static_cast<uint32_t>(sc.y), static_cast<uint32_t>(sc.z),
+                            static_cast<uint32_t>(sc.w)};
+    float off[MB][2];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) off[mb][h] = V::kOffsetF * xsum[(mb * 8 + 2 * t + h) * batches_per_split + j];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float s_lo = V::lo(sw[i]), s_hi = V::hi(sw[i]);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
-        acc[mb][i][0] = fmaf(s_lo, tmp[mb][i][0], acc[mb][i][0]);
-        acc[mb][i][1] = fmaf(s_lo, tmp[mb][i][1], acc[mb][i][1]);
-        acc[mb][i][2] = fmaf(s_hi, tmp[mb][i][2], acc[mb][i][2]);
-        acc[mb][i][3] = fmaf(s_hi, tmp[mb][i][3], acc[mb][i][3]);
+        acc[mb][i][0] = fmaf(s_lo, tmp[mb][i][0] - off[mb][0], acc[mb][i][0]);
+        acc[mb][i][1] = fmaf(s_lo, tmp[mb][i][1] - off[mb][1], acc[mb][i][1]);
+        acc[mb][i][2] = fmaf(s_hi, tmp[mb][i][2] - off[mb][0], acc[mb][i][2]);
+        acc[mb][i][3] = fmaf(s_hi, tmp[mb][i][3] - off[mb][1], acc[mb][i][3]);
       }
     }
-#pragma unroll
-    for (int st = 0; st < 8; ++st) cur[st] = nxt[st];
-    cs = ns;
+  };
+  // Unrolled by two so the in-flight batch is never copied between register sets.
+  for (int j = wk; j < nbatch; j += 2 * WK) {
+    if (j + WK < nbatch) load_batch(j + WK, wb, sb);
+    compute(wa, sa, j);
+    if (j + WK >= nbatch) break;
+    if (j + 2 * WK < nbatch) load_batch(j + 2 * WK, wa, sa);
+    compute(wb, sb, j + WK);
   }
 
   // Sum the WK warps of each N slice in warp order (the region after the x rows, so no barrier before it).
