@@ -35,8 +35,10 @@ struct GemmLaunch {
   int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage, 3: skinny
 };
 int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
-// The skinny kernel (w4a16_skinny.cu): M <= 16, block_n 0 (auto) | 64 | 128 | 256.
+// The skinny kernel (w4a16_skinny.cu): M <= 16, block_n 0 (auto) | 64 | 128 | 256; skinny_preferred says whether
+// variant 0 (the default) takes it for these arguments.
 int launch_w4a16_skinny(const GemmLaunch& args, int block_n);
+bool skinny_preferred(const GemmLaunch& args, int block_n);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned

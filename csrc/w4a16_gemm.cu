@@ -443,37 +443,46 @@ __global__ void repack_int4_kernel(const uint32_t* __restrict__ src,  // [B, N, 
 }
 
 // The cuda layout back to a dense [N, K] weight with the GEMM's own dequant and scale multiply (so the large-M
-// path, dense matmul on this, sees bit for bit the weights the mma path sees). One thread per 16-byte chunk;
-// each (k, k+1) pair is one 4-byte store.
+// path, dense matmul on this, sees bit for bit the weights the mma path sees). A CTA takes one 64 x 128 (n x k)
+// tile: warp w dequantizes k16 step w (each lane its 16-byte chunk: 8 rows x 4 values) into shared memory, then the
+// tile leaves as 16-byte row segments, 256 contiguous bytes per row (the first version stored 4-byte pairs
+// straight from the fragment layout: 16-byte runs per row, half of every 32-byte sector written per instruction).
+constexpr int kDeqPad = 8;  // elements per smem row of padding: lanes (g, t) of a store hit 32 different banks
 template <typename T>
-__global__ void dequantize_cuda_layout_kernel(const int4* __restrict__ wq,  // [K/16, N/64, 32] chunks
-                                              const T* __restrict__ wsc,    // [G, N] repacked scales
-                                              T* __restrict__ out,          // [N, K]
-                                              int N, int K, int group_size, int64_t chunks) {
+__global__ void __launch_bounds__(256) dequantize_cuda_layout_kernel(
+    const int4* __restrict__ wq,  // [K/16, N/64, 32] chunks
+    const T* __restrict__ wsc,    // [G, N] repacked scales
+    T* __restrict__ out,          // [N, K]
+    int N, int K, int group_size) {
   using V = Num<T>;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= chunks) return;
-  const int lane = idx % 32;
-  const int64_t sub = idx / 32;
-  const int nb = sub % (N / 64), kb = static_cast<int>(sub / (N / 64));
-  const int g = lane / 4, t = lane % 4;
+  __shared__ __align__(16) T tile[64][kBK + kDeqPad];
+  const int nb = blockIdx.x, kt = blockIdx.y;  // 64-row block, 128-deep k tile
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane / 4, t = lane % 4;
+  const int kb = kt * 8 + w;  // k16 step
   const int4 sv = *reinterpret_cast<const int4*>(wsc + static_cast<size_t>(kb * 16 / group_size) * N + nb * 64 + g * 8);
-  const int4 b = wq[idx];
+  const int4 b = wq[(static_cast<size_t>(kb) * (N / 64) + nb) * 32 + lane];
   const uint32_t q[4] = {static_cast<uint32_t>(b.x), static_cast<uint32_t>(b.y), static_cast<uint32_t>(b.z),
                          static_cast<uint32_t>(b.w)};
   const uint32_t sw[4] = {static_cast<uint32_t>(sv.x), static_cast<uint32_t>(sv.y), static_cast<uint32_t>(sv.z),
                           static_cast<uint32_t>(sv.w)};
-  const int k0 = kb * 16 + 2 * t;
+  const int k0 = w * 16 + 2 * t;  // column in the tile
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    uint32_t w[4];
-    V::dequant(q[i], w);
+    uint32_t d[4];
+    V::dequant(q[i], d);
     const uint32_t s_lo = __byte_perm(sw[i], 0, 0x1010), s_hi = __byte_perm(sw[i], 0, 0x3232);
-    const size_t n_lo = static_cast<size_t>(nb * 64 + 16 * i + g), n_hi = n_lo + 8;
-    *reinterpret_cast<uint32_t*>(&out[n_lo * K + k0]) = V::mul(w[0], s_lo);
-    *reinterpret_cast<uint32_t*>(&out[n_lo * K + k0 + 8]) = V::mul(w[1], s_lo);
-    *reinterpret_cast<uint32_t*>(&out[n_hi * K + k0]) = V::mul(w[2], s_hi);
-    *reinterpret_cast<uint32_t*>(&out[n_hi * K + k0 + 8]) = V::mul(w[3], s_hi);
+    const int r_lo = 16 * i + g, r_hi = r_lo + 8;  // n8 blocks 2i and 2i + 1, column g
+    *reinterpret_cast<uint32_t*>(&tile[r_lo][k0]) = V::mul(d[0], s_lo);
+    *reinterpret_cast<uint32_t*>(&tile[r_lo][k0 + 8]) = V::mul(d[1], s_lo);
+    *reinterpret_cast<uint32_t*>(&tile[r_hi][k0]) = V::mul(d[2], s_hi);
+    *reinterpret_cast<uint32_t*>(&tile[r_hi][k0 + 8]) = V::mul(d[3], s_hi);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int c = threadIdx.x; c < 64 * kBK / 8; c += 256) {  // 16 chunks of 8 elements per row
+    const int r = c / (kBK / 8), cc = c % (kBK / 8);
+    *reinterpret_cast<int4*>(&out[static_cast<size_t>(nb * 64 + r) * K + kt * kBK + cc * 8]) =
+        *reinterpret_cast<const int4*>(&tile[r][cc * 8]);
   }
 }
 
@@ -517,7 +526,7 @@ cudaError_t launch(const GemmLaunch& a) {
   return cudaGetLastError();
 }
 
-// .variant; 0: skinny (w4a16_skinny.cu) at M <= 16 with block_n <= 256, else classic.
+// .variant; 0: skinny (w4a16_skinny.cu) where skinny_preferred, else FOLD at M <= 16 and classic above.
 // 1: classic (scales into B), 2: FOLD, 3: skinny.
 constexpr int kVariantFold = 2, kVariantSkinny = 3;
 constexpr int kMoeWN = 2;  // MoE tiles are 128 wide: T = 1 still gives 8 experts x 24 (GEMM1) or 40 (GEMM2) CTAs
@@ -605,21 +614,21 @@ int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, 
 
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,
                                   int64_t group_size) {
-  const int64_t k = weight.size(0) * 16, n = weight.size(1) * 64, chunks = weight.numel() / 4;
-  if (chunks == 0) return cudaSuccess;
-  const int threads = 256;
-  const auto blocks = (chunks + threads - 1) / threads;
+  const int64_t k = weight.size(0) * 16, n = weight.size(1) * 64;
+  if (n == 0 || k == 0) return cudaSuccess;
+  if (k / kBK > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(n / 64), static_cast<unsigned>(k / kBK));  // ops.cpp checks K % 128 == 0
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* wq = reinterpret_cast<const int4*>(weight.data_ptr());
   if (scale.scalar_type() == at::kBFloat16)
-    dequantize_cuda_layout_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(
+    dequantize_cuda_layout_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
         wq, reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), static_cast<int>(n), static_cast<int>(k),
-        static_cast<int>(group_size), chunks);
+        static_cast<int>(group_size));
   else
-    dequantize_cuda_layout_kernel<__half><<<blocks, threads, 0, stream>>>(
+    dequantize_cuda_layout_kernel<__half><<<grid, 256, 0, stream>>>(
         wq, reinterpret_cast<const __half*>(scale.data_ptr()), reinterpret_cast<__half*>(out.data_ptr()),
-        static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size), chunks);
+        static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size));
   return cudaGetLastError();
 }
 
@@ -662,7 +671,7 @@ int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tenso
 }
 
 int launch_w4a16_gemm(const GemmLaunch& a, int block_n) {
-  if (a.variant == kVariantSkinny || (a.variant == 0 && a.m <= 16 && block_n <= 256)) return launch_w4a16_skinny(a, block_n);
+  if (a.variant == kVariantSkinny || (a.variant == 0 && skinny_preferred(a, block_n))) return launch_w4a16_skinny(a, block_n);
   int wn = block_n / 64;
   // BN = 256 measured best (or tied) at M = 1..64 on q_proj and o_proj (H200, benchmarks/NOTES.md).
   if (wn == 0) wn = a.n % 256 == 0 ? 4 : a.n % 128 == 0 ? 2 : 1;

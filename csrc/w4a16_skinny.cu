@@ -404,6 +404,16 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
 
 }  // namespace
 
+bool skinny_preferred(const GemmLaunch& a, int block_n) {
+  if (a.m > 16 || block_n > 256) return false;
+  if (a.m <= 8) return true;
+  // Two token blocks run one CTA per SM: take them only while the grid (auto split) is a single wave; q_proj and
+  // o_proj at M = 16 would need two, where the tile kernel measured faster (H200, benchmarks/NOTES.md).
+  const int wn = block_n ? block_n / 64 : (a.n % 128 == 0 ? 2 : 1);
+  const int64_t min_splits = (static_cast<int64_t>(a.k) + Skinny<2>::KC_MAX - 1) / Skinny<2>::KC_MAX;
+  return a.n / (64 * wn) * min_splits <= sm_count(a.x.get_device());
+}
+
 bool moe_skinny_fits(int64_t k) { return Skinny<1>::smem(static_cast<int>(k)) <= kSkinnySmemMax; }
 
 int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
