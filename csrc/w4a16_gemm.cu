@@ -556,28 +556,42 @@ cudaError_t launch_moe(const MoeLaunch& a) {
 }
 
 // out[t] = sum over a of y[t * top_k + a] (slots whose expert is elsewhere, local < 0, skipped), in slot order:
-// fp32, deterministic. One CTA per token, 8 columns (16 bytes) per thread and step.
+// fp32, deterministic. A thread owns 8 columns (16 bytes) of one token; grid (tokens, H / 1024). The slots' rows are
+// loaded unconditionally (a skipped slot's row exists, unwritten) so all top_k loads are in flight at once, and
+// masked after: one memory round trip instead of top_k (the first version, one CTA per token looping over
+// columns, took 10 us for T = 1 on an H200).
 template <typename T>
 __global__ void moe_sum_kernel(const T* __restrict__ y, const int* __restrict__ local, T* __restrict__ out, int H,
                                int top_k) {
   using V = Num<T>;
+  constexpr int kChunk = 8;  // slots per round of loads
   const int t = blockIdx.x;
-  for (int c = threadIdx.x * 8; c < H; c += blockDim.x * 8) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int a = 0; a < top_k; ++a) {
-      const int slot = t * top_k + a;
-      if (local[slot] < 0) continue;
-      const int4 v = *reinterpret_cast<const int4*>(y + static_cast<size_t>(slot) * H + c);
-      const T* e = reinterpret_cast<const T*>(&v);
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
+  if (c >= H) return;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int a0 = 0; a0 < top_k; a0 += kChunk) {
+    int4 v[kChunk];
+    bool here[kChunk];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] += V::to_float(e[i]);
+    for (int a = 0; a < kChunk; ++a) {
+      const int slot = t * top_k + a0 + a;
+      here[a] = a0 + a < top_k && local[slot] >= 0;
+      v[a] = a0 + a < top_k ? *reinterpret_cast<const int4*>(y + static_cast<size_t>(slot) * H + c) : int4{};
     }
-    int4 o;
-    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ow[i] = V::pack(acc[2 * i], acc[2 * i + 1]);
-    *reinterpret_cast<int4*>(out + static_cast<size_t>(t) * H + c) = o;
+    for (int a = 0; a < kChunk; ++a) {
+      if (!here[a]) continue;
+      const uint32_t u[4] = {static_cast<uint32_t>(v[a].x), static_cast<uint32_t>(v[a].y),
+                             static_cast<uint32_t>(v[a].z), static_cast<uint32_t>(v[a].w)};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[2 * i] += V::lo(u[i]), acc[2 * i + 1] += V::hi(u[i]);
+    }
   }
+  int4 o;
+  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ow[i] = V::pack(acc[2 * i], acc[2 * i + 1]);
+  *reinterpret_cast<int4*>(out + static_cast<size_t>(t) * H + c) = o;
 }
 
 // The instantiation table: dtype x M_BLOCKS {1, 2, 3, 4} x WN {1, 2, 4, 8} (BN = 64, 128, 256, 512), scales
@@ -658,15 +672,17 @@ int launch_moe_gemm(const MoeLaunch& a) {
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k) {
   const int tokens = static_cast<int>(out.size(0)), h = static_cast<int>(out.size(1));
   if (tokens == 0) return cudaSuccess;
+  constexpr int threads = 128;  // x 8 columns each
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>((h + threads * 8 - 1) / (threads * 8)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (y.scalar_type() == at::kBFloat16)
-    moe_sum_kernel<__nv_bfloat16><<<tokens, 128, 0, stream>>>(
+    moe_sum_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
         reinterpret_cast<const __nv_bfloat16*>(y.data_ptr()), local.data_ptr<int>(),
         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), h, top_k);
   else
-    moe_sum_kernel<__half><<<tokens, 128, 0, stream>>>(reinterpret_cast<const __half*>(y.data_ptr()),
-                                                       local.data_ptr<int>(), reinterpret_cast<__half*>(out.data_ptr()),
-                                                       h, top_k);
+    moe_sum_kernel<__half><<<grid, threads, 0, stream>>>(reinterpret_cast<const __half*>(y.data_ptr()),
+                                                        local.data_ptr<int>(), reinterpret_cast<__half*>(out.data_ptr()),
+                                                        h, top_k);
   return cudaGetLastError();
 }
 

@@ -119,7 +119,9 @@ class CudaBackend:
     # scales folded per k tile (M <= 16); 3: skinny (dense M <= 16, MoE blocks of 8 slots; w4a16_skinny.cu)
     VARIANT = 0
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
-    DENSE_FROM_M = 512  # from this many rows, dequantize + dense matmul beats the mma.sync path (benchmarks/NOTES.md)
+    # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
+    # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
+    DENSE_FROM_M = 256
 
     _reasons: dict = {}  # device type -> answer: ops.route asks on every call, also inside torch.compile
 
