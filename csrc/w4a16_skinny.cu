@@ -402,6 +402,13 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
                                       k / kBK, moe);
 }
 
+// Default tile width: 256 at M <= 8 (H200, M = 1, auto split: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs
+// 15.7; benchmarks/NOTES.md), 128 for two token blocks (twice the accumulators: one CTA per SM).
+int skinny_default_wn(int m, int n) {
+  if (m <= 8 && n % 256 == 0) return 4;
+  return n % 128 == 0 ? 2 : 1;
+}
+
 }  // namespace
 
 bool skinny_preferred(const GemmLaunch& a, int block_n) {
@@ -409,7 +416,7 @@ bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m <= 8) return true;
   // Two token blocks run one CTA per SM: take them only while the grid (auto split) is a single wave; q_proj and
   // o_proj at M = 16 would need two, where the tile kernel measured faster (H200, benchmarks/NOTES.md).
-  const int wn = block_n ? block_n / 64 : (a.n % 128 == 0 ? 2 : 1);
+  const int wn = block_n ? block_n / 64 : skinny_default_wn(a.m, a.n);
   const int64_t min_splits = (static_cast<int64_t>(a.k) + Skinny<2>::KC_MAX - 1) / Skinny<2>::KC_MAX;
   return a.n / (64 * wn) * min_splits <= sm_count(a.x.get_device());
 }
@@ -419,7 +426,7 @@ bool moe_skinny_fits(int64_t k) { return Skinny<1>::smem(static_cast<int>(k)) <=
 int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
   if (a.m > 16) return cudaErrorInvalidValue;
   int wn = block_n / 64;
-  if (wn == 0) wn = a.n % 128 == 0 ? 2 : 1;
+  if (wn == 0) wn = skinny_default_wn(a.m, a.n);
   if (wn != 1 && wn != 2 && wn != 4) return cudaErrorInvalidValue;
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
   if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn) : dense_skinny<__half, 1>(a, wn);
