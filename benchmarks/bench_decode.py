@@ -113,16 +113,35 @@ def main() -> int:
 
         # --------------------------------------------------------------------- parity vs torch backend
         ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device="cuda")
+
+        def run_recording(m):
+            """Logits and every decoder layer's output (the residual stream), for a layer-by-layer comparison."""
+            outs = []
+            hooks = [layer.register_forward_hook(lambda mod, inp, out: outs.append(out.detach().clone()))
+                     for layer in m.layers]  # fmt: skip
+            try:
+                return m(ids), outs
+            finally:
+                for h in hooks:
+                    h.remove()
+
         with torch.inference_mode():
-            fast = model(ids)
+            fast, fast_layers = run_recording(model)
             ref_model = glm_awq.load(ckpt, device="cuda", backend="torch", max_seq_len=64, progress=False)
-            ref = ref_model(ids)
+            ref, ref_layers = run_recording(ref_model)
             del ref_model
         torch.cuda.empty_cache()
-        rel = ((fast - ref).double().norm() / ref.double().norm()).item()
+
+        def rel_err(a, b):
+            return ((a - b).double().norm() / b.double().norm()).item()
+
+        rel = rel_err(fast, ref)
+        per_layer = [rel_err(a, b) for a, b in zip(fast_layers, ref_layers)]
         agree = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        results["parity"] = {"rel_err_vs_torch": rel, "argmax_agreement": agree, "finite": bool(fast.isfinite().all())}
-        print(f"logits vs torch backend: rel err {rel:.2e}, argmax agreement {agree:.3f}")
+        results["parity"] = {"rel_err_vs_torch": rel, "argmax_agreement": agree, "finite": bool(fast.isfinite().all()),
+                             "per_layer_rel_err": per_layer}  # fmt: skip
+        print(f"logits vs torch backend: rel err {rel:.2e}, argmax agreement {agree:.3f}; after each layer: "
+              + ", ".join(f"{e:.1e}" for e in per_layer))  # fmt: skip
 
         # ------------------------------------------------------------------------- per-layer latency
         graph = "torch" not in model.backends()
