@@ -118,7 +118,7 @@ def main() -> int:
             """Logits and every decoder layer's output (the residual stream), for a layer-by-layer comparison."""
             outs = []
             hooks = [layer.register_forward_hook(lambda mod, inp, out: outs.append(out.detach().clone()))
-                     for layer in m.layers]  # fmt: skip
+                     for layer in m.model.layers]  # fmt: skip
             try:
                 return m(ids), outs
             finally:
