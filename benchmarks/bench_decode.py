@@ -114,21 +114,33 @@ def main() -> int:
         # --------------------------------------------------------------------- parity vs torch backend
         ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device="cuda")
 
+        first_moe = cfg.first_k_dense_replace
+
         def run_recording(m):
-            """Logits and every decoder layer's output (the residual stream), for a layer-by-layer comparison."""
-            outs = []
+            """Logits, every decoder layer's output (the residual stream) and, for the first MoE layer (whose input
+            is the same in both models: the dense layers are bf16), its attention and MLP outputs."""
+            outs, parts = [], {}
+            layers = m.model.layers
             hooks = [layer.register_forward_hook(lambda mod, inp, out: outs.append(out.detach().clone()))
-                     for layer in m.model.layers]  # fmt: skip
+                     for layer in layers]  # fmt: skip
+            for name in ("self_attn", "mlp"):
+                hooks.append(getattr(layers[first_moe], name).register_forward_hook(
+                    lambda mod, inp, out, name=name: parts.__setitem__(name, out.detach().clone())))  # fmt: skip
+            hooks.append(layers[first_moe].mlp.register_forward_pre_hook(
+                lambda mod, inp: parts.__setitem__("mlp_input", inp[0].detach().clone())))  # fmt: skip
             try:
-                return m(ids), outs
+                return m(ids), outs, parts
             finally:
                 for h in hooks:
                     h.remove()
 
         with torch.inference_mode():
-            fast, fast_layers = run_recording(model)
+            fast, fast_layers, fast_parts = run_recording(model)
             ref_model = glm_awq.load(ckpt, device="cuda", backend="torch", max_seq_len=64, progress=False)
-            ref, ref_layers = run_recording(ref_model)
+            ref, ref_layers, ref_parts = run_recording(ref_model)
+            # The fast MoE block on exactly the reference's input: the kernels' own error, without the routing
+            # changes that a slightly different input can cause (top-k is discontinuous).
+            same_input = model.model.layers[first_moe].mlp(ref_parts["mlp_input"])
             del ref_model
         torch.cuda.empty_cache()
 
@@ -137,11 +149,14 @@ def main() -> int:
 
         rel = rel_err(fast, ref)
         per_layer = [rel_err(a, b) for a, b in zip(fast_layers, ref_layers)]
+        parts = {name: rel_err(fast_parts[name], ref_parts[name]) for name in ("self_attn", "mlp")}
+        parts["mlp_on_reference_input"] = rel_err(same_input, ref_parts["mlp"])
         agree = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
         results["parity"] = {"rel_err_vs_torch": rel, "argmax_agreement": agree, "finite": bool(fast.isfinite().all()),
-                             "per_layer_rel_err": per_layer}  # fmt: skip
+                             "per_layer_rel_err": per_layer, f"layer_{first_moe}_parts_rel_err": parts}  # fmt: skip
         print(f"logits vs torch backend: rel err {rel:.2e}, argmax agreement {agree:.3f}; after each layer: "
-              + ", ".join(f"{e:.1e}" for e in per_layer))  # fmt: skip
+              + ", ".join(f"{e:.1e}" for e in per_layer)
+              + f"; layer {first_moe}: " + ", ".join(f"{k} {v:.1e}" for k, v in parts.items()))  # fmt: skip
 
         # ------------------------------------------------------------------------- per-layer latency
         graph = "torch" not in model.backends()
