@@ -130,7 +130,7 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(n % 128 == 0, "moe_gemm: N=", n, " must be a multiple of 128 (the MoE tile width)");
   TORCH_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 48 || block_m == 64, "moe_gemm: block_m=",
               block_m, " must be 8, 16, 32, 48 or 64");
-  TORCH_CHECK(block_m != 8 || moe_skinny_fits(k), "moe_gemm: block_m=8 (the skinny kernel) stages [8, K] rows in shared "
+  TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8), "moe_gemm: block_m=8 (the skinny kernel) stages [8, K] rows in shared "
               "memory and K=", k, " is too large for it; use block_m=16");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
@@ -191,7 +191,8 @@ TORCH_LIBRARY(glm_awq, m) {
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
       "int splits, int variant=0) -> Tensor");
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
-  // block_m = 8 runs the skinny kernel, 16..64 the tile kernel).
+  // block_m = 8 runs the skinny kernel, 16 too under variant 0 or 3 where [16, K] rows fit in shared memory,
+  // 32..64 the tile kernel).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.

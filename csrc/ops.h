@@ -51,10 +51,11 @@ struct MoeLaunch {
   int top_k, block_m, mode, group_size, variant;
 };
 int launch_moe_gemm(const MoeLaunch& args);
-// block_m = 8 runs the skinny kernel (w4a16_skinny.cu); it stages a block's x rows [8, K] in shared memory, so K
-// is bounded: moe_skinny_fits(K) says whether it is.
+// block_m = 8 always, and block_m = 16 under variant 0 or 3 where it fits, run the skinny kernel
+// (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
+// moe_skinny_fits(K, block_m) says whether it is.
 int launch_moe_skinny(const MoeLaunch& args);
-bool moe_skinny_fits(int64_t k);
+bool moe_skinny_fits(int64_t k, int block_m);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,

@@ -649,7 +649,9 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 // The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,
 // scales into B; plus FOLD at M_BLOCKS 1.
 int launch_moe_gemm(const MoeLaunch& a) {
-  if (a.block_m == 8) return launch_moe_skinny(a);
+  const int64_t k = a.weight.size(1) * 16;
+  if (a.block_m == 8 || (a.block_m == 16 && (a.variant == 0 || a.variant == kVariantSkinny) && moe_skinny_fits(k, 16)))
+    return launch_moe_skinny(a);
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   const int m_blocks = a.block_m / 16;
   if (m_blocks == 1 && a.variant == kVariantFold) {

@@ -377,9 +377,9 @@ cudaError_t dense_skinny(const GemmLaunch& a, int wn) {
   return cudaErrorInvalidValue;
 }
 
-template <typename T, int MODE>
+template <typename T, int MODE, int MB>
 cudaError_t moe_skinny(const MoeLaunch& a) {
-  using S = Skinny<1>;
+  using S = Skinny<MB>;
   const int num_experts = static_cast<int>(a.weight.size(0));
   const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
   const int64_t max_blocks = a.sorted.numel() / S::BM;
@@ -396,10 +396,10 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
   const T* wsc = reinterpret_cast<const T*>(a.scale.data_ptr());
   T* out = reinterpret_cast<T*>(a.out.data_ptr());
   if (wn == 4)
-    return launch_skinny<T, 1, 4, MODE>(grid, smem, x, wq, wsc, nullptr, out, nullptr, nullptr, 0, n, k,
-                                        a.group_size, k / kBK, moe);
-  return launch_skinny<T, 1, 2, MODE>(grid, smem, x, wq, wsc, nullptr, out, nullptr, nullptr, 0, n, k, a.group_size,
-                                      k / kBK, moe);
+    return launch_skinny<T, MB, 4, MODE>(grid, smem, x, wq, wsc, nullptr, out, nullptr, nullptr, 0, n, k,
+                                         a.group_size, k / kBK, moe);
+  return launch_skinny<T, MB, 2, MODE>(grid, smem, x, wq, wsc, nullptr, out, nullptr, nullptr, 0, n, k, a.group_size,
+                                       k / kBK, moe);
 }
 
 // Default tile width: 256 at M <= 8 (H200, M = 1, auto split: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs
@@ -421,7 +421,10 @@ bool skinny_preferred(const GemmLaunch& a, int block_n) {
   return a.n / (64 * wn) * min_splits <= sm_count(a.x.get_device());
 }
 
-bool moe_skinny_fits(int64_t k) { return Skinny<1>::smem(static_cast<int>(k)) <= kSkinnySmemMax; }
+bool moe_skinny_fits(int64_t k, int block_m) {
+  const int kk = static_cast<int>(std::min<int64_t>(k, 1 << 20));
+  return (block_m == 8 ? Skinny<1>::smem(kk) : Skinny<2>::smem(kk)) <= kSkinnySmemMax;
+}
 
 int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
   if (a.m > 16) return cudaErrorInvalidValue;
@@ -435,8 +438,12 @@ int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
 
 int launch_moe_skinny(const MoeLaunch& a) {
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
-  if (a.mode == kGateUp) return bf16 ? moe_skinny<__nv_bfloat16, kGateUp>(a) : moe_skinny<__half, kGateUp>(a);
-  return bf16 ? moe_skinny<__nv_bfloat16, kDown>(a) : moe_skinny<__half, kDown>(a);
+  if (a.block_m == 8) {
+    if (a.mode == kGateUp) return bf16 ? moe_skinny<__nv_bfloat16, kGateUp, 1>(a) : moe_skinny<__half, kGateUp, 1>(a);
+    return bf16 ? moe_skinny<__nv_bfloat16, kDown, 1>(a) : moe_skinny<__half, kDown, 1>(a);
+  }
+  if (a.mode == kGateUp) return bf16 ? moe_skinny<__nv_bfloat16, kGateUp, 2>(a) : moe_skinny<__half, kGateUp, 2>(a);
+  return bf16 ? moe_skinny<__nv_bfloat16, kDown, 2>(a) : moe_skinny<__half, kDown, 2>(a);
 }
 
 }  // namespace glm_awq

@@ -53,15 +53,30 @@ def _offset_tile(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, offset, DTYPE: tl.constexpr,
-               GROUP: tl.constexpr, OFFSET_BY_DOT: tl.constexpr):
+               GROUP: tl.constexpr, OFFSET_BY_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
     """acc += x[:, k0:k0+128] @ W^T[k0:k0+128, :] for one layout block.
 
     a_ptrs [BM, 16]: x at columns k0 + 0..15; words [16, BN]: the block's int32 words; scale [BN]: the group's
     scale when GROUP >= 128 (one per block); for smaller groups the scale of each 16-row slice is read from
     s_ptrs [BN] (group row 0, rows stride_s apart) instead. OFFSET_BY_DOT=False removes the magic offset with
     row sums of x instead of the second dot (half the MMAs; x then also feeds plain arithmetic).
+    SWAP_AB: acc is [BN, BM] and a_ptrs [16, BM] (x transposed): the dequantized weights are the dots' A operand
+    (W [BN, 16] @ x^T [16, BM]), so the wide side of the MMA is N, not the few rows of x, and on Hopper the
+    weights can feed wgmma from registers.
     """
-    if GROUP >= 128:
+    if SWAP_AB:
+        part = tl.zeros(acc.shape, dtype=tl.float32)
+        for j in tl.static_range(8):
+            at = tl.load(a_ptrs + 16 * j, mask=mask_m[None, :], other=0.0)  # [16, BM]
+            part = tl.dot(tl.trans(_magic(words, j, DTYPE)), at, part)
+            part = tl.dot(tl.trans(offset), at, part)
+            if GROUP < 128:  # a scale per 16-row slice
+                s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0)
+                acc += part * s.to(tl.float32)[:, None]
+                part = tl.zeros(acc.shape, dtype=tl.float32)
+        if GROUP >= 128:
+            acc += part * scale.to(tl.float32)[:, None]
+    elif GROUP >= 128:
         part = tl.zeros(acc.shape, dtype=tl.float32)
         x_sum = tl.zeros((acc.shape[0],), dtype=tl.float32)
         for j in tl.static_range(8):
@@ -102,6 +117,7 @@ def _w4a16_gemm_kernel(
     SPLIT_K: tl.constexpr,  # programs along K; each covers K / SPLIT_K (a multiple of 128)
     HAS_BIAS: tl.constexpr,
     OFFSET_BY_DOT: tl.constexpr,  # see _block_dot
+    SWAP_AB: tl.constexpr,  # see _block_dot
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -114,22 +130,31 @@ def _w4a16_gemm_kernel(
     k_per_split = K // SPLIT_K
     k_begin = pid_k * k_per_split
 
-    a_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + tl.arange(0, 16))[None, :]
+    if SWAP_AB:
+        a_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_begin + tl.arange(0, 16))[:, None]  # x^T [16, BM]
+    else:
+        a_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + tl.arange(0, 16))[None, :]
     w_ptrs = w_ptr + (k_begin // 8 + tl.arange(0, 16))[:, None] * N + offs_n[None, :]
     s_ptrs = s_ptr + offs_n
     offset = _offset_tile(BLOCK_N, DTYPE)
     # The scales feed arithmetic, which Triton's pipeliner does not stage: prefetch them one block ahead.
     scale = tl.load(s_ptrs + (k_begin // GROUP) * N, mask=mask_n, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, k_per_split, 128):
         k0 = k_begin + kb
         words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         step = tl.where(kb + 128 < k_per_split, 128, 0)  # the last block re-reads itself: stays in bounds
         scale_next = tl.load(s_ptrs + ((k0 + step) // GROUP) * N, mask=mask_n, other=0.0)
-        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP, OFFSET_BY_DOT)
+        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP, OFFSET_BY_DOT,
+                         SWAP_AB)
         scale = scale_next
         a_ptrs += 128
         w_ptrs += 16 * N
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -319,6 +344,7 @@ def w4a16_gemm(
             out += bias
         return out.reshape(*x.shape[:-1], n)
     cfg.setdefault("OFFSET_BY_DOT", True)
+    cfg.setdefault("SWAP_AB", False)
     split_k = cfg.pop("SPLIT_K")
     if k % (split_k * KBLOCK):
         raise ValueError(f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")

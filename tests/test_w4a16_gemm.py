@@ -108,10 +108,12 @@ def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
     _check_backend(backend, m, n, k, group_size, dtype, with_bias=(m % 2 == 1), seed=m + n + k)
 
 
-@pytest.mark.parametrize("offset_by_dot", [True, False])  # the two ways of removing the magic offset
+# The two ways of removing the magic offset (a second dot, row sums of x), and the weights as the dots' A
+# operand (SWAP_AB); N = 40 leaves a ragged BLOCK_N = 32 tile and M = 5 a ragged row block in both orientations.
+@pytest.mark.parametrize("offset_by_dot, swap_ab", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("group_size", [128, 64, 384])  # a block inside a group, groups inside a block
 @pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 blocks of 128
-def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_by_dot):
+def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_by_dot, swap_ab):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
@@ -120,7 +122,8 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_b
     packed, scale = random_int4_weight(40, 1152, group_size=group_size, gen=gen)
     x = torch.randn(5, 1152, generator=gen).to(DTYPES[-1])
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=2, OFFSET_BY_DOT=offset_by_dot)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=2, OFFSET_BY_DOT=offset_by_dot,
+               SWAP_AB=swap_ab)  # fmt: skip
     out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config=cfg)
     assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, None, group_size)) < 1e-2
     again = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config=cfg)
