@@ -191,8 +191,8 @@ TORCH_LIBRARY(glm_awq, m) {
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
       "int splits, int variant=0) -> Tensor");
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
-  // block_m = 8 runs the skinny kernel, 16 too under variant 0 or 3 where [16, K] rows fit in shared memory,
-  // 32..64 the tile kernel).
+  // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, else
+  // the tile kernel).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.

@@ -51,7 +51,7 @@ struct MoeLaunch {
   int top_k, block_m, mode, group_size, variant;
 };
 int launch_moe_gemm(const MoeLaunch& args);
-// block_m = 8 always, and block_m = 16 under variant 0 or 3 where it fits, run the skinny kernel
+// block_m = 8 always, and block_m = 16 under variant 3 where it fits, run the skinny kernel
 // (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
 // moe_skinny_fits(K, block_m) says whether it is.
 int launch_moe_skinny(const MoeLaunch& args);

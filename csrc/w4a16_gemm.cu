@@ -650,7 +650,9 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 // scales into B; plus FOLD at M_BLOCKS 1.
 int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
-  if (a.block_m == 8 || (a.block_m == 16 && (a.variant == 0 || a.variant == kVariantSkinny) && moe_skinny_fits(k, 16)))
+  // Blocks of 16 run skinny only on request (variant 3): with two token blocks it runs one CTA per SM and measured
+  // slower than the tile kernel (H200, GLM-4.6 layer, T=256: 1528 vs 1053 us; benchmarks/NOTES.md).
+  if (a.block_m == 8 || (a.block_m == 16 && a.variant == kVariantSkinny && moe_skinny_fits(k, 16)))
     return launch_moe_skinny(a);
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   const int m_blocks = a.block_m / 16;

@@ -116,7 +116,8 @@ class CudaBackend:
     name = "cuda"
     MOE_FALLBACK = "triton"  # routing
     # 0: the kernels' default (skinny where it applies); 1: tile kernel, scales multiplied into B; 2: tile kernel,
-    # scales folded per k tile (M <= 16); 3: skinny (dense M <= 16, MoE blocks of 8 or 16 slots; w4a16_skinny.cu)
+    # scales folded per k tile (M <= 16); 3: skinny wherever it runs (dense M <= 16, MoE blocks of 8 and 16 slots;
+    # w4a16_skinny.cu)
     VARIANT = 0
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
@@ -241,7 +242,7 @@ class CudaBackend:
     @classmethod
     def moe_block_m(cls, slots: int, experts: int, k_max: int) -> int:
         """Rows per expert block: 8 (the skinny kernel) while the touched experts average <= 8 slots, else that
-        average rounded up to 16, at most 64 (16: the skinny kernel under VARIANT 0 or 3; above: the tile kernel)."""
+        average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3)."""
         per_expert = slots / max(1, min(experts, slots))
         if per_expert <= 8 and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
             return 8

@@ -202,8 +202,8 @@ def _routing(t, e, top_k, seed, skew=None):
 
 # T = 1 (decode), 3 and 17 (odd), 100 (most experts touched, blocks of 16 with ragged ends), 700 (BM = 64);
 # E = 16 experts, H = 256, I = 128: GEMM1 N = 256, GEMM2 K = 128 (one k tile). Variant 3 takes blocks of 8 slots
-# (the skinny kernel) up to 8 slots per expert on average (T = 1, 3, 17 here), blocks of 16 (skinny, two token
-# blocks) up to 16 (T = 40), the tile kernel above.
+# (the skinny kernel) up to 8 slots per expert on average (T = 1, 3, 17 here), blocks of 16 up to 16 (T = 40: skinny
+# with two token blocks under variant 3, else the tile kernel), the tile kernel above.
 @pytest.mark.parametrize("t", [1, 3, 17, 40, 100, 700])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", [1, 2, 3])
@@ -222,7 +222,7 @@ def test_moe_matches_reference(t, dtype, variant, monkeypatch):
     assert torch.equal(glm_awq.fused_moe(x, ids, weights, p), out), "same bits on a second run"
 
 
-@pytest.mark.parametrize("t", [50, 3])  # blocks of 16 and of 8 (skinny, or the tile kernel at 16 when VARIANT=1)
+@pytest.mark.parametrize("t", [50, 3])  # blocks of 16 (the tile kernel) and of 8 (skinny)
 def test_moe_all_tokens_on_few_experts_empty_experts_and_expert_map(t):
     e, h, i, top_k = 16, 256, 256, 4
     w13, s13, w2, s2 = _experts(e, h, i, seed=5)
@@ -263,7 +263,7 @@ def test_moe_opcheck_and_cuda_graph():
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
     w = weights.reshape(-1).float().contiguous()
     tt = p.tensors
-    for block_m, variant in ((16, 1), (16, 0), (8, 0)):  # the tile kernel, skinny with 16 and with 8 rows
+    for block_m, variant in ((16, 1), (16, 3), (8, 0)):  # the tile kernel, skinny with 16 and with 8 rows
         sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
         args1 = (x, tt["w13"], tt["w13_scale.bfloat16"], sorted_slots, counts, w, top_k, block_m, 1, 128, variant)
         torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args1)
