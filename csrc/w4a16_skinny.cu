@@ -226,8 +226,66 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   }
 
   // Element (mb, i, e) of the C fragments: token row mb * 8 + 2t + (e & 1), feature 16 i + g + 8 (e >> 1) of the
-  // warp's 64-feature block. fn(r, f, value, i, mb, e) for the rows that exist.
-  auto for_each_c = [&](auto&& fn) {
+  // warp's 64-feature block.
+  if constexpr (MODE == kGateUp) {
+    // 64-feature blocks are 32 gate then the matching 32 up features: tiles 0, 1 are gate, tiles 2, 3 their up.
+    if (wk == 0) {
+      const int half_n = N / 2;  // I
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mb * 8 + 2 * t + (e & 1);
+          if (r >= rows_here) continue;
+          const size_t row = static_cast<size_t>(s_slot[r]) * half_n + nb * 32 + g + 8 * (e >> 1);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float gate = acc[mb][i][e], up = acc[mb][i + 2][e];
+            out[row + 16 * i] = V::from_float(gate / (1.f + __expf(-gate)) * up);
+          }
+        }
+    }
+    return;
+  }
+  if constexpr (MODE == kDown) {
+    if (wk == 0) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mb * 8 + 2 * t + (e & 1);
+          if (r >= rows_here) continue;
+          const int slot = s_slot[r];
+          const float rw = moe.weights[slot];
+          const size_t row = static_cast<size_t>(slot) * N + nb * 64 + g + 8 * (e >> 1);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) out[row + 16 * i] = V::from_float(acc[mb][i][e] * rw);
+        }
+    }
+    return;
+  }
+  if (gridDim.z == 1) {
+    if (wk == 0) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mb * 8 + 2 * t + (e & 1);
+          if (r >= rows_here) continue;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int col = nb * 64 + 16 * i + g + 8 * (e >> 1);
+            out[static_cast<size_t>(m0 + r) * N + col] = V::from_float(acc[mb][i][e] + (bias ? V::to_float(bias[col]) : 0.f));
+          }
+        }
+    }
+    return;
+  }
+
+  // Split-K: publish this split's partial tile, then the last CTA of the tile sums all splits in split order.
+  const size_t plane = static_cast<size_t>(M) * N;
+  if (wk == 0) {
+    float* part = partial + split * plane;
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -235,43 +293,35 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
         const int r = mb * 8 + 2 * t + (e & 1);
         if (r >= rows_here) continue;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) fn(r, 16 * i + g + 8 * (e >> 1), acc[mb][i][e], i, mb, e);
+        for (int i = 0; i < 4; ++i) part[static_cast<size_t>(m0 + r) * N + nb * 64 + 16 * i + g + 8 * (e >> 1)] = acc[mb][i][e];
       }
-  };
-  if constexpr (MODE == kGateUp) {
-    // 64-feature blocks are 32 gate then the matching 32 up features: tiles 0, 1 are gate, tiles 2, 3 their up,
-    // so gate feature f (< 32) of the block is I-column nb * 32 + f.
-    if (wk == 0)
-      for_each_c([&](int r, int f, float gate, int i, int mb, int e) {
-        if (i >= 2) return;
-        const float up = acc[mb][i + 2][e];
-        out[static_cast<size_t>(s_slot[r]) * (N / 2) + nb * 32 + f] = V::from_float(gate / (1.f + __expf(-gate)) * up);
-      });
-    return;
   }
-  if constexpr (MODE == kDown) {
-    if (wk == 0)
-      for_each_c([&](int r, int f, float v, int, int, int) {
-        const int slot = s_slot[r];
-        out[static_cast<size_t>(slot) * N + nb * 64 + f] = V::from_float(v * moe.weights[slot]);
-      });
-    return;
+  __threadfence();  // partials reach L2 before the ticket says so
+  __syncthreads();
+  int* ticket = &tickets[mt * gridDim.y + nt];
+  if (tid == 0) last_cta = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
+  __syncthreads();
+  if (!last_cta) return;
+  __threadfence();
+  const int n0 = nt * BN;
+  for (int e = tid; e < rows_here * (BN / 4); e += kSkinnyThreads) {
+    const int r = e / (BN / 4), c = (e % (BN / 4)) * 4;
+    const size_t off = static_cast<size_t>(m0 + r) * N + n0 + c;
+    float4 s = __ldcg(reinterpret_cast<const float4*>(partial + off));
+    for (int sp = 1; sp < static_cast<int>(gridDim.z); ++sp) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + sp * plane + off));
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    if (bias) {
+      s.x += V::to_float(bias[n0 + c]), s.y += V::to_float(bias[n0 + c + 1]);
+      s.z += V::to_float(bias[n0 + c + 2]), s.w += V::to_float(bias[n0 + c + 3]);
+    }
+    uint2 o;
+    o.x = V::pack(s.x, s.y);
+    o.y = V::pack(s.z, s.w);
+    *reinterpret_cast<uint2*>(&out[off]) = o;
   }
-  if (gridDim.z == 1) {
-    if (wk == 0)
-      for_each_c([&](int r, int f, float v, int, int, int) {
-        const int col = nb * 64 + f;
-        out[static_cast<size_t>(m0 + r) * N + col] = V::from_float(v + (bias ? V::to_float(bias[col]) : 0.f));
-      });
-    return;
-  }
-
-  // Split-K: publish this split's partial tile, then the last CTA of the tile sums all splits in split order.
-  if (wk == 0) {
-    float* part = partial + split * static_cast<size_t>(M) * N;
-    for_each_c([&](int r, int f, float v, int, int, int) { part[static_cast<size_t>(m0 + r) * N + nb * 64 + f] = v; });
-  }
-  finish_split_k(partial, bias, out, &tickets[mt * gridDim.y + nt], &last_cta, M, N, m0, rows_here, nt * BN, BN);
+  if (tid == 0) *ticket = 0;  // ready for the next call (and for CUDA-graph replays)
 }
 
 // ------------------------------------------------------------------------------------------------ launch
