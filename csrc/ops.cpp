@@ -102,6 +102,8 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
   TORCH_CHECK(variant >= 0 && variant <= 3, "w4a16_gemm: variant=", variant, " must be 0, 1, 2 or 3");
   TORCH_CHECK(variant != 3 || (m <= 16 && block_n <= 256), "w4a16_gemm: the skinny kernel (variant=3) takes M <= 16 "
               "and block_n <= 256, got M=", m, " and block_n=", block_n, "; use variant=0");
+  TORCH_CHECK(variant != 3 || skinny_supported(x.get_device()), "w4a16_gemm: the skinny kernel (variant=3) needs 200 KB "
+              "of shared memory per block (sm_90 / sm_100); ", x.device(), " allows less; use variant=0");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
@@ -130,8 +132,9 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(n % 128 == 0, "moe_gemm: N=", n, " must be a multiple of 128 (the MoE tile width)");
   TORCH_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 48 || block_m == 64, "moe_gemm: block_m=",
               block_m, " must be 8, 16, 32, 48 or 64");
-  TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8), "moe_gemm: block_m=8 (the skinny kernel) stages [8, K] rows in shared "
-              "memory and K=", k, " is too large for it; use block_m=16");
+  TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
+              "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
+              " does not fit; use block_m=16");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&

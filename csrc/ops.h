@@ -39,13 +39,16 @@ int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
 // variant 0 (the default) takes it for these arguments.
 int launch_w4a16_skinny(const GemmLaunch& args, int block_n);
 bool skinny_preferred(const GemmLaunch& args, int block_n);
+// Whether `device` lets a block opt into the 200 KB of shared memory the skinny kernel is built for (sm_90 and
+// sm_100 do; sm_80 / 86 / 89 / 120 do not, and take the tile kernel).
+bool skinny_supported(int device);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned
   const at::Tensor& weight;   // int32 [E, K/16, N/64, 32, 4]; GEMM1's rows interleaved 32 gate / 32 up
   const at::Tensor& scale;    // [E, G, N] in a's dtype
   const at::Tensor& out;      // GEMM1: [S, N/2]; GEMM2: [S, N]
-  const at::Tensor& sorted;   // int32 [max_blocks * 16 * m_blocks] from the token sort
+  const at::Tensor& sorted;   // int32 [max_blocks * block_m] from the token sort
   const at::Tensor& counts;   // int32 [E]
   const at::Tensor& weights;  // fp32 [S]
   int top_k, block_m, mode, group_size, variant;
@@ -53,9 +56,9 @@ struct MoeLaunch {
 int launch_moe_gemm(const MoeLaunch& args);
 // block_m = 8 always, and block_m = 16 under variant 3 where it fits, run the skinny kernel
 // (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
-// moe_skinny_fits(K, block_m) says whether it is.
+// moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
 int launch_moe_skinny(const MoeLaunch& args);
-bool moe_skinny_fits(int64_t k, int block_m);
+bool moe_skinny_fits(int64_t k, int block_m, int device);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,

@@ -208,6 +208,21 @@ __device__ __forceinline__ void find_expert_block(const MoeArgs& moe, int m0, in
   if (lane == 0) s_info[0] = who ? e : -1, s_info[1] = rows;
 }
 
+// Let `kernel` use `bytes` of dynamic shared memory on the current device. The attribute is per function and per
+// device (a process driving several GPUs must set it on each), so `done` (one static per kernel instantiation)
+// remembers the devices already set; setting it twice from racing threads is harmless.
+template <typename Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes, uint64_t& done) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (done & bit) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done |= bit;
+  return err;
+}
+
 // SMs of a device, cached (the launchers size their grids by it).
 inline int sm_count(int device) {
   static int cache[64] = {0};

@@ -497,13 +497,13 @@ template <typename T, int M_BLOCKS, int WN, bool FOLD>
 cudaError_t launch(const GemmLaunch& a) {
   using Cfg = Tile<M_BLOCKS, WN, FOLD>;
   auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, kDense, FOLD>;
-  static int per_sm = 0;  // per instantiation; the attribute is per function, not per device
-  if (per_sm == 0) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg::SMEM);
-    if (err != cudaSuccess) return err;
-    if (per_sm <= 0) return cudaErrorInvalidConfiguration;
-  }
+  static uint64_t configured = 0;  // devices whose shared-memory attribute is set
+  static int per_sm = 0;           // CTAs per SM, from the first device (the split heuristic only)
+  cudaError_t err = allow_dynamic_smem(kernel, Cfg::SMEM, configured);
+  if (err == cudaSuccess && per_sm == 0)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg::SMEM);
+  if (err != cudaSuccess) return err;
+  if (per_sm <= 0) return cudaErrorInvalidConfiguration;
   const int64_t m_tiles = (a.m + Cfg::BM - 1) / Cfg::BM, n_tiles = a.n / Cfg::BN, k_tiles = a.k / kBK;
   int64_t s = a.splits;
   if (s <= 0) {
@@ -535,12 +535,9 @@ template <typename T, int M_BLOCKS, int MODE, bool FOLD>
 cudaError_t launch_moe(const MoeLaunch& a) {
   using Cfg = Tile<M_BLOCKS, kMoeWN, FOLD>;
   auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, kMoeWN, MODE, FOLD>;
-  static bool configured = false;
-  if (!configured) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
-    if (err != cudaSuccess) return err;
-    configured = true;
-  }
+  static uint64_t configured = 0;  // devices whose shared-memory attribute is set
+  const cudaError_t err = allow_dynamic_smem(kernel, Cfg::SMEM, configured);
+  if (err != cudaSuccess) return err;
   const int num_experts = static_cast<int>(a.weight.size(0));
   const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
   const int64_t max_blocks = a.sorted.numel() / Cfg::BM;
@@ -652,7 +649,7 @@ int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
   // Blocks of 16 run skinny only on request (variant 3): with two token blocks it runs one CTA per SM and measured
   // slower than the tile kernel (H200, GLM-4.6 layer, T=256: 1528 vs 1053 us; benchmarks/NOTES.md).
-  if (a.block_m == 8 || (a.block_m == 16 && a.variant == kVariantSkinny && moe_skinny_fits(k, 16)))
+  if (a.block_m == 8 || (a.block_m == 16 && a.variant == kVariantSkinny && moe_skinny_fits(k, 16, a.a.get_device())))
     return launch_moe_skinny(a);
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   const int m_blocks = a.block_m / 16;

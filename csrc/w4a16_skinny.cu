@@ -15,7 +15,9 @@
 //  - Offset and scales are applied per 128-deep batch in fp32: the mmas see the raw codes magic + n (one lop3 per
 //    nibble pair: bf16 128 + n, fp16 1024 + n, n = q + 8, all exact), so tmp = sum (q + off) x for the batch with
 //    off = 136 (bf16) or 1032 (fp16); staging x also sums each row over each batch (xsum, fp32), and
-//    acc += s * (tmp - off * xsum). No rounding of w * s to bf16; the cancellation costs ~2^-24 off sum|x|.
+//    acc += s * (tmp - off * xsum). No rounding of w * s to bf16. The cancellation costs about 2^-24 * off * sum|x|
+//    per batch with IEEE fp32 sums (tensor-core accumulation is looser; fp16's offset is 7.6x bf16's): far below
+//    the bf16/fp16 output rounding in the tests.
 //
 // Work split: a CTA is 8 warps = WN along N (64 features each, BN = 64 WN) x WK = 8 / WN along K; the CTA covers
 // a range of K batches (split-K over gridDim.z for the dense GEMM) and its WK warps take every WK-th batch. The
@@ -147,9 +149,9 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   // One 128-deep batch j (CTA-local) from its weight chunks w and scale chunk sc into acc.
   auto compute = [&](const int4 (&w)[8], const int4& sc, int j) {
     float tmp[MB][4][4];
+    uint32_t bx[MB][4];  // b0, b1 of steps st and st + 1, loaded at even st
 #pragma unroll
     for (int st = 0; st < 8; ++st) {
-      uint32_t bx[MB][4];  // b0, b1 of step st (st even) and st + 1
       if (st % 2 == 0) {
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(bx[mb], xrow + mb * 8 * xstride + j * kBK + st * 16);
@@ -326,17 +328,25 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 
 // ------------------------------------------------------------------------------------------------ launch
 
+// Dynamic shared memory one block may opt into on `device` (227 KB on sm_90 / sm_100, 163 KB on sm_80 / sm_87,
+// 99 KB on sm_86 / sm_89 / sm_120), cached.
+int smem_optin(int device) {
+  static int cache[64] = {0};
+  if (device >= 0 && device < 64 && cache[device]) return cache[device];
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) bytes = 0;
+  if (device >= 0 && device < 64 && bytes > 0) cache[device] = bytes;
+  return bytes;
+}
+
 template <typename T, int MB, int WN, int MODE>
 cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq, const T* wsc, const T* bias,
                           T* out, float* partial, int* tickets, int m, int n, int k, int group_size,
                           int batches_per_split, const MoeArgs& moe) {
   auto kernel = w4a16_skinny_kernel<T, MB, WN, MODE>;
-  static bool configured = false;  // per instantiation: the attribute is per function
-  if (!configured) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkinnySmemMax);
-    if (err != cudaSuccess) return err;
-    configured = true;
-  }
+  static uint64_t configured = 0;  // devices whose shared-memory attribute is set
+  const cudaError_t err = allow_dynamic_smem(kernel, kSkinnySmemMax, configured);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, kSkinnyThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
       x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size, batches_per_split, moe);
   return cudaGetLastError();
@@ -411,17 +421,24 @@ int skinny_default_wn(int m, int n) {
 
 }  // namespace
 
+bool skinny_supported(int device) { return smem_optin(device) >= kSkinnySmemMax; }
+
 bool skinny_preferred(const GemmLaunch& a, int block_n) {
-  if (a.m > 16 || block_n > 256) return false;
+  if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;
+  // K beyond one CTA's x rows needs split-K, and split-K a ticket per N tile (direct op callers may pass fewer).
+  const int kc_max = a.m <= 8 ? Skinny<1>::KC_MAX : Skinny<2>::KC_MAX;
+  const int wn_default = skinny_default_wn(a.m, a.n), wn_used = block_n ? block_n / 64 : wn_default;
+  if (a.k > kc_max && a.n / (64 * wn_used) > a.tickets.numel()) return false;
   if (a.m <= 8) return true;
   // Two token blocks run one CTA per SM: take them only while the grid (auto split) is a single wave; q_proj and
   // o_proj at M = 16 would need two, where the tile kernel measured faster (H200, benchmarks/NOTES.md).
-  const int wn = block_n ? block_n / 64 : skinny_default_wn(a.m, a.n);
+  const int wn = wn_used;
   const int64_t min_splits = (static_cast<int64_t>(a.k) + Skinny<2>::KC_MAX - 1) / Skinny<2>::KC_MAX;
   return a.n / (64 * wn) * min_splits <= sm_count(a.x.get_device());
 }
 
-bool moe_skinny_fits(int64_t k, int block_m) {
+bool moe_skinny_fits(int64_t k, int block_m, int device) {
+  if (!skinny_supported(device)) return false;
   const int kk = static_cast<int>(std::min<int64_t>(k, 1 << 20));
   return (block_m == 8 ? Skinny<1>::smem(kk) : Skinny<2>::smem(kk)) <= kSkinnySmemMax;
 }

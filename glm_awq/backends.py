@@ -120,6 +120,8 @@ class CudaBackend:
     # w4a16_skinny.cu)
     VARIANT = 0
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
+    SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
+    _skinny_ok: dict = {}  # device index -> whether the device gives a block SKINNY_SMEM (set in prepare_experts)
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
     DENSE_FROM_M = 256
@@ -223,6 +225,7 @@ class CudaBackend:
             )
         t = p.tensors
         ops = _ext.ops()
+        self.skinny_supported(t["w13_packed"].device)
         rows = self.gate_up_rows(2 * i, t["w13_packed"].device)
         p.tensors = {
             "w13": ops.repack_int4(t["w13_packed"][:, rows].contiguous()),  # [E, H/16, 2I/64, 32, 4]
@@ -240,11 +243,27 @@ class CudaBackend:
         return _BACKENDS[self.MOE_FALLBACK].route(logits, bias, top_k, scaling, n_group, topk_group, renormalize)
 
     @classmethod
-    def moe_block_m(cls, slots: int, experts: int, k_max: int) -> int:
-        """Rows per expert block: 8 (the skinny kernel) while the touched experts average <= 8 slots, else that
-        average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3)."""
+    def skinny_supported(cls, device) -> bool:
+        """Whether `device` runs the skinny kernel: a block must opt into SKINNY_SMEM of shared memory (sm_90 and
+        sm_100 can; sm_80 / 86 / 89 / 120 cannot and use the tile kernel). Asked eagerly by prepare_experts, so
+        that fused_moe only reads a dict (also under torch.compile)."""
+        import torch
+
+        ok = cls._skinny_ok.get(device.index)
+        if ok is None:
+            props = torch.cuda.get_device_properties(device)
+            optin = getattr(props, "shared_memory_per_block_optin", None)
+            ok = optin >= cls.SKINNY_SMEM if optin is not None else props.major in (9, 10)
+            cls._skinny_ok[device.index] = ok
+        return ok
+
+    @classmethod
+    def moe_block_m(cls, slots: int, experts: int, k_max: int, skinny_ok: bool = True) -> int:
+        """Rows per expert block: 8 (the skinny kernel, where the device runs it) while the touched experts
+        average <= 8 slots, else that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under
+        VARIANT 3)."""
         per_expert = slots / max(1, min(experts, slots))
-        if per_expert <= 8 and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
+        if per_expert <= 8 and skinny_ok and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
             return 8
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
@@ -259,7 +278,8 @@ class CudaBackend:
         slots = tokens * top_k
         if slots == 0:
             return torch.zeros_like(x)
-        block_m = self.moe_block_m(slots, p.num_experts, max(p.hidden_size, p.intermediate_size))
+        skinny_ok = self._skinny_ok.get(x.device.index, False)  # filled by prepare_experts on this device
+        block_m = self.moe_block_m(slots, p.num_experts, max(p.hidden_size, p.intermediate_size), skinny_ok)
         if expert_map is not None:
             expert_map = expert_map.to(torch.int32)
         sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)

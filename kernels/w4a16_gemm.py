@@ -62,7 +62,8 @@ def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, 
     row sums of x instead of the second dot (half the MMAs; x then also feeds plain arithmetic).
     SWAP_AB: acc is [BN, BM] and a_ptrs [16, BM] (x transposed): the dequantized weights are the dots' A operand
     (W [BN, 16] @ x^T [16, BM]), so the wide side of the MMA is N, not the few rows of x, and on Hopper the
-    weights can feed wgmma from registers.
+    weights can feed wgmma from registers. It always removes the offset with the second dot (OFFSET_BY_DOT is
+    not read). Measured slower than the default on an H200 (benchmarks/NOTES.md); kept as a tested option.
     """
     if SWAP_AB:
         part = tl.zeros(acc.shape, dtype=tl.float32)

@@ -136,3 +136,18 @@ def test_auto_hands_unsupported_shapes_to_the_next_backend(monkeypatch):
     assert glm_awq.prepare_linear(packed, scale, group_size=32, backend="auto").backend == "torch"
     packed, scale = random_int4_weight(8, 128)
     assert glm_awq.prepare_linear(packed, scale, backend="auto").backend == "triton"
+
+
+def test_cuda_moe_block_choice(monkeypatch):
+    # Pure host logic of the cuda backend (no GPU needed): which kernel each MoE call's sort is cut for.
+    cls = glm_awq.backends.CudaBackend
+    monkeypatch.setattr(cls, "VARIANT", 0)
+    glm = dict(experts=160, k_max=5120)
+    assert cls.moe_block_m(8, **glm) == 8  # T=1: the skinny kernel
+    assert cls.moe_block_m(128 * 8, **glm) == 8  # 6.4 slots per expert
+    assert cls.moe_block_m(256 * 8, **glm) == 16  # 12.8: the tile kernel
+    assert cls.moe_block_m(4096 * 8, **glm) == 64
+    assert cls.moe_block_m(8, **glm, skinny_ok=False) == 16  # sm_80/86/89: no 200 KB of shared memory per block
+    assert cls.moe_block_m(8, experts=160, k_max=cls.SKINNY_K_MAX + 128) == 16  # [8, K] rows do not fit
+    monkeypatch.setattr(cls, "VARIANT", 1)  # the tile kernel on request
+    assert cls.moe_block_m(8, **glm) == 16
