@@ -208,6 +208,44 @@ __device__ __forceinline__ void find_expert_block(const MoeArgs& moe, int m0, in
   if (lane == 0) s_info[0] = who ? e : -1, s_info[1] = rows;
 }
 
+// Split-K epilogue, called by every thread of a CTA after it stored its fp32 partial tile to
+// partial[split][M][N]: the CTA that takes the tile's last ticket sums the gridDim.z splits in split order (so the
+// bits do not depend on scheduling), adds the bias, writes rows [m0, m0 + rows) x columns [n0, n0 + bn) of out in
+// T and resets the ticket for the next call (and CUDA-graph replays). last_cta: a __shared__ int; THREADS: the
+// CTA's threads.
+template <typename T, int THREADS>
+__device__ __forceinline__ void finish_split_k(const float* __restrict__ partial, const T* __restrict__ bias,
+                                               T* __restrict__ out, int* ticket, int* last_cta, int M, int N, int m0,
+                                               int rows, int n0, int bn) {
+  using V = Num<T>;
+  const int splits = static_cast<int>(gridDim.z), tid = threadIdx.x;
+  __threadfence();  // this CTA's partials reach L2 before its ticket says so
+  __syncthreads();
+  if (tid == 0) *last_cta = atomicAdd(ticket, 1) == splits - 1;
+  __syncthreads();
+  if (!*last_cta) return;
+  __threadfence();
+  const size_t plane = static_cast<size_t>(M) * N;
+  for (int e = tid; e < rows * (bn / 4); e += THREADS) {
+    const int r = e / (bn / 4), c = (e % (bn / 4)) * 4;
+    const size_t off = static_cast<size_t>(m0 + r) * N + n0 + c;
+    float4 s = __ldcg(reinterpret_cast<const float4*>(partial + off));
+    for (int sp = 1; sp < splits; ++sp) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + sp * plane + off));
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    if (bias) {
+      s.x += V::to_float(bias[n0 + c]), s.y += V::to_float(bias[n0 + c + 1]);
+      s.z += V::to_float(bias[n0 + c + 2]), s.w += V::to_float(bias[n0 + c + 3]);
+    }
+    uint2 o;
+    o.x = V::pack(s.x, s.y);
+    o.y = V::pack(s.z, s.w);
+    *reinterpret_cast<uint2*>(&out[off]) = o;
+  }
+  if (tid == 0) *ticket = 0;
+}
+
 // Let `kernel` use `bytes` of dynamic shared memory on the current device. The attribute is per function and per
 // device (a process driving several GPUs must set it on each), so `done` (one static per kernel instantiation)
 // remembers the devices already set; setting it twice from racing threads is harmless.

@@ -387,32 +387,7 @@ __global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS
       }
     }
   }
-  __threadfence();  // partials reach L2 before the ticket says so
-  __syncthreads();
-  int* ticket = &tickets[mt * gridDim.y + nt];
-  if (tid == 0) last_cta = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
-  __syncthreads();
-  if (!last_cta) return;
-  __threadfence();
-  const int rows = min(BM, M - m0);
-  for (int e = tid; e < rows * (BN / 4); e += kThreads) {
-    const int r = e / (BN / 4), c = (e % (BN / 4)) * 4;
-    const size_t off = static_cast<size_t>(m0 + r) * N + n0 + c;
-    float4 s = __ldcg(reinterpret_cast<const float4*>(partial + off));
-    for (int sp = 1; sp < static_cast<int>(gridDim.z); ++sp) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + sp * plane + off));
-      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-    }
-    if (bias) {
-      s.x += V::to_float(bias[n0 + c]), s.y += V::to_float(bias[n0 + c + 1]);
-      s.z += V::to_float(bias[n0 + c + 2]), s.w += V::to_float(bias[n0 + c + 3]);
-    }
-    uint2 o;
-    o.x = V::pack(s.x, s.y);
-    o.y = V::pack(s.z, s.w);
-    *reinterpret_cast<uint2*>(&out[static_cast<size_t>(m0 + r) * N + n0 + c]) = o;
-  }
-  if (tid == 0) *ticket = 0;  // ready for the next call (and for CUDA-graph replays)
+  finish_split_k<T, kThreads>(partial, bias, out, &tickets[mt * gridDim.y + nt], &last_cta, M, N, m0, min(BM, M - m0), n0, BN);
 }
 
 // ------------------------------------------------------------------------------------------------ repack
