@@ -51,8 +51,18 @@ def main() -> int:
 
                 us = common.graph_time_us(cycle, calls=len(fns))
                 results.append((us, v, bn, sp))
+            # the prefill path of CudaBackend.linear (dequantize from the same layout, then cuBLAS), same timing
+            dense = [lambda t=t: torch.nn.functional.linear(
+                x, torch.ops.glm_awq.dequantize_cuda_layout(t["weight"], t["scale.bfloat16"], 128)) for t in prepared]
+
+            def cycle_dense(fns=dense):
+                for fn in fns:
+                    fn()
+
+            dense_us = common.graph_time_us(cycle_dense, calls=len(dense))
             results.sort()
             print(f"\n{shape} M={m} floor {floor:.1f} us; fastest first (variant, block_n, splits; 0 = auto)")
+            print(f"  dequantize + matmul (the M >= DENSE_FROM_M path): {dense_us:.1f} us")
             for us, v, bn, sp in results[:12]:
                 print(f"  {us:7.1f} us {100 * floor / us:4.0f}%  v{v} bn={bn:<4d} splits={sp}")
             for us, v, bn, sp in results:
