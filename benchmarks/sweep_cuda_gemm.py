@@ -62,7 +62,7 @@ def main() -> int:
             dense_us = common.graph_time_us(cycle_dense, calls=len(dense))
             results.sort()
             print(f"\n{shape} M={m} floor {floor:.1f} us; fastest first (variant, block_n, splits; 0 = auto)")
-            print(f"  dequantize + matmul (the M >= DENSE_FROM_M path): {dense_us:.1f} us")
+            print(f"  dequantize + matmul (CudaBackend.goes_dense): {dense_us:.1f} us")
             for us, v, bn, sp in results[:12]:
                 print(f"  {us:7.1f} us {100 * floor / us:4.0f}%  v{v} bn={bn:<4d} splits={sp}")
             for us, v, bn, sp in results:

@@ -466,6 +466,8 @@ __global__ void __launch_bounds__(256) dequantize_cuda_layout_kernel(
 // built by the host C++ compiler, and these launchers report failures as a cudaError_t for ops.cpp to raise.
 
 
+constexpr int64_t kMinTilesPerSplit = 5;
+
 // Launch one instantiation: pick the split count from its occupancy (CTAs resident per SM x SMs), split K no
 // finer than one k tile per CTA, and only while the tickets cover the tile grid.
 template <typename T, int M_BLOCKS, int WN, bool FOLD>
@@ -485,7 +487,10 @@ cudaError_t launch(const GemmLaunch& a) {
     const int64_t tiles = m_tiles * n_tiles, slots = static_cast<int64_t>(per_sm) * sm_count(a.x.get_device());
     s = tiles >= slots ? 1 : slots / tiles;
   }
-  s = std::max<int64_t>(1, std::min(s, k_tiles));
+  // From two token blocks up, the last CTA's sum over many splits costs more than the split saves: keep at least
+  // kMinTilesPerSplit k tiles per split there (H100 sweep, benchmarks/NOTES.md: kv_proj M=32 23.5 -> 10.7 us).
+  const int64_t max_splits = M_BLOCKS >= 2 ? std::max<int64_t>(1, k_tiles / kMinTilesPerSplit) : k_tiles;
+  s = std::max<int64_t>(1, std::min(s, max_splits));
   if (m_tiles * n_tiles > a.tickets.numel()) s = 1;
   const int64_t k_per_split = (k_tiles + s - 1) / s;
   s = (k_tiles + k_per_split - 1) / k_per_split;  // no empty splits
@@ -662,12 +667,20 @@ int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tenso
   return cudaGetLastError();
 }
 
+constexpr int kMinNTiles = 24;
+
 int launch_w4a16_gemm(const GemmLaunch& a, int block_n) {
   if (a.variant == kVariantSkinny || (a.variant == 0 && skinny_preferred(a, block_n))) return launch_w4a16_skinny(a, block_n);
   int wn = block_n / 64;
-  // BN = 256 measured best (or tied) at M = 1..64 on q_proj and o_proj (H200, benchmarks/NOTES.md).
-  if (wn == 0) wn = a.n % 256 == 0 ? 4 : a.n % 128 == 0 ? 2 : 1;
   const int m_blocks = std::min(4, (a.m + 15) / 16);
+  // BN = 256 measured best (or tied) at M <= 16 on q_proj and o_proj (H200). From two token blocks up, the widest
+  // tile that still gives kMinNTiles tiles along N (kv_proj 64, expert gate_up 128, expert down 128 at M = 32..64;
+  // H100 sweep, benchmarks/NOTES.md).
+  if (wn == 0) {
+    wn = a.n % 256 == 0 ? 4 : a.n % 128 == 0 ? 2 : 1;
+    if (m_blocks >= 2)
+      while (wn > 1 && a.n / (64 * wn) < kMinNTiles) wn /= 2;
+  }
   // FOLD at M <= 16 with block_n = 512 by default (4-13% faster than scales-into-B there, H200, NOTES.md).
   const bool fold = wn > 1 && (a.variant == kVariantFold || (a.variant == 0 && m_blocks == 1));
   if (a.x.scalar_type() == at::kBFloat16) return dispatch<__nv_bfloat16>(m_blocks, wn, fold, a);

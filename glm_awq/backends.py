@@ -125,6 +125,11 @@ class CudaBackend:
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
     DENSE_FROM_M = 256
+    # Layers of at most this many weights go dense from DENSE_SMALL_FROM_M rows: their bf16 copy (<= 16 MB) stays
+    # in L2 for the matmul (H100: kv_proj M=64 13.6 us dense vs 16.8 tile; expert down 12.2 vs 15.6; expert
+    # gate_up, 15.7 M weights, 23.6 vs 19.4).
+    DENSE_SMALL_WEIGHTS = 8 << 20
+    DENSE_SMALL_FROM_M = 64
 
     _reasons: dict = {}  # device type -> answer: ops.route asks on every call, also inside torch.compile
 
@@ -192,7 +197,7 @@ class CudaBackend:
         scale = self._cast(p, "scale", x2.dtype)
         bias = None if p.bias is None else self._cast_bias(p, x2.dtype)
         t = p.tensors
-        if x2.shape[0] >= self.DENSE_FROM_M:  # prefill: the weight dequantized once, then a dense tensor-core GEMM
+        if self.goes_dense(x2.shape[0], p.out_features, p.in_features):  # the weight dequantized, then cuBLAS
             w = torch.ops.glm_awq.dequantize_cuda_layout(t["weight"], scale, p.group_size)  # [N, K]
             y = torch.nn.functional.linear(x2, w, bias)
         else:
@@ -200,6 +205,11 @@ class CudaBackend:
                 x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0, self.VARIANT
             )
         return y.reshape(*x.shape[:-1], p.out_features).to(dtype)
+
+    @classmethod
+    def goes_dense(cls, m: int, n: int, k: int) -> bool:
+        """Whether `linear` dequantizes the weight and runs a dense matmul for M rows, rather than the fused GEMM."""
+        return m >= cls.DENSE_FROM_M or (m >= cls.DENSE_SMALL_FROM_M and n * k <= cls.DENSE_SMALL_WEIGHTS)
 
     # ---------------------------------------------------------------------------------------------- MoE
 

@@ -62,7 +62,7 @@ def test_gemm_configs_match_reference(m, dtype, block_n, splits, variant):
 
 
 @pytest.mark.parametrize("n, k", [(12288, 5120), (5120, 12288), (1024, 5120), (3072, 5120), (5120, 1536)])
-@pytest.mark.parametrize("m", [1, 16, 255, 1000])  # 255: the mma path's largest M, 1000: the dense path
+@pytest.mark.parametrize("m", [1, 16, 64, 255, 1000])  # 64: dense on the small layers; 255: mma; 1000: dense
 def test_gemm_glm_shapes(n, k, m):
     packed, scale = _weight(n, k, seed=n + k + m)
     p = glm_awq.prepare_linear(packed, scale, backend="cuda")
