@@ -71,7 +71,8 @@ class TritonBackend:
     def linear(self, x, p):
         from glm_awq.kernels import w4a16_gemm
 
-        return w4a16_gemm.w4a16_gemm(x, p.tensors["weight"], p.tensors["scale"], p.bias, p.group_size)
+        t = p.tensors
+        return w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], p.bias, p.group_size, tickets=t["tickets"])
 
     def prepare_experts(self, p):
         from glm_awq.kernels import w4a16_gemm
