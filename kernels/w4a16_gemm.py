@@ -498,7 +498,7 @@ def w4a16_gemm(
         if bias is not None:
             out += bias
         return out.reshape(*x.shape[:-1], n)
-    if cfg.get("GEMV"):
+    if cfg.pop("GEMV", False):
         return _gemv(x2, weight, scale, bias, group_size, cfg, tickets).reshape(*x.shape[:-1], n)
     cfg.setdefault("OFFSET_BY_DOT", True)
     cfg.setdefault("SWAP_AB", False)
