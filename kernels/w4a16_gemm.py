@@ -17,8 +17,8 @@ holds to fp32 rounding. x then feeds nothing but dots, which lets Triton pipelin
 
 Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that a
 second small kernel sums in a fixed order (deterministic), adds the bias and casts. Up to GEMV_MAX_M rows a
-CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core rows, ~2 + M instructions per weight,
-split-K summed by the last program of each tile in one launch). Large M (>= DENSE_MIN_M) dequantizes W once and
+CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core rows, 3 instructions per weight, split-K
+summed by the last program of each tile in one launch). Large M (>= DENSE_MIN_M) dequantizes W once and
 runs cuBLAS on tensor cores.
 """
 
@@ -176,57 +176,41 @@ def _gemv_magic(words, j: tl.constexpr):
     Nibble j sits at bits 4 j .. 4 j + 3 of a word; the caller passes words for j <= 3 and words >> 16 for
     j >= 4, so here it sits at bits 4 e, e = j % 4. OR-ing it in place into the bits of 2^23 gives the float
     2^23 + q 16^e exactly; subtracting 2^23 + 8 * 16^e leaves (q - 8) 16^e. The caller scales x by 16^-e
-    (a power of two: exact). Per weight: one lop3 and one add, shared by every row of x.
+    (a power of two: exact). Per weight: one lop3, one add and the fma.
     """
     e: tl.constexpr = j % 4
     return ((words & (0xF << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 16**e)
 
 
 @triton.jit
-def _gemv_x(x_ptrs, row: tl.constexpr, stride_xm, j: tl.constexpr):
-    """x[row, 16 j + w] for the block's 16 words w, in fp32, scaled by 16^-(j % 4) to match _gemv_magic."""
+def _gemv_x(x_ptrs, j: tl.constexpr):
+    """x[16 j + w] for the block's 16 words w, in fp32, scaled by 16^-(j % 4) to match _gemv_magic."""
     e: tl.constexpr = j % 4
-    return (tl.load(x_ptrs + row * stride_xm + 16 * j).to(tl.float32) * (1.0 / 16**e))[:, None]
-
-
-@triton.jit
-def _gemv_out(acc, row: tl.constexpr, offs_n, mask_n, part_ptr, out_ptr, bias_ptr, ticket_ptr, pid_n, pid_k, M, N,
-              stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, LAST: tl.constexpr):
-    """Row `row` of the output: the sum over the block's 16 words, then (SPLIT_K > 1) this split's partial."""
-    y = tl.sum(acc, axis=0)  # [BN]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(part_ptr + (pid_k * M + row) * N + offs_n, y, mask=mask_n)
+    return (tl.load(x_ptrs + 16 * j).to(tl.float32) * (1.0 / 16**e))[:, None]
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr,  # [M, K] activations, row stride stride_xm, unit column stride
+    x_ptr,  # [K] activations: one row
     w_ptr,  # int32 [K/8, N], the block-interleaved layout
     s_ptr,  # [G, N] scales
     bias_ptr,  # [N] or a dummy when HAS_BIAS is False
-    out_ptr,  # [M, N] in x's dtype, row stride stride_om
-    part_ptr,  # fp32 [SPLIT_K, M, N] partials when SPLIT_K > 1 (else a dummy)
+    out_ptr,  # [N] in x's dtype
+    part_ptr,  # fp32 [SPLIT_K, N] partials when SPLIT_K > 1 (else a dummy)
     ticket_ptr,  # int32 [cdiv(N, BLOCK_N)] zeros when SPLIT_K > 1: the last split of an N tile sums the partials
-    M: tl.constexpr,  # 1..4 rows, one compiled kernel each (the rows are unrolled)
     N,
     K,
-    stride_xm,
-    stride_om,
     GROUP: tl.constexpr,  # a multiple of 128
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    """Small M on CUDA cores: no tensor-core padding of the few rows of x; the weights stream once and each int4
-    weight costs 2 + M ALU instructions (_gemv_magic, one fma per row). Everything stays in the layout of the
-    [16, BN] word tile (16-byte loads along N), one accumulator per row: the sum over a block's 16 words (across
-    threads) happens once per program, not once per block. The next block's words and scales are loaded before
-    this block's math (a register double buffer). Split-K partials are summed by the last program of each N
-    tile to arrive (a ticket), in split order: deterministic, one launch."""
+    """One row of x on CUDA cores: no padding of x to 16 tensor-core rows; each int4 weight costs three ALU
+    instructions (_gemv_magic). Everything stays in the layout of the [16, BN] word tile (16-byte loads along
+    N): the sum over a block's 16 words (across threads) happens once per program, not per block. The next
+    block's words, scales and x are loaded before this block's math (a register double buffer). Split-K partials
+    are summed by the last program of each N tile to arrive (a ticket), in split order: deterministic, one
+    launch."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -237,68 +221,50 @@ def _w4a16_gemv_kernel(
     w_ptrs = w_ptr + (b0 * 16 + offs_w)[:, None] * N + offs_n[None, :]
     x_ptrs = x_ptr + b0 * 128 + offs_w
     s_ptrs = s_ptr + offs_n
-    acc0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
     scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
+    x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
+    x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
     for i in range(blocks):
         ahead = tl.where(i + 1 < blocks, 1, 0)  # the last block re-reads itself: stays in bounds
         words_next = tl.load(w_ptrs + ahead * 16 * N, mask=mask_n[None, :], other=0)
         scale_next = tl.load(s_ptrs + ((b0 + i + ahead) * 128 // GROUP) * N, mask=mask_n, other=0.0)
+        xn = x_ptrs + ahead * 128
+        n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
+        n4, n5, n6, n7 = _gemv_x(xn, 4), _gemv_x(xn, 5), _gemv_x(xn, 6), _gemv_x(xn, 7)
         high = words >> 16
-        p0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        p1 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        p2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        p3 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            if j < 4:
-                q = _gemv_magic(words, j)
-            else:
-                q = _gemv_magic(high, j)
-            p0 += q * _gemv_x(x_ptrs, 0, stride_xm, j)
-            if M > 1:
-                p1 += q * _gemv_x(x_ptrs, 1, stride_xm, j)
-            if M > 2:
-                p2 += q * _gemv_x(x_ptrs, 2, stride_xm, j)
-            if M > 3:
-                p3 += q * _gemv_x(x_ptrs, 3, stride_xm, j)
-        s = scale.to(tl.float32)[None, :]
-        acc0 += p0 * s
-        if M > 1:
-            acc1 += p1 * s
-        if M > 2:
-            acc2 += p2 * s
-        if M > 3:
-            acc3 += p3 * s
-        words = words_next
-        scale = scale_next
+        part = _gemv_magic(words, 0) * x0
+        part += _gemv_magic(words, 1) * x1
+        part += _gemv_magic(words, 2) * x2
+        part += _gemv_magic(words, 3) * x3
+        part += _gemv_magic(high, 4) * x4
+        part += _gemv_magic(high, 5) * x5
+        part += _gemv_magic(high, 6) * x6
+        part += _gemv_magic(high, 7) * x7
+        acc += part * scale.to(tl.float32)[None, :]
+        words, scale = words_next, scale_next
+        x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
         w_ptrs += 16 * N
         x_ptrs += 128
+    y = tl.sum(acc, axis=0)  # [BN]
 
-    args = (offs_n, mask_n, part_ptr, out_ptr, bias_ptr, ticket_ptr, pid_n, pid_k, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _gemv_out(acc0, 0, *args, False)
-    if M > 1:
-        _gemv_out(acc1, 1, *args, False)
-    if M > 2:
-        _gemv_out(acc2, 2, *args, False)
-    if M > 3:
-        _gemv_out(acc3, 3, *args, False)
     if SPLIT_K > 1:
+        tl.store(part_ptr + pid_k * N + offs_n, y, mask=mask_n)
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release, gpu scope)
         arrived = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last split of this N tile: sum all of them in split order
-            offs = tl.arange(0, 4)[:, None] * N + offs_n[None, :]
-            mask = (tl.arange(0, 4) < M)[:, None] & mask_n[None, :]
-            y = tl.zeros((4, BLOCK_N), dtype=tl.float32)
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for sk in tl.static_range(SPLIT_K):
-                y += tl.load(part_ptr + sk * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                y += tl.load(part_ptr + sk * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
-                y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            out = out_ptr + tl.arange(0, 4)[:, None] * stride_om + offs_n[None, :]
-            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+                y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(ticket_ptr + pid_n, 0)  # ready for the next call (and CUDA graph replays)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -433,22 +399,23 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int, dtype
     return out
 
 
-# Up to this many rows the CUDA-core GEMV kernel runs (when the group is whole layout blocks): its ALU work
-# grows with M (one fma per weight per row) while the tensor-core kernel pads the rows to 16 anyway.
-GEMV_MAX_M = 4
+# Up to this many rows the CUDA-core GEMV kernel runs (when the group is whole layout blocks). Measured on an
+# H200 (benchmarks/NOTES.md): 12-23% faster than the tensor-core kernel at M = 1, slower from M = 2 (an fma per
+# weight per row), so it takes the one-row case only: decode of a single sequence.
+GEMV_MAX_M = 1
 
 
-def gemv_config(m: int) -> dict:
-    """The GEMV kernel's launch for M rows: a [16, BN] accumulator per row plus its per-block partner take
-    M * BN / 4 registers per thread at 4 warps, so BN shrinks as M grows. (BLOCK_M only sizes the split.)"""
-    return dict(GEMV=True, BLOCK_M=m, BLOCK_N=256 if m == 1 else 128, SPLIT_K=0, num_warps=4, num_stages=1)
+def gemv_config() -> dict:
+    """The GEMV kernel's launch: narrow tiles (more programs in flight) measured fastest (H200, M=1: q_proj
+    20.6 us at BLOCK_N 64, 22.4 at 128, 24.1 at 256)."""
+    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=1)
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
     """Block sizes for one GEMM: the tuned table (kernels/tuned.json) where it has the shape, else a rule."""
     tuned = tuning.lookup("w4a16_gemm", device, m=m, n=n, k=k)
     if m <= GEMV_MAX_M and group_size % KBLOCK == 0:  # ahead of the table, whose entries predate the GEMV kernel
-        cfg = gemv_config(m)
+        cfg = gemv_config()
     elif tuned is not None:
         cfg = dict(tuned)
     elif m >= DENSE_MIN_M:
@@ -530,25 +497,25 @@ def w4a16_gemm(
 def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     m, k = x2.shape
     n = weight.shape[1]
-    if m > GEMV_MAX_M or group_size % KBLOCK:
+    if m != 1 or group_size % KBLOCK:
         raise ValueError(
-            f"the GEMV config {cfg} takes M <= {GEMV_MAX_M} and group_size a multiple of {KBLOCK}; got M={m}, "
+            f"the GEMV config {cfg} takes one row of x and group_size a multiple of {KBLOCK}; got M={m}, "
             f"group_size={group_size}: use config=None"
         )
     split_k = cfg["SPLIT_K"]
     if k % (split_k * KBLOCK):
         raise ValueError(f"config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    out = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     part = out
     if split_k > 1:
-        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device)
+        part = torch.empty((split_k, n), dtype=torch.float32, device=x2.device)
         if tickets is None or tickets.numel() < n_tiles:
             tickets = torch.zeros(n_tiles, dtype=torch.int32, device=x2.device)
     has_bias = bias is not None
     _w4a16_gemv_kernel[(n_tiles, split_k)](
-        x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, m, n, k,
-        x2.stride(0), out.stride(0), GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,
+        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

@@ -132,21 +132,20 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_b
         w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 2})
 
 
-# The CUDA-core GEMV path (M <= 4): N = 40 leaves a ragged BLOCK_N = 32 tile; K = 1152 is 9 blocks, split 3 or 9
-# ways (the last split's program sums the partials through the tickets); group 384 spans three blocks.
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize("group_size, split_k", [(128, 1), (128, 3), (384, 9)])
-def test_triton_gemv_split_k_is_exact_and_deterministic(m, group_size, split_k):
+# The CUDA-core GEMV path (one row of x): N = 40 leaves a ragged BLOCK_N = 32 tile; K = 1152 is 9 blocks, split 3
+# or 9 ways (the last split's program sums the partials through the tickets); group 384 spans three blocks.
+@pytest.mark.parametrize("group_size, split_k", [(128, 1), (128, 3), (384, 9), (128, 9)])
+def test_triton_gemv_split_k_is_exact_and_deterministic(group_size, split_k):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
 
-    gen = torch.Generator().manual_seed(10 * m + split_k)
+    gen = torch.Generator().manual_seed(split_k + group_size)
     packed, scale = random_int4_weight(40, 1152, group_size=group_size, gen=gen)
-    x = torch.randn(m, 1152, generator=gen).to(DTYPES[-1])
+    x = torch.randn(1, 1152, generator=gen).to(DTYPES[-1])
     bias = (torch.randn(40, generator=gen) * 0.1).to(DTYPES[-1])
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
-    cfg = dict(GEMV=True, BLOCK_M=m, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    cfg = dict(GEMV=True, BLOCK_M=1, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run = functools.partial(w4a16_gemm.w4a16_gemm, x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE),
                             group_size, config=cfg, tickets=t["tickets"])  # fmt: skip
     poison_allocator(DEVICE)
@@ -156,11 +155,10 @@ def test_triton_gemv_split_k_is_exact_and_deterministic(m, group_size, split_k):
     assert torch.equal(out, run())
     assert torch.equal(out, w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE), group_size,
                                                   config=cfg))  # fmt: skip  (tickets of its own)
-    if m == 1:
-        assert w4a16_gemm.pick_config(1, 40, 1152, group_size, torch.device(DEVICE)).get("GEMV")
-        with pytest.raises(ValueError, match="takes M <= 4"):
-            w4a16_gemm.w4a16_gemm(torch.randn(5, 1152).to(DTYPES[-1]).to(DEVICE), t["weight"], t["scale"], None,
-                                  group_size, config=cfg)  # fmt: skip
+    assert w4a16_gemm.pick_config(1, 40, 1152, group_size, torch.device(DEVICE)).get("GEMV")
+    with pytest.raises(ValueError, match="takes one row of x"):
+        w4a16_gemm.w4a16_gemm(torch.randn(2, 1152).to(DTYPES[-1]).to(DEVICE), t["weight"], t["scale"], None,
+                              group_size, config=cfg)  # fmt: skip
 
 
 def test_triton_layout_twin_and_limits():
