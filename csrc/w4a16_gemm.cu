@@ -487,9 +487,13 @@ cudaError_t launch(const GemmLaunch& a) {
     const int64_t tiles = m_tiles * n_tiles, slots = static_cast<int64_t>(per_sm) * sm_count(a.x.get_device());
     s = tiles >= slots ? 1 : slots / tiles;
   }
-  // From two token blocks up, the last CTA's sum over many splits costs more than the split saves: keep at least
-  // kMinTilesPerSplit k tiles per split there (H100 sweep, benchmarks/NOTES.md: kv_proj M=32 23.5 -> 10.7 us).
-  const int64_t max_splits = M_BLOCKS >= 2 ? std::max<int64_t>(1, k_tiles / kMinTilesPerSplit) : k_tiles;
+  // From two token blocks up (auto split only), the last CTA's sum over many splits costs more than the split
+  // saves: keep at least kMinTilesPerSplit k tiles per split (H100 sweep, NOTES.md: kv_proj M=32 23.5 -> 10.7 us).
+  // With the same sweep, no more CTAs than SMs there (expert gate_up M=32: 4 splits 14.1 us, 8 splits 16.2).
+  int64_t max_splits = k_tiles;
+  if (M_BLOCKS >= 2 && a.splits <= 0)
+    max_splits = std::max<int64_t>(1, std::min(k_tiles / kMinTilesPerSplit,
+                                               sm_count(a.x.get_device()) / (m_tiles * n_tiles)));
   s = std::max<int64_t>(1, std::min(s, max_splits));
   if (m_tiles * n_tiles > a.tickets.numel()) s = 1;
   const int64_t k_per_split = (k_tiles + s - 1) / s;
