@@ -26,7 +26,7 @@ fi
 python -m glm_awq info 2>&1 | tee -a "$LOG"
 if has test; then
   # shellcheck disable=SC2086
-  pytest -q -rfE ${TEST_ARGS:-tests} 2>&1 | tee -a "$LOG" | tail -25
+  eval "pytest -q -rfE ${TEST_ARGS:-tests}" 2>&1 | tee -a "$LOG" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 has tune && { python benchmarks/tune_triton.py ${TUNE_ARGS:-} 2>&1 | tee -a "$LOG" | tail -30 || status=1; }

@@ -53,17 +53,34 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) computed in fp32, cast back to x's dtype, then times the weight."""
+    """x * rsqrt(mean(x^2) + eps) computed in fp32, cast back to x's dtype, then times the weight.
+
+    `fused` (set by GlmForCausalLM.use_fused_kernels): one Triton kernel (glm_awq.kernels.norm) instead of the
+    eager ops, which `residual_forward` also folds the residual add into."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
         self.weight = _empty(dim, dtype=dtype)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from glm_awq.kernels import norm
+
+            return norm.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight
+
+    def residual_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        if self.fused:
+            from glm_awq.kernels import norm
+
+            return norm.rms_norm(x, self.weight, self.eps, residual=residual)
+        h = residual + x
+        return self(h), h
 
 
 def rope_tables(config: GlmConfig, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +133,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
+        self.fused = False  # see GlmForCausalLM.use_fused_kernels
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         """x [B, T, H]; cos/sin [T, R/2]; input_pos int64 [T] and mask bool [T, S] when writing the KV cache."""
@@ -123,9 +141,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused:  # per-head norm and RoPE in one kernel each (glm_awq.kernels.norm)
+            from glm_awq.kernels import norm
+
+            qn, kn = (None, None) if self.q_norm is None else (self.q_norm, self.k_norm)
+            q = norm.norm_rope(q, None if qn is None else qn.weight, 0.0 if qn is None else qn.eps, cos, sin)
+            k = norm.norm_rope(k, None if kn is None else kn.weight, 0.0 if kn is None else kn.eps, cos, sin)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if input_pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -213,8 +238,10 @@ class Block(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size, dtype)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed, h = self.post_attention_layernorm.residual_forward(
+            self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask), x
+        )
+        return h + self.mlp(normed)
 
 
 class Embedding(nn.Module):
@@ -278,6 +305,15 @@ class GlmForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.rope_cos.device
+
+    def use_fused_kernels(self, enabled: bool = True) -> None:
+        """Run the RMSNorms (with the residual add before the post-attention one) and the q/k norm + RoPE as
+        fused Triton kernels (glm_awq.kernels.norm) instead of eager torch ops. The loader turns this on when
+        the int4 weights are on a Triton or CUDA backend; the torch backend keeps the eager reference."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention)):
+                m.fused = enabled
+        self._decoders.clear()  # captured graphs hold the old kernels
 
     def backends(self) -> list[str]:
         """Backends of the prepared int4 weights, e.g. ['torch']."""

@@ -1,0 +1,73 @@
+"""The fused RMSNorm / q-k norm + RoPE kernels (glm_awq.kernels.norm) against the model's eager modules."""
+
+import pytest
+import torch
+from helpers import device_and_dtypes, fast_backends, poison_allocator, rel_err
+
+from glm_awq import model as glm_model
+
+DEVICE, DTYPES = device_and_dtypes()
+TRITON = fast_backends(DEVICE)[0]
+DTYPES_AND_FP32 = DTYPES + [torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _needs_triton():
+    if TRITON.marks:
+        pytest.skip("triton unavailable")
+
+
+def _norm_module(d, dtype, gen):
+    m = glm_model.RMSNorm(d, 1e-5, dtype)
+    m.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(DEVICE), requires_grad=False)
+    return m
+
+
+def _close(out, ref, dtype):
+    """fp32: to rounding; 16-bit: at most one unit in the last place per element (the fp32 sum of squares is
+    reduced in another order, which can move a rounding)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    if dtype == torch.float32:
+        assert rel_err(out, ref) < 1e-6
+    else:
+        ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((out.float() - ref.float()).abs() <= ulp * 1.01).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES_AND_FP32)
+@pytest.mark.parametrize("rows, d", [(1, 5120), (3, 5120), (7, 96), (0, 64)])  # 96: not a power of two
+def test_rms_norm_and_residual_match_the_eager_module(rows, d, dtype):
+    from glm_awq.kernels import norm
+
+    gen = torch.Generator().manual_seed(rows + d)
+    m = _norm_module(d, dtype, gen)
+    x = (torch.randn(rows, d, generator=gen) * 3).to(dtype).to(DEVICE)
+    r = torch.randn(rows, d, generator=gen).to(dtype).to(DEVICE)
+    poison_allocator(DEVICE)
+    _close(norm.rms_norm(x, m.weight, m.eps), m(x), dtype)
+    out, total = norm.rms_norm(x, m.weight, m.eps, residual=r)
+    assert torch.equal(total, r + x)
+    _close(out, m(r + x), dtype)
+    m.fused = True  # the module's own switch takes the same kernels
+    _close(m.residual_forward(x, r)[0], out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_AND_FP32)
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("b, t, heads", [(1, 1, 12), (2, 5, 3)])
+def test_norm_rope_matches_eager_norm_and_rope(b, t, heads, with_norm, dtype):
+    from glm_awq.kernels import norm
+
+    d, r = 128, 64  # GLM-4.6: head_dim 128, partial_rotary_factor 0.5
+    gen = torch.Generator().manual_seed(b * t * heads)
+    m = _norm_module(d, dtype, gen)
+    x = (torch.randn(b, t, heads, d, generator=gen) * 2).to(dtype).to(DEVICE)
+    angles = torch.rand(t, r // 2, generator=gen) * 50  # arbitrary positions
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    ref = glm_model.apply_rope(m(x) if with_norm else x, cos, sin)
+    poison_allocator(DEVICE)
+    out = norm.norm_rope(x, m.weight if with_norm else None, m.eps, cos, sin)
+    _close(out, ref, dtype)
+    with pytest.raises(ValueError, match="cos/sin"):
+        norm.norm_rope(x, None, m.eps, cos, sin[:, :7])
