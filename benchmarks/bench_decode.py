@@ -184,6 +184,15 @@ def main() -> int:
                 print(f"layer {idx} ({kind}): {us:.1f} us ({mode}), reads {nbytes / 1e6:.1f} MB -> "
                       f"{nbytes / us / 1e3:.0f} GB/s, floor {floor:.1f} us ({100 * floor / us:.0f}%)")
             results["per_layer"] = per_layer
+            # the same layers with the eager norms and RoPE (model.use_fused_kernels(False)): the baseline of the
+            # fused Triton kernels, measured in this run
+            fused = any(getattr(m, "fused", False) for m in model.modules())
+            if fused:
+                model.use_fused_kernels(False)
+                for kind, entry in per_layer.items():
+                    entry["us_eager_norms"], _ = time_fn(layer_fn(model.model.layers[entry["layer"]]), graph)
+                    print(f"layer {entry['layer']} ({kind}) with eager norms and RoPE: {entry['us_eager_norms']:.1f} us")
+                model.use_fused_kernels(True)
 
             # ------------------------------------------------------------- whole decode step, projection
             decoder = generate.Decoder(model, 1, cuda_graph=graph, strict=False)  # warns and runs eagerly if needed
@@ -223,8 +232,10 @@ def main() -> int:
         ("load throughput", f"{stats['gb_per_s']:.2f} GB/s", f"{stats['bytes'] / 1e9:.1f} GB, page cache -> GPU"),
         ("logits rel err vs torch backend", f"{results['parity']['rel_err_vs_torch']:.2e}",
          f"argmax agreement {results['parity']['argmax_agreement']:.3f}"),
-        ("dense layer, batch 1", f"{d['us']:.1f} us", f"{d['pct_of_floor']:.0f}% of floor, {d['mode']}"),
-        ("MoE layer, batch 1", f"{m['us']:.1f} us", f"{m['pct_of_floor']:.0f}% of floor, {m['mode']}"),
+        ("dense layer, batch 1", f"{d['us']:.1f} us", f"{d['pct_of_floor']:.0f}% of floor, {d['mode']}"
+         + (f"; eager norms {d['us_eager_norms']:.1f} us" if "us_eager_norms" in d else "")),
+        ("MoE layer, batch 1", f"{m['us']:.1f} us", f"{m['pct_of_floor']:.0f}% of floor, {m['mode']}"
+         + (f"; eager norms {m['us_eager_norms']:.1f} us" if "us_eager_norms" in m else "")),
         ("embed + norm + lm_head", f"{s['embed_norm_lm_head_us']:.0f} us", "step minus layers"),
         ("92 layers projected", f"{s['projected_92_layer_us'] / 1e3:.2f} ms", f"{s['projected_tokens_per_s']:.1f} tokens/s"),
         (f"generate ({layers} layers)", f"{results['generate']['tokens_per_s']:.1f} tok/s", "end to end, batch 1"),
