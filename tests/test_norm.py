@@ -24,15 +24,17 @@ def _norm_module(d, dtype, gen):
 
 
 def _close(out, ref, dtype):
-    """fp32: to rounding; 16-bit: at most one unit in the last place per element (the fp32 sum of squares is
-    reduced in another order, which can move a rounding)."""
+    """fp32: to rounding; 16-bit: within two units in the last place of the row's largest value (the fp32 sum of
+    squares is reduced in another order, which can move a rounding of the normed values by one unit; RoPE's
+    differences of products then carry that unit into outputs smaller than their inputs). A wrong pairing, sign
+    or position is off by the values themselves."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     if dtype == torch.float32:
         assert rel_err(out, ref) < 1e-6
     else:
-        ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
-        assert ((out.float() - ref.float()).abs() <= ulp * 1.01).all()
+        row_max = ref.float().abs().amax(-1, keepdim=True)
+        assert ((out.float() - ref.float()).abs() <= 2 * torch.finfo(dtype).eps * row_max).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES_AND_FP32)
