@@ -107,8 +107,9 @@ class CudaBackend:
 
     Linear: weights repacked once on the GPU (glm_awq::repack_int4, scales by quant.repack_scales_for_cuda);
     needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0, else prepare_linear raises ValueError. Below
-    DENSE_FROM_M rows the fused mma.sync GEMM runs; from there the weight is dequantized (from the same layout,
-    bit for bit the same weights) and a dense bf16/fp16 matmul runs.
+    DENSE_FROM_M rows (DENSE_SMALL_FROM_M on small layers; `goes_dense`) the fused GEMM runs; from there the
+    weight is dequantized (from the same layout, bit for bit the same weights, rounded once to the activation
+    dtype) and a dense bf16/fp16 matmul runs.
     MoE: the Triton token sort (kernels/moe.py _sort) and routing, then two CUDA grouped GEMMs over the sorted
     token-slots (SiLU*up fused into GEMM1, the routing weight into GEMM2) and a deterministic sum over each
     token's slots (glm_awq::moe_gemm, glm_awq::moe_sum).

@@ -66,9 +66,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from glm_awq.kernels import norm
-
-            return norm.rms_norm(x, self.weight, self.eps)
+            return _norm_kernels().rms_norm(x, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight
@@ -76,11 +74,16 @@ class RMSNorm(nn.Module):
     def residual_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual)."""
         if self.fused:
-            from glm_awq.kernels import norm
-
-            return norm.rms_norm(x, self.weight, self.eps, residual=residual)
+            return _norm_kernels().rms_norm(x, self.weight, self.eps, residual=residual)
         h = residual + x
         return self(h), h
+
+
+def _norm_kernels():
+    """glm_awq.kernels.norm, imported on first use (Triton is only needed once fused kernels are switched on)."""
+    from glm_awq.kernels import norm
+
+    return norm
 
 
 def rope_tables(config: GlmConfig, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +144,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        if self.fused:  # per-head norm and RoPE in one kernel each (glm_awq.kernels.norm)
-            from glm_awq.kernels import norm
-
+        if self.fused and (norm := _norm_kernels()).norm_rope_supported(self.head_dim, 2 * cos.shape[-1]):
+            # per-head norm and RoPE in one kernel each (glm_awq.kernels.norm); other head sizes stay eager
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm, self.k_norm)
             q = norm.norm_rope(q, None if qn is None else qn.weight, 0.0 if qn is None else qn.eps, cos, sin)
             k = norm.norm_rope(k, None if kn is None else kn.weight, 0.0 if kn is None else kn.eps, cos, sin)

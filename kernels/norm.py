@@ -5,8 +5,9 @@ At decode (one token) each of these is a handful of tiny eager ops (cast, square
 multiply; RoPE: slices, casts, four multiplies, concatenations), every one a kernel launch of a few microseconds
 inside a CUDA graph: per layer they cost more than the int4 projections. One launch each here.
 
-Both round where glm_awq.model's eager modules round, so they agree with them to the last bit or one unit in the
-last place (the fp32 sum of squares is reduced in a different order):
+Both round where glm_awq.model's eager modules round, so they agree with them to rounding: the fp32 sum of squares
+is reduced in a different order and the rsqrt and RoPE's multiply-adds may round differently in fp32, which can
+move a 16-bit result by a unit (tests/test_norm.py bounds it by two units of the row's largest value):
     RMSNorm:  y = dtype(dtype(x * rsqrt(mean(x^2) + eps)) * weight), the statistics in fp32
     RoPE:     dims i < R/2 and i + R/2 rotate as a pair (rotate_half), in fp32 from the normed dtype values;
               dims R..D-1 pass through.
@@ -102,12 +103,17 @@ def _norm_rope_kernel(
     tl.store(out_ptr + row * D + offs, out.to(out_ptr.dtype.element_ty))
 
 
+def norm_rope_supported(head_dim: int, rotary_dim: int) -> bool:
+    """Whether norm_rope takes this head: a power-of-two head_dim (one tl.arange over it), R even and <= D."""
+    return head_dim > 0 and head_dim & (head_dim - 1) == 0 and rotary_dim % 2 == 0 and rotary_dim <= head_dim
+
+
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
     """x [B, T, heads, D] -> per-head RMSNorm (skipped when weight is None), then partial RoPE with cos/sin
     fp32 [T, R/2]; same shape and dtype."""
     b, t, heads, d = x.shape
     r = cos.shape[-1] * 2
-    if d & (d - 1) or r > d or cos.shape != (t, r // 2) or sin.shape != cos.shape:
+    if not norm_rope_supported(d, r) or cos.shape != (t, r // 2) or sin.shape != cos.shape:
         raise ValueError(
             f"norm_rope needs a power-of-two head_dim >= rotary dims and cos/sin [T, R/2]; got x {tuple(x.shape)}, "
             f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"

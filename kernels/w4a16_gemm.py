@@ -251,7 +251,7 @@ def _w4a16_gemv_kernel(
 
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * N + offs_n, y, mask=mask_n)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release, gpu scope)
+        tl.debug_barrier()  # every thread's partial is written before thread 0 takes the ticket (acq_rel, gpu)
         arrived = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last split of this N tile: sum all of them in split order
             y = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -426,14 +426,19 @@ def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
         cfg = dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     if cfg.get("DENSE"):
         return cfg
-    blocks = k // KBLOCK
-    if cfg["SPLIT_K"] == 0:  # 0 = choose: ~4 programs per SM, dividing the K blocks evenly
-        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        want = max(1, (4 * _sm_count(device.index or 0)) // max(tiles, 1))
-        cfg["SPLIT_K"] = max(s for s in range(1, min(want, blocks, 16) + 1) if blocks % s == 0)
-    if blocks % cfg["SPLIT_K"]:
+    if cfg["SPLIT_K"] == 0:
+        cfg["SPLIT_K"] = auto_split(m, n, k, cfg, device)
+    if (k // KBLOCK) % cfg["SPLIT_K"]:
         cfg["SPLIT_K"] = 1
     return cfg
+
+
+def auto_split(m: int, n: int, k: int, cfg: dict, device: torch.device) -> int:
+    """SPLIT_K = 0 in a config means this: ~4 programs per SM, dividing the K blocks evenly, at most 16."""
+    blocks = k // KBLOCK
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    want = max(1, (4 * _sm_count(device.index or 0)) // max(tiles, 1))
+    return max(s for s in range(1, min(want, blocks, 16) + 1) if blocks % s == 0)
 
 
 def w4a16_gemm(
@@ -456,10 +461,11 @@ def w4a16_gemm(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return out.reshape(*x.shape[:-1], n)
+        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     cfg = dict(config) if config is not None else pick_config(m, n, k, group_size, x.device)
+    if cfg.get("SPLIT_K") == 0:  # an explicit config may ask for the automatic split too
+        cfg["SPLIT_K"] = auto_split(m, n, k, cfg, x.device)
     if cfg.get("DENSE"):  # large M: tensor-core bound, cuBLAS on the dequantized weight
         out = torch.matmul(x2, dequantize(weight, scale, group_size, x.dtype))
         if bias is not None:
@@ -467,6 +473,7 @@ def w4a16_gemm(
         return out.reshape(*x.shape[:-1], n)
     if cfg.pop("GEMV", False):
         return _gemv(x2, weight, scale, bias, group_size, cfg, tickets).reshape(*x.shape[:-1], n)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg.setdefault("OFFSET_BY_DOT", True)
     cfg.setdefault("SWAP_AB", False)
     split_k = cfg.pop("SPLIT_K")
@@ -510,8 +517,14 @@ def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     part = out
     if split_k > 1:
         part = torch.empty((split_k, n), dtype=torch.float32, device=x2.device)
-        if tickets is None or tickets.numel() < n_tiles:
+        if tickets is None:
             tickets = torch.zeros(n_tiles, dtype=torch.int32, device=x2.device)
+        elif tickets.dtype != torch.int32 or tickets.device != x2.device or tickets.numel() < n_tiles:
+            raise ValueError(
+                f"tickets must be int32 zeros on {x2.device} with at least {n_tiles} entries (one per "
+                f"{cfg['BLOCK_N']}-column tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}: pass "
+                "prepare()'s tickets or None"
+            )
     has_bias = bias is not None
     _w4a16_gemv_kernel[(n_tiles, split_k)](
         x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,

@@ -135,7 +135,7 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_b
 # The CUDA-core GEMV path (one row of x): N = 40 leaves a ragged BLOCK_N = 32 tile; K = 1152 is 9 blocks, split 3
 # or 9 ways (the last split's program sums the partials through the tickets); group 384 spans three blocks.
 @pytest.mark.parametrize("group_size, split_k", [(128, 1), (128, 3), (384, 9), (128, 9)])
-def test_triton_gemv_split_k_is_exact_and_deterministic(group_size, split_k):
+def test_triton_gemv_split_k_matches_reference_and_repeats_bits(group_size, split_k):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
@@ -156,6 +156,12 @@ def test_triton_gemv_split_k_is_exact_and_deterministic(group_size, split_k):
     assert torch.equal(out, w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE), group_size,
                                                   config=cfg))  # fmt: skip  (tickets of its own)
     assert w4a16_gemm.pick_config(1, 40, 1152, group_size, torch.device(DEVICE)).get("GEMV")
+    auto = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE), group_size,
+                                 config={**cfg, "SPLIT_K": 0}, tickets=t["tickets"])  # fmt: skip
+    assert rel_err(auto.cpu(), out.cpu()) < 1e-5  # SPLIT_K = 0 in an explicit config: the automatic split
+    with pytest.raises(ValueError, match="tickets must be int32"):
+        w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 3},
+                              tickets=t["tickets"].long())  # fmt: skip
     with pytest.raises(ValueError, match="takes one row of x"):
         w4a16_gemm.w4a16_gemm(torch.randn(2, 1152).to(DTYPES[-1]).to(DEVICE), t["weight"], t["scale"], None,
                               group_size, config=cfg)  # fmt: skip
@@ -219,11 +225,12 @@ def test_fast_backend_glm_shapes(backend, shape, m, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_under_torch_compile_and_cuda_graph(backend):
+@pytest.mark.parametrize("m", [1, 4])  # 1: the Triton GEMV, whose split-K tickets must reset across replays
+def test_linear_under_torch_compile_and_cuda_graph(backend, m):
     gen = torch.Generator().manual_seed(3)
     packed, scale = random_int4_weight(1024, 5120, gen=gen)
     p = glm_awq.prepare_linear(packed.cuda(), scale.cuda(), backend=backend)
-    x = torch.randn(4, 5120, generator=gen).to(torch.bfloat16).cuda()
+    x = torch.randn(m, 5120, generator=gen).to(torch.bfloat16).cuda()
     ref = w4a16_linear_ref(x.float().cpu(), packed, scale)
     compiled = torch.compile(lambda t: glm_awq.w4a16_linear(t, p), fullgraph=True)
     assert rel_err(compiled(x).cpu(), ref) < 1e-2
@@ -231,7 +238,8 @@ def test_linear_under_torch_compile_and_cuda_graph(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = glm_awq.w4a16_linear(x, p)
-    x2 = torch.randn(4, 5120, generator=gen).to(torch.bfloat16)
-    x.copy_(x2.cuda())
-    graph.replay()
-    assert rel_err(out.cpu(), w4a16_linear_ref(x2.float(), packed, scale)) < 1e-2
+    for _ in range(2):  # twice: a second replay relies on the first leaving the tickets at zero
+        x2 = torch.randn(m, 5120, generator=gen).to(torch.bfloat16)
+        x.copy_(x2.cuda())
+        graph.replay()
+        assert rel_err(out.cpu(), w4a16_linear_ref(x2.float(), packed, scale)) < 1e-2
