@@ -17,8 +17,8 @@ holds to fp32 rounding. x then feeds nothing but dots, which lets Triton pipelin
 
 Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that a
 second small kernel sums in a fixed order (deterministic), adds the bias and casts. Up to GEMV_MAX_M rows a
-CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core rows, 3 instructions per weight, split-K
-summed by the last program of each tile in one launch). Large M (>= DENSE_MIN_M) dequantizes W once and
+CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core rows, lop3 + add + fma per weight,
+split-K summed by the last program of each tile in one launch). Large M (>= DENSE_MIN_M) dequantizes W once and
 runs cuBLAS on tensor cores.
 """
 
@@ -399,9 +399,10 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int, dtype
     return out
 
 
-# Up to this many rows the CUDA-core GEMV kernel runs (when the group is whole layout blocks). Measured on an
-# H200 (benchmarks/NOTES.md): 12-23% faster than the tensor-core kernel at M = 1, slower from M = 2 (an fma per
-# weight per row), so it takes the one-row case only: decode of a single sequence.
+# Up to this many rows the CUDA-core GEMV kernel runs (when the group is whole layout blocks). Measured
+# (benchmarks/NOTES.md, Triton v4): at M = 1, 12-23% faster than the tensor-core kernel on the H200 and the H100
+# (a tie on q_proj on the H100); a multi-row version was slower from M = 2 (an fma per weight per row), so it
+# takes the one-row case only: decode of a single sequence.
 GEMV_MAX_M = 1
 
 
