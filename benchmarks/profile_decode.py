@@ -27,8 +27,8 @@ import common  # noqa: E402
 
 
 def profile_layer(model, idx: int, context: int, reps: int):
-    """Rows (us per step, calls per step, kernel name) for layer idx decoding one token at `context`, fastest
-    last, and the step function itself."""
+    """Rows (us per step, calls per step, kernel name) for layer idx decoding one token at `context`, longest
+    first, and the step function itself."""
     device = model.device
     block = model.model.layers[idx]
     pos = torch.tensor([context], device=device)
