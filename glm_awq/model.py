@@ -146,9 +146,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         if self.fused and (norm := _norm_kernels()).norm_rope_supported(self.head_dim, 2 * cos.shape[-1]):
             # per-head norm and RoPE in one kernel each (glm_awq.kernels.norm); other head sizes stay eager
-            qn, kn = (None, None) if self.q_norm is None else (self.q_norm, self.k_norm)
-            q = norm.norm_rope(q, None if qn is None else qn.weight, 0.0 if qn is None else qn.eps, cos, sin)
-            k = norm.norm_rope(k, None if kn is None else kn.weight, 0.0 if kn is None else kn.eps, cos, sin)
+            has_norm = self.q_norm is not None
+            eps = self.q_norm.eps if has_norm else 0.0  # q_norm and k_norm share rms_norm_eps
+            q = norm.norm_rope(q, self.q_norm.weight if has_norm else None, eps, cos, sin)
+            k = norm.norm_rope(k, self.k_norm.weight if has_norm else None, eps, cos, sin)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
