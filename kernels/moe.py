@@ -171,6 +171,33 @@ def _scatter_kernel(
 
 
 @triton.jit
+def _wide_block(words, scale, DTYPE: tl.constexpr, WIDE: tl.constexpr):
+    """A layout block's 16 words [16, BN] and its group's scale [BN] -> the 128 rows of W^T [128, BN] in DTYPE,
+    each (q - 8) * scale rounded once: the nibble OR-ed into the bits of 2^23 is the float 2^23 + q, exactly.
+
+    WIDE = 1: rows in k order (word w nibble j is row 16 j + w); WIDE = 2: rows in layout order 8 w + j, for an
+    x tile permuted to match by _wide_a.
+    """
+    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF  # [16 words, 8 nibbles, BN]
+    q = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0)
+    w = (q * scale.to(tl.float32)[None, None, :]).to(DTYPE)
+    if WIDE == 1:
+        w = tl.permute(w, (1, 0, 2))
+    return tl.reshape(w, (128, w.shape[2]))
+
+
+@triton.jit
+def _wide_a(row_ptrs, mask_m, WIDE: tl.constexpr):
+    """x [BM, 128] for one layout block (row_ptrs [BM, 1]: its first column), in _wide_block's row order."""
+    if WIDE == 1:
+        return tl.load(row_ptrs + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
+    # [BM, 8 nibbles j, 16 words w] -> columns 8 w + j
+    a = tl.load(row_ptrs[:, :, None] + (16 * tl.arange(0, 8)[:, None] + tl.arange(0, 16)[None, :])[None, :, :],
+                mask=mask_m[:, None, None], other=0.0)
+    return tl.reshape(tl.permute(a, (0, 2, 1)), (a.shape[0], 128))
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr,  # GEMM1: x [T, K]; GEMM2: h [S, K]   (bf16/fp16, unit column stride)
     w_ptr,  # int32 [E, K/8, W_COLS], block-interleaved (kernels/w4a16_gemm.py)
@@ -194,6 +221,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
+    WIDE: tl.constexpr,  # 0: a k16 dot per nibble (+ offset dot); 1/2: one k128 dot per block, see _wide_block
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -220,7 +248,8 @@ def _moe_gemm_kernel(
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * (K // 8) * W_COLS + (k_begin // 8 + tl.arange(0, 16))[:, None] * W_COLS + offs_n[None, :]
     s_ptrs = s_ptr + e64 * (K // GROUP) * W_COLS + offs_n
-    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + (k_begin + tl.arange(0, 16))[None, :]
+    a_rows_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + k_begin  # [BM, 1]
+    a_ptrs = a_rows_ptrs + tl.arange(0, 16)[None, :]
     offset = _offset_tile(BLOCK_N, DTYPE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -237,17 +266,24 @@ def _moe_gemm_kernel(
             words_up = tl.load(w_ptrs + N, mask=mask_n[None, :], other=0)
             scale_up_next = tl.load(s_next + N, mask=mask_n, other=0.0)
             part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
-            part = tl.dot(a, _magic(words, j, DTYPE), part)
-            part = tl.dot(a, offset, part)
+        if WIDE:
+            a = _wide_a(a_rows_ptrs + kb, mask_m, WIDE)
+            acc = tl.dot(a, _wide_block(words, scale, DTYPE, WIDE), acc)
             if GATE_UP:
-                part_up = tl.dot(a, _magic(words_up, j, DTYPE), part_up)
-                part_up = tl.dot(a, offset, part_up)
-        acc += part * scale.to(tl.float32)[None, :]
+                acc_up = tl.dot(a, _wide_block(words_up, scale_up, DTYPE, WIDE), acc_up)
+        else:
+            for j in tl.static_range(8):
+                a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
+                part = tl.dot(a, _magic(words, j, DTYPE), part)
+                part = tl.dot(a, offset, part)
+                if GATE_UP:
+                    part_up = tl.dot(a, _magic(words_up, j, DTYPE), part_up)
+                    part_up = tl.dot(a, offset, part_up)
+            acc += part * scale.to(tl.float32)[None, :]
+            if GATE_UP:
+                acc_up += part_up * scale_up.to(tl.float32)[None, :]
         scale = scale_next
         if GATE_UP:
-            acc_up += part_up * scale_up.to(tl.float32)[None, :]
             scale_up = scale_up_next
         a_ptrs += 128
         w_ptrs += 16 * W_COLS
@@ -370,7 +406,7 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     _moe_gemm_kernel[grid](
         a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
-        num_warps=warps, num_stages=stages, **cfg,
+        num_warps=warps, num_stages=stages, **{"WIDE": 0, **cfg},
     )  # fmt: skip
 
 
