@@ -1,7 +1,7 @@
 """Sweep the Triton MoE layer's launch configs at prefill sizes, against its current rule and bf16 grouped_mm.
 
 Each candidate is one (GEMM1, GEMM2) pair sharing BLOCK_M; WIDE selects the inner block step of
-kernels/moe.py (0: a k16 dot per nibble plus an offset dot; 1, 2: one k128 dot on the dequantized block).
+kernels/moe.py (0: a k16 dot per nibble plus an offset dot; 1: one k128 dot on the dequantized block).
 Prints time (CUDA graph, routing excluded; the grouped_mm baseline includes it), % of the floor (measured in
 this run) and the error against the rule's output; writes sweep_triton_moe.json.
 
@@ -23,21 +23,23 @@ import common  # noqa: E402
 from bench_moe import A, E, EXPERT_BYTES, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights  # noqa: E402
 from bench_w4a16_gemm import _rotating  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, WIDE), used for both GEMMs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, WIDE) of GEMM1, then of GEMM2 (they share BLOCK_M: one sort)
 CANDIDATES = [
-    (32, 128, 4, 3, 1),
-    (64, 64, 4, 3, 1),
-    (64, 128, 4, 3, 1),
-    (64, 128, 8, 3, 1),
-    (64, 128, 4, 3, 2),
-    (128, 64, 4, 3, 1),
-    (128, 128, 8, 2, 1),
-    (128, 128, 8, 3, 1),
+    ((32, 128, 4, 3, 1), (32, 128, 4, 3, 1)),
+    ((64, 64, 4, 3, 1), (64, 64, 4, 3, 1)),
+    ((64, 128, 4, 3, 1), (64, 128, 4, 3, 1)),
+    ((64, 128, 4, 3, 1), (64, 256, 8, 3, 1)),
+    ((128, 128, 8, 3, 1), (128, 128, 8, 3, 1)),
+    ((128, 128, 8, 3, 1), (128, 64, 4, 3, 1)),
+    ((128, 128, 8, 3, 1), (128, 256, 8, 3, 1)),
+    ((128, 128, 8, 3, 1), (128, 128, 4, 4, 1)),
+    ((128, 64, 4, 3, 1), (128, 128, 8, 3, 1)),
+    ((128, 64, 8, 3, 1), (128, 128, 8, 3, 1)),
 ]
 
 
 def _cfg(bm, bn, warps, stages, wide):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=warps, num_stages=stages, WIDE=wide)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=warps, num_stages=stages, WIDE=bool(wide))
 
 
 def main() -> int:
@@ -61,7 +63,7 @@ def main() -> int:
         floor = common.floor_us(busy * EXPERT_BYTES + 2 * t * H * 2, 2 * s * 3 * H * I, ceilings)
         base_us = common.graph_time_us(lambda x=x, logits=logits: baseline(x, logits))
         rule = (moe.pick_config("w13", s, I, H, E, x.device), moe.pick_config("w2", s, H, I, E, x.device))
-        cands = [("rule", rule)] + [(str(c), (_cfg(*c), _cfg(*c))) for c in CANDIDATES]
+        cands = [("rule", rule)] + [(f"{c1} {c2}", (_cfg(*c1), _cfg(*c2))) for c1, c2 in CANDIDATES]
         first = None
         for name, cfgs in cands:
 
@@ -79,7 +81,7 @@ def main() -> int:
             err = ((out.float() - first.float()).norm() / first.float().norm()).item()
             ok = bool(torch.isfinite(out).all())
             rows.append(dict(T=t, config=name, cfgs=cfgs, us=us, floor_us=floor, baseline_us=base_us, err=err, ok=ok))
-            print(f"T={t:5d} {name:28} {us:9.1f} us {100 * floor / us:5.1f}% of floor  grouped_mm {base_us:8.1f} us"
+            print(f"T={t:5d} {name:44} {us:9.1f} us {100 * floor / us:5.1f}% of floor  grouped_mm {base_us:8.1f} us"
                   f"  vs rule err {err:.1e}{'' if ok else '  NaN/inf!'}", flush=True)  # fmt: skip
     common.write_results("sweep_triton_moe", {"card": common.card(), "ceilings": ceilings, "rows": rows})
     print("\nbest per T:")

@@ -171,30 +171,15 @@ def _scatter_kernel(
 
 
 @triton.jit
-def _wide_block(words, scale, DTYPE: tl.constexpr, WIDE: tl.constexpr):
+def _wide_block(words, scale, DTYPE: tl.constexpr):
     """A layout block's 16 words [16, BN] and its group's scale [BN] -> the 128 rows of W^T [128, BN] in DTYPE,
-    each (q - 8) * scale rounded once: the nibble OR-ed into the bits of 2^23 is the float 2^23 + q, exactly.
-
-    WIDE = 1: rows in k order (word w nibble j is row 16 j + w); WIDE = 2: rows in layout order 8 w + j, for an
-    x tile permuted to match by _wide_a.
-    """
-    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF  # [16 words, 8 nibbles, BN]
+    each (q - 8) * scale rounded once. The nibble OR-ed into the bits of 2^23 is the float 2^23 + q, exactly.
+    Word w nibble j is row 16 j + w: the permute only renames register dims (no data moves on Hopper, where
+    the tile goes straight to shared memory for wgmma)."""
+    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF  # [16 words w, 8 nibbles j, BN]
     q = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0)
     w = (q * scale.to(tl.float32)[None, None, :]).to(DTYPE)
-    if WIDE == 1:
-        w = tl.permute(w, (1, 0, 2))
-    return tl.reshape(w, (128, w.shape[2]))
-
-
-@triton.jit
-def _wide_a(row_ptrs, mask_m, WIDE: tl.constexpr):
-    """x [BM, 128] for one layout block (row_ptrs [BM, 1]: its first column), in _wide_block's row order."""
-    if WIDE == 1:
-        return tl.load(row_ptrs + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
-    # [BM, 8 nibbles j, 16 words w] -> columns 8 w + j
-    a = tl.load(row_ptrs[:, :, None] + (16 * tl.arange(0, 8)[:, None] + tl.arange(0, 16)[None, :])[None, :, :],
-                mask=mask_m[:, None, None], other=0.0)
-    return tl.reshape(tl.permute(a, (0, 2, 1)), (a.shape[0], 128))
+    return tl.reshape(tl.permute(w, (1, 0, 2)), (128, w.shape[2]))
 
 
 @triton.jit
@@ -221,7 +206,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
-    WIDE: tl.constexpr,  # 0: a k16 dot per nibble (+ offset dot); 1/2: one k128 dot per block, see _wide_block
+    WIDE: tl.constexpr,  # False: a k16 dot per nibble plus an offset dot; True: one k128 dot per block
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -266,11 +251,11 @@ def _moe_gemm_kernel(
             words_up = tl.load(w_ptrs + N, mask=mask_n[None, :], other=0)
             scale_up_next = tl.load(s_next + N, mask=mask_n, other=0.0)
             part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if WIDE:
-            a = _wide_a(a_rows_ptrs + kb, mask_m, WIDE)
-            acc = tl.dot(a, _wide_block(words, scale, DTYPE, WIDE), acc)
+        if WIDE:  # the dequantized block in one dot: ~2x the k16 steps' MMA rate at 64-128 rows
+            a = tl.load(a_rows_ptrs + kb + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
+            acc = tl.dot(a, _wide_block(words, scale, DTYPE), acc)
             if GATE_UP:
-                acc_up = tl.dot(a, _wide_block(words_up, scale_up, DTYPE, WIDE), acc_up)
+                acc_up = tl.dot(a, _wide_block(words_up, scale_up, DTYPE), acc_up)
         else:
             for j in tl.static_range(8):
                 a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
@@ -365,8 +350,10 @@ def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, device)
         cfg = dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     elif per_expert <= 48:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
+    elif per_expert <= 128:  # prefill: one k128 dot per block (benchmarks/NOTES.md, "MoE prefill")
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=3, WIDE=True)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=1, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True)
     blocks = k // KBLOCK
     if cfg["SPLIT_K"] == 0:
         programs = (triton.cdiv(slots, cfg["BLOCK_M"]) + busy) * triton.cdiv(n, cfg["BLOCK_N"])
@@ -406,7 +393,7 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     _moe_gemm_kernel[grid](
         a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
-        num_warps=warps, num_stages=stages, **{"WIDE": 0, **cfg},
+        num_warps=warps, num_stages=stages, **{"WIDE": False, **cfg},
     )  # fmt: skip
 
 
