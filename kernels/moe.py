@@ -172,13 +172,18 @@ def _scatter_kernel(
 
 @triton.jit
 def _wide_block(words, scale, DTYPE: tl.constexpr):
-    """A layout block's 16 words [16, BN] and its group's scale [BN] -> the 128 rows of W^T [128, BN] in DTYPE,
-    each (q - 8) * scale rounded once. The nibble OR-ed into the bits of 2^23 is the float 2^23 + q, exactly.
-    Word w nibble j is row 16 j + w: the permute only renames register dims (no data moves on Hopper, where
-    the tile goes straight to shared memory for wgmma)."""
-    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF  # [16 words w, 8 nibbles j, BN]
+    """A layout block's 16 words [16, BN] and its group's scale [BN] -> [16 words w, 8 nibbles j, BN] in DTYPE:
+    weight row 16 j + w of the block, (q - 8) * scale rounded once. The nibble OR-ed into the bits of 2^23 is
+    the float 2^23 + q, exactly. _k_rows turns it into [128, BN]."""
+    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF
     q = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0)
-    w = (q * scale.to(tl.float32)[None, None, :]).to(DTYPE)
+    return (q * scale.to(tl.float32)[None, None, :]).to(DTYPE)
+
+
+@triton.jit
+def _k_rows(w):
+    """[16 w, 8 j, BN] -> [128 rows 16 j + w, BN]. The permute only renames register dims: on Hopper the tile
+    goes from registers straight to shared memory for wgmma, in this order."""
     return tl.reshape(tl.permute(w, (1, 0, 2)), (128, w.shape[2]))
 
 
@@ -207,6 +212,7 @@ def _moe_gemm_kernel(
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
     WIDE: tl.constexpr,  # False: a k16 dot per nibble plus an offset dot; True: one k128 dot per block
+    JOIN: tl.constexpr,  # WIDE GEMM1: gate and up columns interleaved into one [128, 2 BN] operand, one dot
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -239,6 +245,8 @@ def _moe_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if JOIN:
+        acc_both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # columns 2 n: gate n, 2 n + 1: up n
     scale = tl.load(s_ptrs + (k_begin // GROUP) * W_COLS, mask=mask_n, other=0.0)
     scale_up = tl.load(s_ptrs + (k_begin // GROUP) * W_COLS + (N if GATE_UP else 0), mask=mask_n, other=0.0)
     for kb in range(0, k_per_split, 128):
@@ -253,9 +261,14 @@ def _moe_gemm_kernel(
             part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if WIDE:  # the dequantized block in one dot: ~2x the k16 steps' MMA rate at 64-128 rows
             a = tl.load(a_rows_ptrs + kb + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
-            acc = tl.dot(a, _wide_block(words, scale, DTYPE), acc)
-            if GATE_UP:
-                acc_up = tl.dot(a, _wide_block(words_up, scale_up, DTYPE), acc_up)
+            if JOIN:
+                both = tl.join(_wide_block(words, scale, DTYPE), _wide_block(words_up, scale_up, DTYPE))
+                both = tl.reshape(tl.permute(both, (1, 0, 2, 3)), (128, 2 * BLOCK_N))  # _k_rows, 2 per column
+                acc_both = tl.dot(a, both, acc_both)
+            else:
+                acc = tl.dot(a, _k_rows(_wide_block(words, scale, DTYPE)), acc)
+                if GATE_UP:
+                    acc_up = tl.dot(a, _k_rows(_wide_block(words_up, scale_up, DTYPE)), acc_up)
         else:
             for j in tl.static_range(8):
                 a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
@@ -273,6 +286,8 @@ def _moe_gemm_kernel(
         a_ptrs += 128
         w_ptrs += 16 * W_COLS
 
+    if JOIN:
+        acc, acc_up = tl.split(tl.reshape(acc_both, (BLOCK_M, BLOCK_N, 2)))
     if WEIGHTED:  # linear, so it may come before the split-K sum
         acc *= tl.load(topk_w_ptr + slots, mask=mask_m, other=0.0)[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -350,10 +365,12 @@ def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, device)
         cfg = dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     elif per_expert <= 48:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
-    elif per_expert <= 128:  # prefill: one k128 dot per block (benchmarks/NOTES.md, "MoE prefill")
+    elif per_expert <= 80:  # prefill: one k128 dot per block (benchmarks/NOTES.md, "MoE prefill")
         cfg = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=3, WIDE=True)
+    elif gemm == "w13":
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True, JOIN=True)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True)
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True)
     blocks = k // KBLOCK
     if cfg["SPLIT_K"] == 0:
         programs = (triton.cdiv(slots, cfg["BLOCK_M"]) + busy) * triton.cdiv(n, cfg["BLOCK_N"])
@@ -389,11 +406,13 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")
+    if cfg.get("JOIN") and not (gate_up and cfg.get("WIDE")):
+        raise ValueError(f"MoE config {cfg}: JOIN needs WIDE and applies to GEMM1 (gate/up) only")
     grid = (sorted_slots.numel() // cfg["BLOCK_M"], triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _moe_gemm_kernel[grid](
         a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
-        num_warps=warps, num_stages=stages, **{"WIDE": False, **cfg},
+        num_warps=warps, num_stages=stages, **{"WIDE": False, "JOIN": False, **cfg},
     )  # fmt: skip
 
 
