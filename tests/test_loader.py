@@ -59,8 +59,8 @@ def test_good_checkpoint_loads_and_is_sharded(good):
     assert len(files) >= 3  # the cases below must cross shard boundaries
     model = _load(good)
     attn = model.model.layers[1].self_attn
-    assert attn.q_proj.prepared is not None and attn.q_proj.weight is None  # int4, prepared at load
-    assert model.model.layers[0].self_attn.q_proj.prepared is None  # dense layer 0 stays float
+    assert attn.qkv_proj.prepared is not None and not hasattr(attn, "q_proj")  # int4 q/k/v: one linear
+    assert model.model.layers[0].self_attn.q_proj.prepared is None  # dense layer 0 stays float and separate
     experts = model.model.layers[1].mlp.experts.prepared
     assert experts.num_experts == 4 and experts.tensors["w13_packed"].shape == (4, 256, 256 // 8)
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
@@ -200,7 +200,7 @@ def test_int32_weight_shape_loads(ckpt):
     """Some compressed-tensors versions store weight_shape as int32 (DESIGN.md section 4)."""
     name = f"{A1}.q_proj.weight_shape"
     _edit(ckpt, name, _set(name, torch.tensor([512, 256], dtype=torch.int32)))
-    assert _load(ckpt).model.layers[1].self_attn.q_proj.prepared is not None
+    assert _load(ckpt).model.layers[1].self_attn.qkv_proj.prepared is not None
 
 
 def test_tied_embeddings(tmp_path):
