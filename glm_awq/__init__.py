@@ -23,11 +23,13 @@ from glm_awq.ops import (
 __version__ = "0.1.0"
 
 
-def load(path, device=None, dtype=_torch.bfloat16, backend=None, max_seq_len=4096, progress=True):
+def load(path, device=None, dtype=_torch.bfloat16, backend=None, max_seq_len=4096, progress=True,
+         merge_projections=True):  # fmt: skip
     """Load a GLM-4.6(-AWQ) checkpoint folder; see glm_awq.loader.load (imported on first use)."""
     from glm_awq.loader import load as _load
 
-    return _load(path, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, progress=progress)
+    return _load(path, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, progress=progress,
+                 merge_projections=merge_projections)  # fmt: skip
 
 
 def generate_text(model, prompt, max_new_tokens=128, **kwargs):

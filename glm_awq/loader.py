@@ -6,8 +6,12 @@ stays at about one tensor. Quantized weights are handed to glm_awq.ops.prepare_l
 soon as a module is complete, so the backend's layout is built once, at load.
 
 Whether a module is int4 or float is decided by what the checkpoint holds (`P.weight_packed` or `P.weight`),
-never by quantization_config's targets/ignore. Any problem raises a LoaderError naming the file and the
-tensor; no partly filled model is ever returned. Checkpoints are read with safetensors only (no pickle).
+never by quantization_config's targets/ignore. Projections of one input (q/k/v, gate/up) wait for each other:
+when all are int4, their checkpoint tensors are concatenated along N and prepared once, as one linear
+(model.install_merged); when any is float, each is filled on its own.
+
+Any problem raises a LoaderError naming the file and the tensor; no partly filled model is ever returned.
+Checkpoints are read with safetensors only (no pickle).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from glm_awq import ops
 from glm_awq.config import GlmConfig
-from glm_awq.model import Experts, GlmForCausalLM, Linear
+from glm_awq.model import Experts, GlmForCausalLM, Linear, install_merged
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -93,6 +97,16 @@ class _Pending:
 
 
 @dataclass
+class _Merge:
+    """Sibling Linears of one input (model.Attention/MLP.MERGES), each held once complete until all are."""
+
+    parent: torch.nn.Module
+    name: str  # the merged module's attribute, e.g. "qkv_proj"
+    parts: tuple[str, ...]  # the parts' checkpoint names, in output order
+    ready: dict[str, _Pending] = field(default_factory=dict)
+
+
+@dataclass
 class _ExpertStack:
     """One layer's experts, copied into their stacked place as they arrive: w13 [E, 2I, H/8], w2 [E, H, I/8]."""
 
@@ -102,11 +116,18 @@ class _ExpertStack:
 
 
 class _Filler:
-    def __init__(self, model: GlmForCausalLM, device: torch.device, backend: str | None):
+    def __init__(self, model: GlmForCausalLM, device: torch.device, backend: str | None, merge: bool):
         self.model, self.device, self.backend = model, device, backend
         c = model.config
         self.group_size = c.group_size
         self.linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+        self.merges: dict[str, _Merge] = {}  # a part's checkpoint name -> its group
+        if merge:
+            for n, m in model.named_modules():
+                for merged, parts in getattr(m, "MERGES", {}).items():
+                    group = _Merge(m, merged, tuple(f"{n}.{p}" for p in parts))
+                    self.merges.update(dict.fromkeys(group.parts, group))
+        self.held: set[str] = set()  # complete Linears handed to their merge group
         self.experts = {n: _ExpertStack(m) for n, m in model.named_modules() if isinstance(m, Experts)}
         # every plain parameter (norms, embeddings, router), by checkpoint name
         self.params = {}
@@ -222,23 +243,53 @@ class _Filler:
         lin, t = p.module, p.tensors
         if "weight" in t and "weight_packed" in t:
             raise LoaderError(f"{p.files['weight']}: {prefix} has both weight and weight_packed; which one is real?")
-        need_bias = lin.bias is not None
-        if "weight" in t and (not need_bias or "bias" in t):
-            lin.weight = torch.nn.Parameter(t["weight"].to(self.model.dtype), requires_grad=False)
-            if need_bias:
-                lin.bias = torch.nn.Parameter(t["bias"].to(self.model.dtype), requires_grad=False)
-            del self.pending[prefix]
-        elif {"weight_packed", "weight_scale", "weight_shape"} <= t.keys() and (not need_bias or "bias" in t):
+        complete = "weight" in t or {"weight_packed", "weight_scale", "weight_shape"} <= t.keys()
+        if not complete or (lin.bias is not None and "bias" not in t):
+            return
+        if "weight_shape" in t:
             self._check_weight_shape(f"{prefix}.weight_shape", p.files["weight_shape"], t["weight_shape"],
                                      lin.out_features, lin.in_features)  # fmt: skip
-            bias = t["bias"].to(self.model.dtype) if need_bias else None
-            try:
-                packed, scale = t["weight_packed"], t["weight_scale"]
-                prepared = ops.prepare_linear(packed, scale, bias, self.group_size, self.backend)
-            except (ValueError, TypeError) as exc:
-                raise LoaderError(f"{p.files['weight_packed']}: {prefix}: {exc}") from exc
-            lin.set_prepared(prepared)
-            del self.pending[prefix]
+        del self.pending[prefix]
+        group = self.merges.get(prefix)
+        if group is None:
+            self._fill_linear(prefix, p)
+            return
+        group.ready[prefix] = p
+        self.held.add(prefix)
+        if len(group.ready) == len(group.parts):
+            self._finish_merge(group)
+
+    def _fill_linear(self, prefix: str, p: _Pending) -> None:
+        """A complete Linear on its own: float weights into the module, int4 ones prepared for the backend."""
+        lin, t = p.module, p.tensors
+        bias = t["bias"].to(self.model.dtype) if lin.bias is not None else None
+        if "weight" in t:
+            lin.weight = torch.nn.Parameter(t["weight"].to(self.model.dtype), requires_grad=False)
+            if bias is not None:
+                lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+        else:
+            lin.set_prepared(self._prepare_linear(prefix, p.files["weight_packed"], t, bias))
+
+    def _finish_merge(self, group: _Merge) -> None:
+        """All parts are complete: one linear of their concatenated N when all are int4 with one scale dtype,
+        else each on its own. Their tensors are dropped either way."""
+        parts = [group.ready.pop(prefix) for prefix in group.parts]
+        if any("weight" in p.tensors for p in parts) or len({p.tensors["weight_scale"].dtype for p in parts}) > 1:
+            for prefix, p in zip(group.parts, parts):
+                self._fill_linear(prefix, p)
+            return
+        leaves = [leaf for leaf in ("weight_packed", "weight_scale", "bias") if leaf in parts[0].tensors]
+        t = {leaf: torch.cat([p.tensors[leaf] for p in parts]) for leaf in leaves}  # along N
+        bias = t["bias"].to(self.model.dtype) if "bias" in t else None
+        label = f"{' + '.join(group.parts)} (merged into {group.name})"
+        prepared = self._prepare_linear(label, parts[0].files["weight_packed"], t, bias)
+        install_merged(group.parent, group.name, prepared)
+
+    def _prepare_linear(self, label: str, file: str, t: dict, bias) -> ops.PreparedLinear:
+        try:
+            return ops.prepare_linear(t["weight_packed"], t["weight_scale"], bias, self.group_size, self.backend)
+        except (ValueError, TypeError) as exc:
+            raise LoaderError(f"{file}: {label}: {exc}") from exc
 
     def _put_expert(self, stack_name: str, e: int, proj: str, leaf: str, file: Path, t: torch.Tensor) -> None:
         st = self.experts[stack_name]
@@ -278,7 +329,7 @@ class _Filler:
             if getattr(module, pname).is_meta:
                 missing.append(name)
         for name, lin in self.linears.items():
-            if lin.prepared is None and (lin.weight is None or lin.weight.is_meta):
+            if name not in self.held and lin.prepared is None and (lin.weight is None or lin.weight.is_meta):
                 p = self.pending.get(name)
                 have = sorted(p.tensors) if p else []
                 missing.append(f"{name} (found {', '.join(have)})" if have else f"{name}.weight or .weight_packed")
@@ -312,12 +363,14 @@ def load(
     backend: str | None = None,
     max_seq_len: int = 4096,
     progress: bool = True,
+    merge_projections: bool = True,
 ) -> GlmForCausalLM:
     """Load a GLM-4.6(-AWQ) checkpoint folder (config.json + index + shards, or one model.safetensors).
 
     device: default cuda if visible, else cpu. dtype: activations and float weights (bf16; fp32 for tight
     tests). backend: glm_awq.ops backend for the int4 weights (None: GLM_AWQ_BACKEND, default auto).
-    max_seq_len: the KV cache and RoPE table length. Returns the model in eval mode.
+    max_seq_len: the KV cache and RoPE table length. merge_projections: run q/k/v and gate/up as one int4 linear
+    each where all of them are int4 (False keeps every projection separate). Returns the model in eval mode.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -335,7 +388,7 @@ def load(
 
     with torch.device("meta"):
         model = GlmForCausalLM(config, dtype)
-    filler = _Filler(model, device, backend)
+    filler = _Filler(model, device, backend, merge_projections)
     total = sum(f.stat().st_size for f in shards)
     bar = _progress(total, progress)
     start, nbytes = time.perf_counter(), 0

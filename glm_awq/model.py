@@ -3,7 +3,9 @@
 Module names are the checkpoint's names (`model.layers.N.self_attn.q_proj`, ...), so the loader maps a tensor to
 its module by name. Quantized weights live in `Linear.prepared` / `Experts.prepared` (glm_awq.ops objects, in
 the backend's layout, prepared once at load); every int4 matmul goes through glm_awq.ops, so the model runs on
-whichever backend prepared its weights.
+whichever backend prepared its weights. Projections that read the same input (q/k/v, gate/up) and are all int4
+are merged by the loader into one `MergedLinear` (`qkv_proj`, `gate_up_proj`; see `install_merged`): one
+kernel launch instead of three or two per decode step.
 
 Legend: B batch, T tokens in this call, S cache length (max_seq_len), H hidden, Q query heads, KV key/value
 heads, D head_dim, R rotary dims, V vocab, E routed experts, A active experts per token, I expert intermediate.
@@ -50,6 +52,33 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         kind = f"int4 {self.prepared.backend}" if self.prepared is not None else "float"
         return f"{self.in_features} -> {self.out_features}, {kind}"
+
+
+class MergedLinear(nn.Module):
+    """Sibling int4 projections of one input as one linear: y = x @ [W_a; W_b; ...]^T (+ [b_a; b_b; ...]),
+    returned split into the parts' outputs (views, no copies). Built by the loader from the parts' checkpoint
+    tensors concatenated along N, so every backend's layout takes it unchanged."""
+
+    def __init__(self, parts: dict[str, int], prepared: ops.PreparedLinear):
+        super().__init__()
+        self.parts = parts  # checkpoint name -> out_features, in output order
+        self.prepared = prepared
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ops.w4a16_linear(x, self.prepared).split(list(self.parts.values()), dim=-1)
+
+    def extra_repr(self) -> str:
+        parts = " + ".join(f"{name} {n}" for name, n in self.parts.items())
+        return f"{self.prepared.in_features} -> {parts}, int4 {self.prepared.backend}"
+
+
+def install_merged(parent: nn.Module, merged: str, prepared: ops.PreparedLinear) -> None:
+    """Replace parent's Linears `parent.MERGES[merged]` by one MergedLinear `merged` holding `prepared`, whose
+    N is theirs concatenated in that order."""
+    parts = parent.MERGES[merged]
+    setattr(parent, merged, MergedLinear({p: getattr(parent, p).out_features for p in parts}, prepared))
+    for p in parts:
+        delattr(parent, p)
 
 
 class RMSNorm(nn.Module):
@@ -121,6 +150,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    MERGES = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see install_merged
+
     def __init__(self, config: GlmConfig, dtype: torch.dtype):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
@@ -130,6 +161,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, self.n_kv_heads * d, bias, dtype)
         self.v_proj = Linear(h, self.n_kv_heads * d, bias, dtype)
         self.o_proj = Linear(self.n_heads * d, h, False, dtype)
+        self.qkv_proj: MergedLinear | None = None
         if config.use_qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype)
@@ -141,9 +173,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         """x [B, T, H]; cos/sin [T, R/2]; input_pos int64 [T] and mask bool [T, S] when writing the KV cache."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        # merged: views into one [B, T, Q*D + 2*KV*D] output, contiguous at B*T = 1 (decode); norm_rope copies
+        # q and k to contiguous rows otherwise
+        q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         if self.fused and (norm := _norm_kernels()).norm_rope_supported(self.head_dim, 2 * cos.shape[-1]):
             # per-head norm and RoPE in one kernel each (glm_awq.kernels.norm); other head sizes stay eager
             has_norm = self.q_norm is not None
@@ -172,14 +207,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). The dense layers' MLP and the MoE layers' shared expert."""
 
+    MERGES = {"gate_up_proj": ("gate_proj", "up_proj")}  # see install_merged
+
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype):
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, False, dtype)
         self.up_proj = Linear(hidden, intermediate, False, dtype)
         self.down_proj = Linear(intermediate, hidden, False, dtype)
+        self.gate_up_proj: MergedLinear | None = None
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):

@@ -12,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import rel_err
+
 import glm_awq
 from glm_awq import checkpoint
 from glm_awq.loader import LoaderError
+from glm_awq.quant import dequantize
 
 LAYERS = 2  # layer 0 dense (bf16), layer 1 MoE (int4 attention and experts)
 
@@ -50,6 +53,14 @@ def _edit(folder, name, fn):
     return file
 
 
+def _tensors(folder):
+    """Every tensor of a sharded checkpoint, by name."""
+    tensors = {}
+    for file in set(_index(folder)["weight_map"].values()):
+        tensors.update(load_file(folder / file))
+    return tensors
+
+
 def _load(folder, **kw):
     return glm_awq.load(folder, device="cpu", dtype=torch.float32, progress=False, **kw)
 
@@ -59,8 +70,8 @@ def test_good_checkpoint_loads_and_is_sharded(good):
     assert len(files) >= 3  # the cases below must cross shard boundaries
     model = _load(good)
     attn = model.model.layers[1].self_attn
-    assert attn.q_proj.prepared is not None and attn.q_proj.weight is None  # int4, prepared at load
-    assert model.model.layers[0].self_attn.q_proj.prepared is None  # dense layer 0 stays float
+    assert attn.qkv_proj.prepared is not None and not hasattr(attn, "q_proj")  # int4 q/k/v: one linear
+    assert model.model.layers[0].self_attn.q_proj.prepared is None  # dense layer 0 stays float and separate
     experts = model.model.layers[1].mlp.experts.prepared
     assert experts.num_experts == 4 and experts.tensors["w13_packed"].shape == (4, 256, 256 // 8)
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
@@ -72,9 +83,7 @@ def test_experts_are_stacked_gate_then_up(good):
     """w13[e] = cat([gate_e, up_e]) row-wise; w2[e] = down_e, bit for bit from the shards."""
     model = _load(good)
     t = model.model.layers[1].mlp.experts.prepared.tensors
-    tensors = {}
-    for file in set(_index(good)["weight_map"].values()):
-        tensors.update(load_file(good / file))
+    tensors = _tensors(good)
     p = "model.layers.1.mlp.experts.3"
     assert torch.equal(t["w13_packed"][3], torch.cat([tensors[f"{p}.gate_proj.weight_packed"],
                                                       tensors[f"{p}.up_proj.weight_packed"]]))  # fmt: skip
@@ -83,9 +92,8 @@ def test_experts_are_stacked_gate_then_up(good):
 
 def test_single_file_and_mtp_layer(ckpt):
     """One model.safetensors without an index; the MTP layer (index num_hidden_layers) is skipped silently."""
-    tensors = {}
+    tensors = _tensors(ckpt)
     for file in set(_index(ckpt)["weight_map"].values()):
-        tensors.update(load_file(ckpt / file))
         os.remove(ckpt / file)
     os.remove(ckpt / "model.safetensors.index.json")
     tensors[f"model.layers.{LAYERS}.eh_proj.weight"] = torch.zeros(256, 512, dtype=torch.bfloat16)
@@ -118,6 +126,8 @@ BROKEN = [
     # a missing float module and a missing int4 module
     ("missing-norm", f"{A1}.k_norm.weight", _drop(f"{A1}.k_norm.weight"), f"{A1}.k_norm.weight"),
     ("missing-scale", f"{A1}.q_proj.weight_scale", _drop(f"{A1}.q_proj.weight_scale"), f"{A1}.q_proj"),
+    # k_proj incomplete while q_proj and v_proj wait for it to merge: only k_proj is reported
+    ("missing-bias", f"{A1}.k_proj.bias", _drop(f"{A1}.k_proj.bias"), f"1 module(s) missing from the checkpoint: {A1}.k_proj"),
     ("missing-expert", f"{E1}.up_proj.weight_packed", _drop(f"{E1}.up_proj.weight_packed"), f"{E1}.up_proj.weight_packed"),
     # a tensor no GLM-4.6 module has, and a layer beyond num_hidden_layers + the MTP layer
     ("unexpected", f"{A1}.q_norm.weight", _set(f"{A1}.rotary.inv_freq", torch.zeros(32)), "unexpected tensor"),
@@ -200,7 +210,7 @@ def test_int32_weight_shape_loads(ckpt):
     """Some compressed-tensors versions store weight_shape as int32 (DESIGN.md section 4)."""
     name = f"{A1}.q_proj.weight_shape"
     _edit(ckpt, name, _set(name, torch.tensor([512, 256], dtype=torch.int32)))
-    assert _load(ckpt).model.layers[1].self_attn.q_proj.prepared is not None
+    assert _load(ckpt).model.layers[1].self_attn.qkv_proj.prepared is not None
 
 
 def test_tied_embeddings(tmp_path):
@@ -210,3 +220,70 @@ def test_tied_embeddings(tmp_path):
     model = _load(tmp_path / "c")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model(torch.tensor([[1, 2]])).isfinite().all()
+
+
+
+# ------------------------------------------------------------------------------------- merged projections
+
+S1 = "model.layers.1.mlp.shared_experts"
+
+
+def _write(folder, attention_bias=True, **writer_options):
+    """A sharded 2-layer checkpoint (layer 0 dense bf16, layer 1 MoE)."""
+    cfg = checkpoint.tiny_config(LAYERS, n_routed_experts=4, num_experts_per_tok=2, attention_bias=attention_bias)
+    return checkpoint.write_checkpoint(folder, cfg, seed=13, shard_bytes=256 << 10, tokenizer=False, **writer_options)
+
+
+def test_merged_projections_hold_the_checkpoint_tensors(tmp_path):
+    """q/k/v and int4 shared experts' gate/up each become one linear whose tensors are the parts' concatenated
+    along N, bit for bit (the torch backend keeps the checkpoint layout); print(model) names the parts."""
+    folder = _write(tmp_path / "c", quantize_shared=True)
+    model, tensors = _load(folder), _tensors(folder)
+    layer = model.model.layers[1]
+    qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.shared_experts.gate_up_proj
+    for lin, parts in [(qkv, [f"{A1}.{x}_proj" for x in "qkv"]), (gate_up, [f"{S1}.{x}_proj" for x in ("gate", "up")])]:
+        for leaf in ("weight_packed", "weight_scale"):
+            assert torch.equal(lin.prepared.tensors[leaf], torch.cat([tensors[f"{p}.{leaf}"] for p in parts]))
+    assert torch.equal(qkv.prepared.bias, torch.cat([tensors[f"{A1}.{x}_proj.bias"] for x in "qkv"]).float())
+    assert "MergedLinear(256 -> q_proj 512 + k_proj 128 + v_proj 128, int4 torch)" in str(model)
+    assert "MergedLinear(256 -> gate_proj 128 + up_proj 128, int4 torch)" in str(model)
+    assert not any(hasattr(layer.mlp.shared_experts, f"{x}_proj") for x in ("gate", "up"))  # no second copy
+
+
+# attention with and without bias; shared experts bf16 (GLM-4.6-AWQ's recipe: gate/up not merged) and int4
+@pytest.mark.parametrize(
+    "options", [{}, {"attention_bias": False, "quantize_shared": True}], ids=["bias", "no-bias-int4-shared"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_model_equals_unmerged_bit_for_bit(tmp_path, options, dtype):
+    """Concatenating along N changes no dot product: on the torch backend the merged model's logits and greedy
+    tokens are those of the model that runs every projection on its own."""
+    folder = _write(tmp_path / "c", **options)
+    merged = glm_awq.load(folder, device="cpu", dtype=dtype, max_seq_len=32, progress=False)
+    separate = glm_awq.load(folder, device="cpu", dtype=dtype, max_seq_len=32, progress=False, merge_projections=False)
+    layer = merged.model.layers[1]
+    assert layer.self_attn.qkv_proj is not None and separate.model.layers[1].self_attn.qkv_proj is None
+    assert (layer.mlp.shared_experts.gate_up_proj is not None) == options.get("quantize_shared", False)
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(merged(ids), separate(ids))
+    assert torch.equal(merged.generate(ids, 5, eos_token_id=[]), separate.generate(ids, 5, eos_token_id=[]))
+
+
+def test_float_k_proj_keeps_q_k_v_separate(ckpt):
+    """k_proj stored float (a quantization ignore list may leave it out): no merge, q_proj and v_proj int4 on
+    their own; with k_proj's float weight equal to its dequantized int4 one, the logits stay those of the merged
+    model."""
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    ref = _load(ckpt)(ids)
+    k = f"{A1}.k_proj"
+    tensors = _tensors(ckpt)
+    weight = dequantize(tensors[f"{k}.weight_packed"], tensors[f"{k}.weight_scale"], 128)  # fp32 [128, 256]
+    _edit(ckpt, f"{k}.weight_packed", _set(f"{k}.weight", weight))
+    for leaf in ("weight_packed", "weight_scale", "weight_shape"):
+        _edit(ckpt, f"{k}.{leaf}", _drop(f"{k}.{leaf}"))
+    model = _load(ckpt)
+    attn = model.model.layers[1].self_attn
+    assert attn.qkv_proj is None and attn.k_proj.prepared is None and torch.equal(attn.k_proj.weight, weight)
+    assert attn.q_proj.prepared is not None and attn.v_proj.prepared is not None
+    assert rel_err(model(ids), ref) < 1e-5  # F.linear against the reference's matmul + bias: not bit for bit
+    assert model.generate(ids, 4, eos_token_id=[]).shape == (1, 4)

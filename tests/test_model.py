@@ -34,10 +34,11 @@ ARGS = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group"
 CASES = {
     # GLM-4.6 as shipped: v4 config keys, targets ["Linear"], fp32 router, one model.safetensors (no index)
     "v4-linear-fp32router-1file": dict(style="v4", targets=["Linear"], router=torch.float32, shards=1, seed=1),
-    # v5 rope_parameters, regex targets (the "KeyError: 'Linear'" checkpoints), bf16 router, 3 shards
-    "v5-regex-bf16router-3shards": dict(
-        style="v5", targets=["re:.*self_attn\\.[qkvo]_proj$", "re:.*mlp\\.experts\\..*_proj$"],
-        router=torch.bfloat16, shards=3, seed=2, rope_theta=5e5,
+    # v5 rope_parameters, regex targets (the "KeyError: 'Linear'" checkpoints), bf16 router, 3 shards; the
+    # targets leave k_proj float, so q/k/v cannot merge and run as three linears
+    "v5-regex-bf16router-3shards-floatk": dict(
+        style="v5", targets=["re:.*self_attn\\.[qvo]_proj$", "re:.*mlp\\.experts\\..*_proj$"],
+        router=torch.bfloat16, shards=3, seed=2, rope_theta=5e5, float_k_proj=True,
     ),  # fmt: skip
     # int4 shared experts, group-limited routing (n_group 2 / topk_group 1) and no top-k renormalisation
     "v4-int4shared-groups-2shards": dict(
@@ -61,6 +62,8 @@ def _hf_config(case):
 def _quantized(name: str, case) -> bool:
     """GLM-4.6-AWQ's recipe: attention and routed experts of MoE layers int4; (optionally) shared experts too."""
     if not name.endswith("_proj.weight") or name.startswith(("model.layers.0.", "lm_head")):
+        return False
+    if case.get("float_k_proj") and name.endswith("k_proj.weight"):
         return False
     return "shared_experts" not in name or case.get("quantize_shared", False)
 
@@ -167,6 +170,15 @@ def test_greedy_generation_matches_transformers(parity):
         ref = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 7:]
     out = ours.generate(ids, 16, eos_token_id=[])
     assert out.tolist() == ref.tolist()
+
+
+def test_projections_merge_where_all_are_int4(parity):
+    """The parity cases cover both paths: q/k/v merged unless k_proj is float; gate/up merged where int4."""
+    case, _, _, ours = parity
+    dense, moe = ours.model.layers[0], ours.model.layers[1]
+    assert dense.self_attn.qkv_proj is None and dense.mlp.gate_up_proj is None  # bf16 layer
+    assert (moe.self_attn.qkv_proj is None) == case.get("float_k_proj", False)
+    assert (moe.mlp.shared_experts.gate_up_proj is not None) == case.get("quantize_shared", False)
 
 
 @pytest.mark.parametrize("name", ["v4-linear-fp32router-1file"])  # one checkpoint is enough for this bound
@@ -324,10 +336,11 @@ def test_triton_backend_runs_the_model(tmp_path):
     if reason is not None:
         pytest.skip(reason)
     cfg = checkpoint.tiny_config(2, n_routed_experts=4, num_experts_per_tok=2)  # small: the interpreter is slow
-    checkpoint.write_checkpoint(tmp_path / "c", cfg, seed=9, tokenizer=False)
+    # int4 shared experts: merged gate/up runs through the Triton GEMM too (q/k/v always merge in layer 1)
+    checkpoint.write_checkpoint(tmp_path / "c", cfg, seed=9, tokenizer=False, quantize_shared=True)
     ref = glm_awq.load(tmp_path / "c", device="cpu", dtype=torch.float32, progress=False)
     model = glm_awq.load(tmp_path / "c", device="cpu", dtype=torch.float16, backend="triton", progress=False)
-    assert model.backends() == ["triton"]
+    assert model.backends() == ["triton"] and model.model.layers[1].mlp.shared_experts.gate_up_proj is not None
     ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
     assert rel_err(model(ids), ref(ids)) < 1e-2
     assert torch.equal(model.generate(ids, 3, eos_token_id=[]), ref.generate(ids, 3, eos_token_id=[]))
