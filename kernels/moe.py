@@ -18,7 +18,10 @@ case from T alone, sum_e ceil(c_e / BM) <= ceil(S / BM) + min(E, S).
 Expert weights use kernels/w4a16_gemm.py's block-interleaved layout, stacked: w13 int32 [E, H/8, 2I] (gate
 columns then up columns), scale [E, H/group, 2I]; w2 int32 [E, I/8, H], scale [E, I/group, H]. The
 magic-number dequant, the per-nibble k16 dots and the offset dot are the same as there; group_size must be a
-multiple of 128. Launch configs come from kernels/tuned.json (keyed by token-slots) or pick_config's rule.
+multiple of 128. From 48 slots per expert (prefill), WIDE configs instead dequantize each 128-row block whole
+(scale applied, one rounding) into a [128, BN] tile for a single k128 dot: on Hopper the tile goes from
+registers to shared memory for wgmma, and half the MMAs (no offset dot) run at the full-K rate.
+Launch configs come from kernels/tuned.json (keyed by token-slots) or pick_config's rule.
 """
 
 from __future__ import annotations
@@ -212,7 +215,6 @@ def _moe_gemm_kernel(
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
     WIDE: tl.constexpr,  # False: a k16 dot per nibble plus an offset dot; True: one k128 dot per block
-    JOIN: tl.constexpr,  # WIDE GEMM1: gate and up columns interleaved into one [128, 2 BN] operand, one dot
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -245,8 +247,6 @@ def _moe_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if JOIN:
-        acc_both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # columns 2 n: gate n, 2 n + 1: up n
     scale = tl.load(s_ptrs + (k_begin // GROUP) * W_COLS, mask=mask_n, other=0.0)
     scale_up = tl.load(s_ptrs + (k_begin // GROUP) * W_COLS + (N if GATE_UP else 0), mask=mask_n, other=0.0)
     for kb in range(0, k_per_split, 128):
@@ -261,14 +261,9 @@ def _moe_gemm_kernel(
             part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if WIDE:  # the dequantized block in one dot: ~2x the k16 steps' MMA rate at 64-128 rows
             a = tl.load(a_rows_ptrs + kb + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
-            if JOIN:
-                both = tl.join(_wide_block(words, scale, DTYPE), _wide_block(words_up, scale_up, DTYPE))
-                both = tl.reshape(tl.permute(both, (1, 0, 2, 3)), (128, 2 * BLOCK_N))  # _k_rows, 2 per column
-                acc_both = tl.dot(a, both, acc_both)
-            else:
-                acc = tl.dot(a, _k_rows(_wide_block(words, scale, DTYPE)), acc)
-                if GATE_UP:
-                    acc_up = tl.dot(a, _k_rows(_wide_block(words_up, scale_up, DTYPE)), acc_up)
+            acc = tl.dot(a, _k_rows(_wide_block(words, scale, DTYPE)), acc)
+            if GATE_UP:
+                acc_up = tl.dot(a, _k_rows(_wide_block(words_up, scale_up, DTYPE)), acc_up)
         else:
             for j in tl.static_range(8):
                 a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
@@ -286,8 +281,6 @@ def _moe_gemm_kernel(
         a_ptrs += 128
         w_ptrs += 16 * W_COLS
 
-    if JOIN:
-        acc, acc_up = tl.split(tl.reshape(acc_both, (BLOCK_M, BLOCK_N, 2)))
     if WEIGHTED:  # linear, so it may come before the split-K sum
         acc *= tl.load(topk_w_ptr + slots, mask=mask_m, other=0.0)[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -367,10 +360,8 @@ def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, device)
         cfg = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     elif per_expert <= 80:  # prefill: one k128 dot per block (benchmarks/NOTES.md, "MoE prefill")
         cfg = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=3, WIDE=True)
-    elif gemm == "w13":
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True, JOIN=True)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True)
+    else:  # GEMM1 keeps 128 columns: its gate and up accumulators both live in registers
+        cfg = dict(BLOCK_M=128, BLOCK_N=128 if gemm == "w13" else 256, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True)
     blocks = k // KBLOCK
     if cfg["SPLIT_K"] == 0:
         programs = (triton.cdiv(slots, cfg["BLOCK_M"]) + busy) * triton.cdiv(n, cfg["BLOCK_N"])
@@ -406,13 +397,11 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")
-    if cfg.get("JOIN") and not (gate_up and cfg.get("WIDE")):
-        raise ValueError(f"MoE config {cfg}: JOIN needs WIDE and applies to GEMM1 (gate/up) only")
     grid = (sorted_slots.numel() // cfg["BLOCK_M"], triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _moe_gemm_kernel[grid](
         a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
-        num_warps=warps, num_stages=stages, **{"WIDE": False, "JOIN": False, **cfg},
+        num_warps=warps, num_stages=stages, **{"WIDE": False, **cfg},
     )  # fmt: skip
 
 
