@@ -115,6 +115,13 @@ def _norm_kernels():
     return norm
 
 
+def _attention_kernels():
+    """glm_awq.kernels.attention, imported on first use, like _norm_kernels."""
+    from glm_awq.kernels import attention
+
+    return attention
+
+
 def rope_tables(config: GlmConfig, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin fp32 [S, R/2]: inv_freq = theta^(-arange(0, R, 2) / R), angle = position * inv_freq."""
     r = config.rotary_dim
@@ -194,13 +201,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, D]
-            # Fold the rep = Q/KV query heads of each kv head into the query rows ([B, KV, rep*T, D]; query head
-            # kv*rep + r serves as row r*T + t), so a masked SDPA kernel reads each cached k/v once instead of
-            # the rep-times-expanded copy SDPA's enable_gqa builds when a mask rules out flash attention.
-            rep = self.n_heads // self.n_kv_heads
-            q = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1))
-            y = y.view(b, self.n_heads, t, self.head_dim)
+            if self.fused and (attn := _attention_kernels()).decode_supported(self.n_heads, self.n_kv_heads, t,
+                                                                              self.head_dim):  # fmt: skip
+                # decode: the cache split over all SMs, tiles past the position skipped (glm_awq.kernels.attention)
+                y = attn.decode_attention(q, k, v, mask)
+            else:
+                # Fold the rep = Q/KV query heads of each kv head into the query rows ([B, KV, rep*T, D]; query
+                # head kv*rep + r serves as row r*T + t), so a masked SDPA kernel reads each cached k/v once
+                # instead of the rep-times-expanded copy SDPA's enable_gqa builds when a mask rules out flash.
+                rep = self.n_heads // self.n_kv_heads
+                q = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1))
+                y = y.view(b, self.n_heads, t, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -350,7 +362,8 @@ class GlmForCausalLM(nn.Module):
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
         """Run the RMSNorms (with the residual add before the post-attention one) and the q/k norm + RoPE as
-        fused Triton kernels (glm_awq.kernels.norm) instead of eager torch ops. The loader turns this on when
+        fused Triton kernels (glm_awq.kernels.norm), and attention over the KV cache at decode as a split-KV
+        kernel (glm_awq.kernels.attention), instead of eager torch ops and SDPA. The loader turns this on when
         the int4 weights are on a Triton or CUDA backend; the torch backend keeps the eager reference."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention)):

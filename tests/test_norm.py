@@ -81,8 +81,8 @@ def test_norm_rope_matches_eager_norm_and_rope(b, t, heads, with_norm, dtype):
 
 @pytest.mark.parametrize("head_dim", [64, 48])  # 48: not a power of two, so q/k norm + RoPE stay eager
 def test_model_with_fused_kernels_matches_the_eager_model(head_dim, tmp_path):
-    """A tiny GLM on the triton backend turns the fused kernels on at load; switched off, the same model runs the
-    eager modules. Both agree (fp16 on the CPU interpreter, bf16 on a GPU), at prefill and through the cache."""
+    """A tiny GLM on the triton backend turns the fused kernels (norms, q/k norm + RoPE, decode attention) on at
+    load; switched off, the same model runs the eager modules. Both agree (fp16 on the CPU interpreter, bf16 on a GPU), at prefill and through the cache."""
     import glm_awq
     from glm_awq import checkpoint
 
@@ -92,10 +92,17 @@ def test_model_with_fused_kernels_matches_the_eager_model(head_dim, tmp_path):
                          progress=False)  # fmt: skip
     assert model.model.norm.fused and model.model.layers[0].self_attn.fused
     ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    fused = model(ids)
+
+    def step_through_cache():  # prefill 6 tokens into the cache, then one decode step (the split-KV attention)
+        model.setup_caches(2)
+        model(ids, input_pos=torch.arange(6, device=DEVICE))
+        return model(ids[:, -1:], input_pos=torch.tensor([6], device=DEVICE))
+
+    fused, fused_step = model(ids), step_through_cache()
     fused_tokens = model.generate(ids, 3, eos_token_id=[], cuda_graph=False)
     model.use_fused_kernels(False)
     assert rel_err(fused, model(ids)) < 2e-2
+    assert rel_err(fused_step, step_through_cache()) < 2e-2
     eager_tokens = model.generate(ids, 3, eos_token_id=[], cuda_graph=False)
     if DEVICE == "cpu":  # fp16 here; in bf16 a one-unit rounding may flip a near-tie of the random tiny model
         assert torch.equal(fused_tokens, eager_tokens)

@@ -1,0 +1,169 @@
+"""Decode attention over the KV cache in Triton: split over the cache (flash-decoding), masked tiles skipped.
+
+At decode the query is one token: per KV head only rep = Q / KV query rows. A flash-attention kernel tiles the
+query rows, so it launches about one program per KV head (8 for GLM-4.6) and each walks the whole cache: on an
+H200 that read 8 MB in 91 us with 8 of 132 SMs busy (benchmarks/NOTES.md). Here the cache is cut into SPLITS
+ranges per KV head, each program folds the head's rep * T query rows into one tile (one read of each cached k/v
+row serves every query head of the group), skips the BLOCK_S-slot tiles whose mask is all False (so the work
+follows the position, not max_seq_len), and writes an fp32 partial (row max, row sum, unnormalized output); a
+second kernel merges the splits in a fixed order (deterministic). Both are CUDA-graph safe: shapes alone set the
+grid, and the mask (a tensor) says which slots count.
+
+Legend: B batch, Q query heads, KV key/value heads, rep = Q / KV, T query tokens, S cache slots, D head_dim.
+Numerics: scores and softmax in fp32 (exp2 with the scale folded into log2 e), probabilities cast to the cache
+dtype for the p @ v dot, as flash attention does. Matches F.scaled_dot_product_attention(q, k, v, mask) with
+enable_gqa up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_S = 64  # cache slots per tile
+MAX_ROWS = 64  # rep * T query rows folded into one tile, at most
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Q, T, D] any strides, unit along D
+    k_ptr,  # [B, KV, S, D] contiguous
+    v_ptr,  # [B, KV, S, D] contiguous
+    mask_ptr,  # uint8 [T, S]: 1 = attend
+    m_ptr,  # fp32 [B * KV, SPLITS, ROWS] out: row max of the scaled scores (log2 units)
+    l_ptr,  # fp32 [B * KV, SPLITS, ROWS] out: row sum of exp2(score - max)
+    acc_ptr,  # fp32 [B * KV, SPLITS, ROWS, D] out: unnormalized output
+    KV,
+    S,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    qk_scale,  # softmax scale * log2(e)
+    T: tl.constexpr,
+    REP: tl.constexpr,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,  # next power of two >= max(16, REP * T)
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    bh = tl.program_id(0)  # b * KV + kv
+    split = tl.program_id(1)
+    b = bh // KV
+    kv = bh % KV
+    rows = tl.arange(0, ROWS)  # row i: query head kv * REP + i // T, token i % T
+    row_ok = rows < REP * T
+    offs_d = tl.arange(0, D)
+    q_rows = q_ptr + b * stride_qb + (kv * REP + rows // T) * stride_qh + (rows % T) * stride_qt
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    kv_base = bh.to(tl.int64) * S * D
+
+    tiles = tl.cdiv(S, BLOCK_S)
+    per_split = tl.cdiv(tiles, SPLITS)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for tile in range(split * per_split, tl.minimum((split + 1) * per_split, tiles)):
+        offs_s = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+        in_cache = offs_s < S
+        live = tl.load(mask_ptr + (rows % T)[:, None] * S + offs_s[None, :], mask=row_ok[:, None] & in_cache[None, :],
+                       other=0) != 0  # fmt: skip
+        used = tl.max(live.to(tl.int32), axis=0) > 0  # [BLOCK_S]: slots some row attends to
+        if tl.max(used.to(tl.int32), axis=0) > 0:  # masked-out tiles (past the position) cost one mask read
+            kv_offs = kv_base + offs_s[:, None] * D + offs_d[None, :]
+            k = tl.load(k_ptr + kv_offs, mask=used[:, None], other=0.0)  # unused slots never load (stale/NaN)
+            scores = tl.where(live, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # [ROWS, BLOCK_S]
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing live yet stay at 0
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(v_ptr + kv_offs, mask=used[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+    out = (bh * SPLITS + split) * ROWS + rows
+    tl.store(m_ptr + out, m_i)
+    tl.store(l_ptr + out, l_i)
+    tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,  # [B, Q, T, D] contiguous, the query's dtype
+    KV,
+    T: tl.constexpr,
+    REP: tl.constexpr,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m = tl.maximum(m, tl.load(m_ptr + (bh * SPLITS + s) * ROWS + rows))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for s in tl.static_range(SPLITS):  # fixed order: the same bits every run
+        base = (bh * SPLITS + s) * ROWS + rows
+        w = tl.exp2(tl.load(m_ptr + base) - m_safe)  # 0 for splits with nothing live
+        total += w * tl.load(l_ptr + base)
+        acc += w[:, None] * tl.load(acc_ptr + base[:, None] * D + offs_d[None, :])
+    y = acc / tl.where(rows < REP * T, total, 1.0)[:, None]  # padding rows: 0 / 1, not 0 / 0
+    b = bh // KV
+    kv = bh % KV
+    # row i is query head kv * REP + i // T, token i % T: in [B, Q, T, D] that is offset (b * Q + kv * REP) * T + i
+    dst = ((b * KV + kv) * REP * T + rows).to(tl.int64) * D
+    tl.store(out_ptr + dst[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=(rows < REP * T)[:, None])
+
+
+def decode_supported(q_heads: int, kv_heads: int, tokens: int, head_dim: int) -> bool:
+    """Whether decode_attention takes this shape: a power-of-two head_dim >= 16 and rep * T <= MAX_ROWS rows."""
+    pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return pow2 and q_heads % kv_heads == 0 and (q_heads // kv_heads) * tokens <= MAX_ROWS
+
+
+def _splits(bkv: int, tiles: int, device: torch.device) -> int:
+    """Enough splits for ~2 programs per SM, at least 2 tiles each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(2 * sms, bkv), triton.cdiv(tiles, 2)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for q [B, Q, T, D] (any strides, unit along D) over the cache k, v
+    [B, KV, S, D] (contiguous) with mask bool [T, S] (True = attend) -> [B, Q, T, D] contiguous, q's dtype."""
+    b, heads, t, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    if not decode_supported(heads, kv_heads, t, d):
+        raise ValueError(f"decode_attention: Q={heads}, KV={kv_heads}, T={t}, D={d} not supported; use SDPA")
+    if k.shape != (b, kv_heads, s, d) or v.shape != k.shape or mask.shape != (t, s) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} must be [B, KV, S, D] = "
+            f"{(b, kv_heads, s, d)} and mask bool [T, S] = {(t, s)}; got mask {mask.dtype} {tuple(mask.shape)}"
+        )
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k, v = k.contiguous(), v.contiguous()
+    rep = heads // kv_heads
+    rows = max(16, triton.next_power_of_2(rep * t))
+    splits = _splits(b * kv_heads, triton.cdiv(s, BLOCK_S), q.device)
+    m = torch.empty((b * kv_heads, splits, rows), dtype=torch.float32, device=q.device)
+    lsum = torch.empty_like(m)
+    acc = torch.empty((b * kv_heads, splits, rows, d), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, heads, t, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    scale = d**-0.5 * 1.4426950408889634  # log2(e): exp2 in the kernels
+    _decode_split_kernel[(b * kv_heads, splits)](
+        q, k, v, mask.contiguous().view(torch.uint8), m, lsum, acc, kv_heads, s, q.stride(0), q.stride(1), q.stride(2),
+        scale, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits, BLOCK_S=BLOCK_S, num_warps=4,
+    )  # fmt: skip
+    _decode_merge_kernel[(b * kv_heads,)](
+        m, lsum, acc, out, kv_heads, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits, num_warps=4
+    )  # fmt: skip
+    return out
