@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build glm_awq._C, run the GPU tests, run the benchmarks, print a short table last.
 # Results (JSON + PNG, the card's name in each) and the full log go to $OUT (default ./out).
-#   STAGES=build,test,tune,gemm,moe,decode,profile (default: all but tune and profile)
+#   STAGES=build,test,tune,gemm,moe,attention,decode,profile (default: all but tune and profile)
 #   GEMM_ARGS / MOE_ARGS / TEST_ARGS / TUNE_ARGS
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ OUT=${OUT:-out}
 export OUT
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
-STAGES=${STAGES:-build,test,gemm,moe,decode}
+STAGES=${STAGES:-build,test,gemm,moe,attention,decode}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 status=0
 
@@ -35,6 +35,7 @@ has tune && { python benchmarks/tune_triton.py ${TUNE_ARGS:-} 2>&1 | tee -a "$LO
 has gemm && { python benchmarks/bench_w4a16_gemm.py ${GEMM_ARGS:-} 2>&1 | tee -a "$LOG" | tail -60 || status=1; }
 # shellcheck disable=SC2086
 has moe && { python benchmarks/bench_moe.py ${MOE_ARGS:-} 2>&1 | tee -a "$LOG" | tail -16 || status=1; }
+has attention && { python benchmarks/bench_attention.py 2>&1 | tee -a "$LOG" | tail -6 || status=1; }
 has profile && { python benchmarks/profile_decode.py 2>&1 | tee -a "$LOG" | tail -60 || status=1; }
 if has decode && [ -f benchmarks/bench_decode.py ]; then
   python benchmarks/bench_decode.py 2>&1 | tee -a "$LOG" | tail -15 || status=1
