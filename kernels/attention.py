@@ -11,7 +11,7 @@ grid, and the mask (a tensor) says which slots count.
 
 Legend: B batch, Q query heads, KV key/value heads, rep = Q / KV, T query tokens, S cache slots, D head_dim.
 Numerics: scores and softmax in fp32 (exp2 with the scale folded into log2 e), probabilities cast to the cache
-dtype for the p @ v dot, as flash attention does. Matches F.scaled_dot_product_attention(q, k, v, mask) with
+dtype for the p @ v dot, as flash attention does (an fp32 cache keeps fp32 dots, no TF32). Matches F.scaled_dot_product_attention(q, k, v, mask) with
 enable_gqa up to rounding.
 """
 
@@ -46,6 +46,7 @@ def _decode_split_kernel(
     ROWS: tl.constexpr,  # next power of two >= max(16, REP * T)
     SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for an fp32 cache (no TF32), else the 16-bit dots' default
 ):
     bh = tl.program_id(0)  # b * KV + kv
     split = tl.program_id(1)
@@ -72,19 +73,20 @@ def _decode_split_kernel(
         if tl.max(used.to(tl.int32), axis=0) > 0:  # masked-out tiles (past the position) cost one mask read
             kv_offs = kv_base + offs_s[:, None] * D + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=used[:, None], other=0.0)  # unused slots never load (stale/NaN)
-            scores = tl.where(live, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # [ROWS, BLOCK_S]
+            scores = tl.where(live, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing live yet stay at 0
             p = tl.exp2(scores - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             v = tl.load(v_ptr + kv_offs, mask=used[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
     out = (bh * SPLITS + split) * ROWS + rows
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
-    tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc)
+    live_rows = m_i > float("-inf")  # a split wholly past the position writes only its -inf maxima
+    tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc, mask=live_rows[:, None])
 
 
 @triton.jit
@@ -99,27 +101,26 @@ def _decode_merge_kernel(
     D: tl.constexpr,
     ROWS: tl.constexpr,
     SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # next power of two >= SPLITS
 ):
+    """One program per (B * KV, query row): all of the row's splits in one [SPLITS, D] tile, summed by a fixed
+    reduction tree (the same bits every run). Splits with nothing live (max -inf) weigh 0 and are not read."""
     bh = tl.program_id(0)
-    rows = tl.arange(0, ROWS)
+    row = tl.program_id(1)
+    if row >= REP * T:
+        return  # a padding row of the split kernel's tile
+    splits = tl.arange(0, SPLITS_PAD)
+    base = (bh * SPLITS + splits) * ROWS + row
+    m = tl.load(m_ptr + base, mask=splits < SPLITS, other=float("-inf"))
+    live = m > float("-inf")
+    w = tl.where(live, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+    total = tl.sum(w * tl.load(l_ptr + base, mask=live, other=0.0), axis=0)
     offs_d = tl.arange(0, D)
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m = tl.maximum(m, tl.load(m_ptr + (bh * SPLITS + s) * ROWS + rows))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
-    for s in tl.static_range(SPLITS):  # fixed order: the same bits every run
-        base = (bh * SPLITS + s) * ROWS + rows
-        w = tl.exp2(tl.load(m_ptr + base) - m_safe)  # 0 for splits with nothing live
-        total += w * tl.load(l_ptr + base)
-        acc += w[:, None] * tl.load(acc_ptr + base[:, None] * D + offs_d[None, :])
-    y = acc / tl.where(rows < REP * T, total, 1.0)[:, None]  # padding rows: 0 / 1, not 0 / 0
-    b = bh // KV
-    kv = bh % KV
-    # row i is query head kv * REP + i // T, token i % T: in [B, Q, T, D] that is offset (b * Q + kv * REP) * T + i
-    dst = ((b * KV + kv) * REP * T + rows).to(tl.int64) * D
-    tl.store(out_ptr + dst[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=(rows < REP * T)[:, None])
+    acc = tl.load(acc_ptr + base[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
+    y = tl.sum(w[:, None] * acc, axis=0) / total
+    # row i is query head kv * REP + i // T, token i % T: in [B, Q, T, D] that is row (b * Q + kv * REP) * T + i
+    dst = (bh.to(tl.int64) * REP * T + row) * D
+    tl.store(out_ptr + dst + offs_d, y.to(out_ptr.dtype.element_ty))
 
 
 def decode_supported(q_heads: int, kv_heads: int, tokens: int, head_dim: int) -> bool:
@@ -161,9 +162,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scale = d**-0.5 * 1.4426950408889634  # log2(e): exp2 in the kernels
     _decode_split_kernel[(b * kv_heads, splits)](
         q, k, v, mask.contiguous().view(torch.uint8), m, lsum, acc, kv_heads, s, q.stride(0), q.stride(1), q.stride(2),
-        scale, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits, BLOCK_S=BLOCK_S, num_warps=4,
+        scale, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits, BLOCK_S=BLOCK_S,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )  # fmt: skip
-    _decode_merge_kernel[(b * kv_heads,)](
-        m, lsum, acc, out, kv_heads, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits, num_warps=4
+    _decode_merge_kernel[(b * kv_heads, rows)](
+        m, lsum, acc, out, kv_heads, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
     )  # fmt: skip
     return out
