@@ -23,6 +23,7 @@ import triton.language as tl
 
 BLOCK_S = 64  # cache slots per tile
 MAX_ROWS = 64  # rep * T query rows folded into one tile, at most
+MAX_SPLITS = 128  # cache ranges per KV head, at most
 
 
 @triton.jit
@@ -73,12 +74,12 @@ def _decode_split_kernel(
         if tl.max(used.to(tl.int32), axis=0) > 0:  # masked-out tiles (past the position) cost one mask read
             kv_offs = kv_base + offs_s[:, None] * D + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=used[:, None], other=0.0)  # unused slots never load (stale/NaN)
+            v = tl.load(v_ptr + kv_offs, mask=used[:, None], other=0.0)  # in flight with k, before the first dot
             scores = tl.where(live, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing live yet stay at 0
             p = tl.exp2(scores - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            v = tl.load(v_ptr + kv_offs, mask=used[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
@@ -130,9 +131,10 @@ def decode_supported(q_heads: int, kv_heads: int, tokens: int, head_dim: int) ->
 
 
 def _splits(bkv: int, tiles: int, device: torch.device) -> int:
-    """Enough splits for ~2 programs per SM, at least 2 tiles each."""
+    """Enough splits for ~2 programs per SM, and at most 8 tiles per split on long caches (the tiles of a split
+    run in series), but at least 2 tiles each and at most MAX_SPLITS (the merge holds all splits of a row)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(2 * sms, bkv), triton.cdiv(tiles, 2)))
+    return max(1, min(max(triton.cdiv(2 * sms, bkv), triton.cdiv(tiles, 8)), triton.cdiv(tiles, 2), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -167,6 +169,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     )  # fmt: skip
     _decode_merge_kernel[(b * kv_heads, rows)](
         m, lsum, acc, out, kv_heads, T=t, REP=rep, D=d, ROWS=rows, SPLITS=splits,
-        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=8 if splits > 64 else 4,
     )  # fmt: skip
     return out

@@ -45,6 +45,7 @@ def _check(q, k, v, mask, dtype):
     (1, 24, 2, 1, 200, 64, [137]),
     (2, 4, 4, 1, 130, 32, [129]),
     (1, 8, 2, 3, 200, 64, [60, 61, 62]),
+    (1, 2, 1, 1, 34_000, 16, [30_001]),  # a long cache: 67 splits of 8 tiles, the 8-warp merge
 ])  # fmt: skip
 def test_decode_attention_matches_sdpa(dtype, b, heads, kv_heads, t, s, d, positions):
     gen = torch.Generator().manual_seed(s + t + heads)
