@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_awq import env
 from glm_awq.kernels import tuning
 from glm_awq.kernels.w4a16_gemm import KBLOCK, _check_activation, _magic, _offset_tile, _sm_count
 
@@ -173,20 +174,46 @@ def _scatter_kernel(
 # ----------------------------------------------------------------------------------------- grouped GEMMs
 
 
+# (q - 8) * scale for two nibbles in one 32-bit register: lop3 puts nibbles j and j + 4 (bits 0-3 and 16-19 after
+# the caller's shift) into the mantissas of two 16-bit floats (bf16 0x4300 = 128, fp16 0x6400 = 1024), one fma
+# removes the bias (-136, -1032: exact), one multiplies by the scale pair (one rounding: the same bits as the fp32
+# path).
+_DEQUANT_ASM = """{{
+.reg .b32 t, one, bias, zero;
+mov.b32 one, {one};
+mov.b32 bias, {bias};
+mov.b32 zero, 0x80008000;
+lop3.b32 t, $2, 0x000F000F, {magic}, 0xea;
+fma.rn.{ty} t, t, one, bias;
+fma.rn.{ty} t, t, $3, zero;
+mov.b32 {{$0, $1}}, t;
+}}"""
+_DEQUANT_BF16 = tl.constexpr(_DEQUANT_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300", ty="bf16x2"))
+_DEQUANT_F16 = tl.constexpr(_DEQUANT_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400", ty="f16x2"))
+
+
 @triton.jit
-def _wide_block(words, scale, DTYPE: tl.constexpr):
-    """A layout block's 16 words [16, BN] and its group's scale [BN] -> [16 words w, 8 nibbles j, BN] in DTYPE:
-    weight row 16 j + w of the block, (q - 8) * scale rounded once. The nibble OR-ed into the bits of 2^23 is
-    the float 2^23 + q, exactly. _k_rows turns it into [128, BN]."""
-    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF
+def _wide_tile(words, scale, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """A layout block's 16 words [16, BN] and its group's scale [BN] -> the block's 128 rows of W^T [128, BN] in
+    DTYPE, (q - 8) * scale rounded once. Word w nibble j is row 16 j + w; the permutes only rename register dims
+    (on Hopper the tile goes from registers straight to shared memory for wgmma, in row order).
+    ASM (GPU): two weights per 32-bit instruction (_DEQUANT_ASM, ~2.5 instructions per weight). Else (also the
+    interpreter): the nibble OR-ed into the bits of 2^23 is the float 2^23 + q exactly, then fp32 math."""
+    if ASM:
+        pairs = words[:, None, :] >> (4 * tl.arange(0, 4))[None, :, None]  # [16 w, 4 j, BN]: nibbles j, j + 4
+        s16 = scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        s2 = tl.broadcast_to((s16 | (s16 << 16))[None, None, :], pairs.shape)
+        if DTYPE == tl.float16:
+            lo, hi = tl.inline_asm_elementwise(_DEQUANT_F16, "=h,=h,r,r", [pairs, s2], (tl.float16, tl.float16),
+                                               is_pure=True, pack=1)  # fmt: skip
+        else:
+            lo, hi = tl.inline_asm_elementwise(_DEQUANT_BF16, "=h,=h,r,r", [pairs, s2], (tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=1)  # fmt: skip
+        w = tl.join(lo, hi)  # [16 w, 4 j, BN, 2 h]: row 16 (j + 4 h) + w
+        return tl.reshape(tl.permute(w, (3, 1, 0, 2)), (128, w.shape[2]))
+    nib = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF  # [16 w, 8 j, BN]
     q = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0)
-    return (q * scale.to(tl.float32)[None, None, :]).to(DTYPE)
-
-
-@triton.jit
-def _k_rows(w):
-    """[16 w, 8 j, BN] -> [128 rows 16 j + w, BN]. The permute only renames register dims: on Hopper the tile
-    goes from registers straight to shared memory for wgmma, in this order."""
+    w = (q * scale.to(tl.float32)[None, None, :]).to(DTYPE)
     return tl.reshape(tl.permute(w, (1, 0, 2)), (128, w.shape[2]))
 
 
@@ -215,6 +242,7 @@ def _moe_gemm_kernel(
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
     WIDE: tl.constexpr,  # False: a k16 dot per nibble plus an offset dot; True: one k128 dot per block
+    ASM: tl.constexpr,  # WIDE's dequant in inline PTX, two weights per instruction (GPU only; see _wide_tile)
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -261,9 +289,9 @@ def _moe_gemm_kernel(
             part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if WIDE:  # the dequantized block in one dot: ~2x the k16 steps' MMA rate at 64-128 rows
             a = tl.load(a_rows_ptrs + kb + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
-            acc = tl.dot(a, _k_rows(_wide_block(words, scale, DTYPE)), acc)
+            acc = tl.dot(a, _wide_tile(words, scale, DTYPE, ASM), acc)
             if GATE_UP:
-                acc_up = tl.dot(a, _k_rows(_wide_block(words_up, scale_up, DTYPE)), acc_up)
+                acc_up = tl.dot(a, _wide_tile(words_up, scale_up, DTYPE, ASM), acc_up)
         else:
             for j in tl.static_range(8):
                 a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
@@ -394,6 +422,8 @@ def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
 def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate_up, weighted, group, cfg):
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    # the inline-PTX dequant needs a GPU and scales already in the activation dtype (it multiplies them raw)
+    asm = cfg.pop("ASM", True) and a.is_cuda and not env.triton_interpret() and scale.dtype == a.dtype
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")
@@ -401,7 +431,7 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     _moe_gemm_kernel[grid](
         a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
-        num_warps=warps, num_stages=stages, **{"WIDE": False, **cfg},
+        num_warps=warps, num_stages=stages, ASM=asm, **{"WIDE": False, **cfg},
     )  # fmt: skip
 
 
