@@ -1,7 +1,8 @@
 """Sweep the Triton MoE layer's launch configs at prefill sizes, against its current rule and bf16 grouped_mm.
 
 Each candidate is one (GEMM1, GEMM2) pair sharing BLOCK_M; WIDE selects the inner block step of
-kernels/moe.py (0: a k16 dot per nibble plus an offset dot; 1: one k128 dot on the dequantized block).
+kernels/moe.py (0: a k16 dot per nibble plus an offset dot; 1: one k128 dot on the dequantized block) and ASM
+its dequant (inline PTX, or 0: fp32 math).
 Prints time (CUDA graph, routing excluded; the grouped_mm baseline includes it), % of the floor (measured in
 this run) and the error against the rule's output; writes sweep_triton_moe.json.
 
@@ -23,22 +24,20 @@ import common  # noqa: E402
 from bench_moe import A, E, EXPERT_BYTES, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights  # noqa: E402
 from bench_w4a16_gemm import _rotating  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, WIDE) of GEMM1, then of GEMM2 (they share BLOCK_M: one sort)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, WIDE, ASM) of GEMM1, then of GEMM2 (they share BLOCK_M: one sort);
+# ASM: WIDE's dequant in inline PTX (0: the fp32 path)
 CANDIDATES = [
-    ((32, 128, 4, 3, 1), (32, 128, 4, 3, 1)),
-    ((64, 64, 4, 3, 1), (64, 64, 4, 3, 1)),
-    ((64, 128, 4, 3, 1), (64, 128, 4, 3, 1)),
-    ((64, 128, 4, 3, 1), (64, 256, 8, 3, 1)),
-    ((128, 128, 8, 3, 1), (128, 128, 8, 3, 1)),
-    ((128, 128, 8, 3, 1), (128, 64, 4, 3, 1)),
-    ((128, 128, 8, 3, 1), (128, 256, 8, 3, 1)),
-    ((128, 128, 8, 3, 1), (128, 128, 4, 4, 1)),
-    ((128, 64, 4, 3, 1), (128, 128, 8, 3, 1)),
+    ((64, 128, 4, 3, 1, 0), (64, 128, 4, 3, 1, 0)),
+    ((64, 128, 4, 3, 1, 1), (64, 128, 4, 3, 1, 1)),
+    ((128, 128, 8, 3, 1, 0), (128, 256, 8, 3, 1, 0)),
+    ((128, 128, 8, 3, 1, 1), (128, 256, 8, 3, 1, 1)),
+    ((128, 128, 8, 3, 1, 1), (128, 128, 8, 3, 1, 1)),
+    ((128, 128, 8, 2, 1, 1), (128, 256, 8, 2, 1, 1)),
 ]
 
 
-def _cfg(bm, bn, warps, stages, wide):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=warps, num_stages=stages, WIDE=bool(wide))
+def _cfg(bm, bn, warps, stages, wide, asm):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=warps, num_stages=stages, WIDE=bool(wide), ASM=bool(asm))
 
 
 def main() -> int:
