@@ -34,6 +34,8 @@ from glm_awq import env
 from glm_awq.kernels import tuning
 from glm_awq.kernels.w4a16_gemm import KBLOCK, _check_activation, _magic, _offset_tile, _sm_count
 
+_INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
+
 # ------------------------------------------------------------------------------------------------- routing
 
 
@@ -176,18 +178,13 @@ def _scatter_kernel(
 
 # (q - 8) * scale for two nibbles in one 32-bit register: lop3 puts nibbles j and j + 4 (bits 0-3 and 16-19 after
 # the caller's shift) into the mantissas of two 16-bit floats (bf16 0x4300 = 128, fp16 0x6400 = 1024), one fma
-# removes the bias (-136, -1032: exact), one multiplies by the scale pair (one rounding: the same bits as the fp32
-# path).
-_DEQUANT_ASM = """{{
-.reg .b32 t, one, bias, zero;
-mov.b32 one, {one};
-mov.b32 bias, {bias};
-mov.b32 zero, 0x80008000;
-lop3.b32 t, $2, 0x000F000F, {magic}, 0xea;
-fma.rn.{ty} t, t, one, bias;
-fma.rn.{ty} t, t, $3, zero;
-mov.b32 {{$0, $1}}, t;
-}}"""
+# removes the bias (-136, -1032: exact), one multiplies by the scale pair (one rounding, as the fp32 path rounds).
+# One line: torch.compile's inductor copies the kernel's globals into generated source as plain string literals.
+_DEQUANT_ASM = (
+    "{{ .reg .b32 t, one, bias, zero; mov.b32 one, {one}; mov.b32 bias, {bias}; mov.b32 zero, 0x80008000; "
+    "lop3.b32 t, $2, 0x000F000F, {magic}, 0xea; fma.rn.{ty} t, t, one, bias; fma.rn.{ty} t, t, $3, zero; "
+    "mov.b32 {{$0, $1}}, t; }}"
+)
 _DEQUANT_BF16 = tl.constexpr(_DEQUANT_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300", ty="bf16x2"))
 _DEQUANT_F16 = tl.constexpr(_DEQUANT_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400", ty="f16x2"))
 
@@ -423,7 +420,7 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     # the inline-PTX dequant needs a GPU and scales already in the activation dtype (it multiplies them raw)
-    asm = cfg.pop("ASM", True) and a.is_cuda and not env.triton_interpret() and scale.dtype == a.dtype
+    asm = cfg.pop("ASM", True) and a.is_cuda and not _INTERPRETER and scale.dtype == a.dtype
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")

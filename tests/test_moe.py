@@ -221,7 +221,8 @@ def test_triton_moe_wide(block_m):
     t = p.tensors
     out = moe.fused_moe(x, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, None, cfgs)
     assert rel_err(out, fused_moe_ref(x.float(), ids, w, *experts)) < 1e-2
-    if DEVICE == "cuda":  # the inline-PTX dequant (the GPU default when scales are in x's dtype) rounds as fp32 does
+    if DEVICE == "cuda":  # the inline-PTX dequant (the GPU default when scales are in x's dtype) against the fp32 one:
+        # the same weights, but the dots may sum in another order (the tiles' register layouts differ), so not bitwise
         for dtype in (torch.bfloat16, torch.float16):
             w13, s13, w2, s2 = experts
             t = glm_awq.prepare_experts(w13, s13.to(dtype), w2, s2.to(dtype), backend="triton").tensors
@@ -230,7 +231,8 @@ def test_triton_moe_wide(block_m):
             def run(configs, t=t, xd=xd):
                 return moe.fused_moe(xd, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, None, configs)
 
-            assert torch.equal(run(cfgs), run([dict(c, ASM=False) for c in cfgs])), dtype
+            ptx, fp32 = run(cfgs), run([dict(c, ASM=False) for c in cfgs])
+            assert torch.isfinite(ptx).all() and rel_err(ptx, fp32) < 1e-3, dtype
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
