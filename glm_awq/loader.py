@@ -128,6 +128,7 @@ class _Filler:
                     group = _Merge(m, merged, tuple(f"{n}.{p}" for p in parts))
                     self.merges.update(dict.fromkeys(group.parts, group))
         self.held: set[str] = set()  # complete Linears handed to their merge group
+        self.finished: set[str] = set()  # complete Linears (filled, prepared or held): no tensor may follow
         self.experts = {n: _ExpertStack(m) for n, m in model.named_modules() if isinstance(m, Experts)}
         # every plain parameter (norms, embeddings, router), by checkpoint name
         self.params = {}
@@ -228,6 +229,11 @@ class _Filler:
             return
         prefix, _, leaf = name.rpartition(".")
         if prefix in self.linears:
+            if prefix in self.finished:
+                raise LoaderError(
+                    f"{file.name}: {name} arrives after {prefix} was already complete: a Linear holds either a float "
+                    "weight (+ bias) or the int4 weight_packed / weight_scale / weight_shape (+ bias), not both"
+                )
             p = self.pending.setdefault(prefix, _Pending(self.linears[prefix]))
             p.tensors[leaf], p.files[leaf] = t, file.name
             self._maybe_finish_linear(prefix, p)
@@ -250,6 +256,7 @@ class _Filler:
             self._check_weight_shape(f"{prefix}.weight_shape", p.files["weight_shape"], t["weight_shape"],
                                      lin.out_features, lin.in_features)  # fmt: skip
         del self.pending[prefix]
+        self.finished.add(prefix)
         group = self.merges.get(prefix)
         if group is None:
             self._fill_linear(prefix, p)

@@ -145,6 +145,9 @@ BROKEN = [
     # unsupported int4 variants and float routed experts
     ("zero-point", f"{A1}.v_proj.weight_packed", _set(f"{A1}.v_proj.weight_zero_point", torch.zeros(16, 2, dtype=torch.int32)), "asymmetric"),
     ("float-expert", f"{E1}.down_proj.weight_packed", _set(f"{E1}.down_proj.weight", torch.zeros(256, 128)), "int4 only"),
+    # a Linear stored both ways (the float weight completes it first; the int4 tensors after it must not be dropped)
+    ("float-and-int4", f"{A1}.q_proj.weight_packed", lambda t: t.__setitem__(f"{A1}.q_proj.weight", torch.zeros(
+        t[f"{A1}.q_proj.weight_packed"].shape[0], t[f"{A1}.q_proj.weight_packed"].shape[1] * 8)), "both"),
 ]  # fmt: skip
 
 
