@@ -50,8 +50,8 @@ def main() -> int:
         kernel_us = common.graph_time_us(lambda: attention.decode_attention(q, k, v, mask))
         sdpa_us = common.graph_time_us(lambda: _sdpa(q, k, v, mask))
         rows.append(dict(S=s, position=pos, floor_us=floor, kernel_us=kernel_us, sdpa_us=sdpa_us, rel_err=err))
-        print(f"S={s:6d} pos={pos:6d} floor {floor:6.1f} us  split-KV {kernel_us:7.1f} us ({100 * floor / kernel_us:4.0f}%)"
-              f"  SDPA {sdpa_us:7.1f} us  rel err {err:.1e}", flush=True)  # fmt: skip
+        print(f"S={s:6d} pos={pos:6d} floor {floor:6.1f} us  split-KV {kernel_us:7.1f} us "
+              f"({100 * floor / kernel_us:4.0f}%)  SDPA {sdpa_us:7.1f} us  rel err {err:.1e}", flush=True)  # fmt: skip
     common.write_results("attention", {"card": common.card(), "ceilings": ceilings, "rows": rows})
     return 0
 

@@ -88,3 +88,14 @@ def fused_moe_ref(
         h = silu_and_mul_ref(x[tokens].float() @ w13.T)  # [n, I]
         out.index_add_(0, tokens, (h @ w2.T) * topk_weights[tokens, slots, None].float())
     return out.to(x.dtype)
+
+
+def decode_attention_ref(q, k, v, mask):
+    """softmax(q k^T / sqrt(D), masked) v over a KV cache, in fp32: q [B, Q, T, D], k and v [B, KV, S, D] (query head h
+    reads kv head h // (Q / KV)), mask bool [T, S] (True = attend) -> [B, Q, T, D] in q's dtype. A row with nothing
+    to attend to gives 0."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(rep, dim=1), v.float().repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Q, T, S]
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (p @ v).to(q.dtype)

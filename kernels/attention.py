@@ -3,16 +3,18 @@
 At decode the query is one token: per KV head only rep = Q / KV query rows. A flash-attention kernel tiles the
 query rows, so it launches about one program per KV head (8 for GLM-4.6) and each walks the whole cache: on an
 H200 that read 8 MB in 91 us with 8 of 132 SMs busy (benchmarks/NOTES.md). Here the cache is cut into SPLITS
-ranges per KV head, each program folds the head's rep * T query rows into one tile (one read of each cached k/v
-row serves every query head of the group), skips the BLOCK_S-slot tiles whose mask is all False (so the work
-follows the position, not max_seq_len), and writes an fp32 partial (row max, row sum, unnormalized output); a
+parts per KV head (split s takes tiles s, s + SPLITS, ...: live tiles spread over all splits wherever the position
+is), each program folds the head's rep * T query rows into one tile (one read of each cached k/v row serves every
+query head of the group), skips the BLOCK_S-slot tiles whose mask is all False (so the work follows the position,
+not max_seq_len), and writes an fp32 partial (row max, row sum, unnormalized output); a
 second kernel merges the splits in a fixed order (deterministic). Both are CUDA-graph safe: shapes alone set the
 grid, and the mask (a tensor) says which slots count.
 
 Legend: B batch, Q query heads, KV key/value heads, rep = Q / KV, T query tokens, S cache slots, D head_dim.
 Numerics: scores and softmax in fp32 (exp2 with the scale folded into log2 e), probabilities cast to the cache
-dtype for the p @ v dot, as flash attention does (an fp32 cache keeps fp32 dots, no TF32). Matches F.scaled_dot_product_attention(q, k, v, mask) with
-enable_gqa up to rounding.
+dtype for the p @ v dot, as flash attention does (an fp32 cache keeps fp32 dots, no TF32). Matches
+F.scaled_dot_product_attention(q, k, v, mask) with enable_gqa up to rounding (glm_awq.reference
+.decode_attention_ref); a row whose mask is all False gives 0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from glm_awq.kernels.w4a16_gemm import _sm_count
 
 BLOCK_S = 64  # cache slots per tile
 MAX_ROWS = 64  # rep * T query rows folded into one tile, at most
@@ -61,11 +65,10 @@ def _decode_split_kernel(
     kv_base = bh.to(tl.int64) * S * D
 
     tiles = tl.cdiv(S, BLOCK_S)
-    per_split = tl.cdiv(tiles, SPLITS)
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
-    for tile in range(split * per_split, tl.minimum((split + 1) * per_split, tiles)):
+    for tile in range(split, tiles, SPLITS):  # interleaved: the live tiles spread over every split
         offs_s = tile * BLOCK_S + tl.arange(0, BLOCK_S)
         in_cache = offs_s < S
         live = tl.load(mask_ptr + (rows % T)[:, None] * S + offs_s[None, :], mask=row_ok[:, None] & in_cache[None, :],
@@ -114,27 +117,30 @@ def _decode_merge_kernel(
     base = (bh * SPLITS + splits) * ROWS + row
     m = tl.load(m_ptr + base, mask=splits < SPLITS, other=float("-inf"))
     live = m > float("-inf")
-    w = tl.where(live, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(live, tl.exp2(m - tl.where(top == float("-inf"), 0.0, top)), 0.0)
     total = tl.sum(w * tl.load(l_ptr + base, mask=live, other=0.0), axis=0)
     offs_d = tl.arange(0, D)
     acc = tl.load(acc_ptr + base[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
-    y = tl.sum(w[:, None] * acc, axis=0) / total
+    y = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)  # a row with nothing to attend to: 0
     # row i is query head kv * REP + i // T, token i % T: in [B, Q, T, D] that is row (b * Q + kv * REP) * T + i
     dst = (bh.to(tl.int64) * REP * T + row) * D
     tl.store(out_ptr + dst + offs_d, y.to(out_ptr.dtype.element_ty))
 
 
 def decode_supported(q_heads: int, kv_heads: int, tokens: int, head_dim: int) -> bool:
-    """Whether decode_attention takes this shape: a power-of-two head_dim >= 16 and rep * T <= MAX_ROWS rows."""
-    pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether decode_attention takes this shape: a power-of-two head_dim in 16..128 (shared memory fits any
+    sm_80+ GPU) and rep * T <= MAX_ROWS rows."""
+    pow2 = 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
     return pow2 and q_heads % kv_heads == 0 and (q_heads // kv_heads) * tokens <= MAX_ROWS
 
 
 def _splits(bkv: int, tiles: int, device: torch.device) -> int:
-    """Enough splits for ~2 programs per SM, and at most 8 tiles per split on long caches (the tiles of a split
-    run in series), but at least 2 tiles each and at most MAX_SPLITS (the merge holds all splits of a row)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(max(triton.cdiv(2 * sms, bkv), triton.cdiv(tiles, 8)), triton.cdiv(tiles, 2), MAX_SPLITS))
+    """Enough splits for ~2 programs per SM, more (up to 8 per SM) on long caches so a split walks <= 8 tiles in
+    series; at least 2 tiles each, and at most MAX_SPLITS (the merge holds all splits of a row)."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    long_cache = min(triton.cdiv(tiles, 8), triton.cdiv(8 * sms, bkv))
+    return max(1, min(max(triton.cdiv(2 * sms, bkv), long_cache), triton.cdiv(tiles, 2), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,6 +154,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         raise ValueError(
             f"decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} must be [B, KV, S, D] = "
             f"{(b, kv_heads, s, d)} and mask bool [T, S] = {(t, s)}; got mask {mask.dtype} {tuple(mask.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"decode_attention: q {q.dtype} on {q.device}, k {k.dtype} on {k.device}, v {v.dtype} on {v.device}: "
+            "the cache must have q's dtype and device"
         )
     if q.stride(-1) != 1:
         q = q.contiguous()

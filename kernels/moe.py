@@ -35,6 +35,7 @@ from glm_awq.kernels import tuning
 from glm_awq.kernels.w4a16_gemm import KBLOCK, _check_activation, _magic, _offset_tile, _sm_count
 
 _INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
+_NVIDIA = torch.version.hip is None  # the inline PTX dequant (_DEQUANT_ASM) is NVIDIA-only
 
 # ------------------------------------------------------------------------------------------------- routing
 
@@ -385,14 +386,29 @@ def pick_config(gemm: str, slots: int, n: int, k: int, num_experts: int, device)
         cfg = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=0, num_warps=4, num_stages=3)
     elif per_expert <= 80:  # prefill: one k128 dot per block (benchmarks/NOTES.md, "MoE prefill")
         cfg = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=3, WIDE=True)
-    else:  # GEMM1 keeps 128 columns: its gate and up accumulators both live in registers
+    elif _smem_per_block(device.index or 0) >= 132 * 1024:  # sm_80, sm_90, sm_100
+        # GEMM1 keeps 128 columns: its gate and up accumulators both live in registers
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if gemm == "w13" else 256, SPLIT_K=1, num_warps=8, num_stages=3, WIDE=True)
+    else:  # ~99 KB per block (sm_86, sm_89): the 3-stage / 256-column tiles do not fit
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=2, WIDE=True)
     blocks = k // KBLOCK
     if cfg["SPLIT_K"] == 0:
         programs = (triton.cdiv(slots, cfg["BLOCK_M"]) + busy) * triton.cdiv(n, cfg["BLOCK_N"])
         want = max(1, (4 * _sm_count(device.index or 0)) // max(programs, 1))
         cfg["SPLIT_K"] = max(s for s in range(1, min(want, blocks, 8) + 1) if blocks % s == 0)
     return cfg
+
+
+_SMEM_PER_BLOCK: dict[int, int] = {}
+
+
+def _smem_per_block(device_index: int) -> int:
+    """Opt-in shared memory per block, memoised (read under torch.compile as a dictionary lookup only)."""
+    nbytes = _SMEM_PER_BLOCK.get(device_index)
+    if nbytes is None:
+        props = torch.cuda.get_device_properties(device_index) if torch.cuda.is_available() else None
+        nbytes = _SMEM_PER_BLOCK[device_index] = props.shared_memory_per_block_optin if props else 0
+    return nbytes
 
 
 def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
@@ -419,8 +435,8 @@ def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
 def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate_up, weighted, group, cfg):
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    # the inline-PTX dequant needs a GPU and scales already in the activation dtype (it multiplies them raw)
-    asm = cfg.pop("ASM", True) and a.is_cuda and not _INTERPRETER and scale.dtype == a.dtype
+    # the inline-PTX dequant needs an NVIDIA GPU and scales already in the activation dtype (it multiplies them raw)
+    asm = cfg.pop("ASM", True) and a.is_cuda and _NVIDIA and not _INTERPRETER and scale.dtype == a.dtype
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")
