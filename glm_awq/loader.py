@@ -127,8 +127,7 @@ class _Filler:
                 for merged, parts in getattr(m, "MERGES", {}).items():
                     group = _Merge(m, merged, tuple(f"{n}.{p}" for p in parts))
                     self.merges.update(dict.fromkeys(group.parts, group))
-        self.held: set[str] = set()  # complete Linears handed to their merge group
-        self.finished: set[str] = set()  # complete Linears (filled, prepared or held): no tensor may follow
+        self.finished: set[str] = set()  # complete Linears (filled, prepared or held for a merge): no tensor follows
         self.experts = {n: _ExpertStack(m) for n, m in model.named_modules() if isinstance(m, Experts)}
         # every plain parameter (norms, embeddings, router), by checkpoint name
         self.params = {}
@@ -262,7 +261,6 @@ class _Filler:
             self._fill_linear(prefix, p)
             return
         group.ready[prefix] = p
-        self.held.add(prefix)
         if len(group.ready) == len(group.parts):
             self._finish_merge(group)
 
@@ -336,7 +334,7 @@ class _Filler:
             if getattr(module, pname).is_meta:
                 missing.append(name)
         for name, lin in self.linears.items():
-            if name not in self.held and lin.prepared is None and (lin.weight is None or lin.weight.is_meta):
+            if name not in self.finished and lin.prepared is None and (lin.weight is None or lin.weight.is_meta):
                 p = self.pending.get(name)
                 have = sorted(p.tensors) if p else []
                 missing.append(f"{name} (found {', '.join(have)})" if have else f"{name}.weight or .weight_packed")
