@@ -253,6 +253,66 @@ def test_moe_glm_shape(t, variant, monkeypatch):
     assert err < 1e-2, f"T={t}: rel err {err:.2e}"
 
 
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _moe_direct(x, ids, weights, p, block_m, variant):
+    """CudaBackend.fused_moe with the block size and kernel variant forced (the op's own arguments)."""
+    from glm_awq.kernels import moe as triton_moe
+
+    e = p.num_experts
+    tokens, top_k = ids.shape
+    sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
+    w = weights.reshape(-1).float().contiguous()
+    t = p.tensors
+    ops = torch.ops.glm_awq
+    s13, s2 = t["w13_scale"].to(x.dtype).contiguous(), t["w2_scale"].to(x.dtype).contiguous()
+    hid = ops.moe_gemm(x, t["w13"], s13, sorted_slots, counts, w, top_k, block_m, 1, p.group_size, variant)
+    y = ops.moe_gemm(hid, t["w2"], s2, sorted_slots, counts, w, top_k, block_m, 2, p.group_size, variant)
+    return ops.moe_sum(y, local, top_k)
+
+
+# The wgmma kernel (variant 4, blocks of 64 slots, sm_90 only). Shapes pick both CTA widths: N % 512 == 0 runs two
+# warpgroups, N % 256 == 0 one. T = 1: one block with one real row; 333 x 4 over 16 experts: ~83 slots each,
+# ragged last blocks; 97 x 8 over 8 experts: GEMM1 N = 768 (one warpgroup, 3 tiles), GEMM2 K = 384 (3 k tiles,
+# fewer than the pipeline's slots + prefetch); the skew puts every token on 4 experts, 12 get nothing.
+@pytest.mark.parametrize(
+    "t, e, h, i, top_k, skew",
+    [(1, 16, 512, 256, 4, None), (333, 16, 512, 256, 4, None), (97, 8, 256, 384, 8, None),
+     (200, 16, 256, 256, 4, [3, 7, 11, 12])],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype):
+    if not _hopper():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    w13, s13, w2, s2 = _experts(e, h, i, seed=t + e)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=t, skew=skew)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    ref = fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)
+    out = _moe_direct(x, ids, weights, p, 64, 4)
+    err = rel_err(out, ref)
+    assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype}: rel err {err:.2e}"
+    # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order differs.
+    assert rel_err(out, _moe_direct(x, ids, weights, p, 64, 1)) < 2e-3
+    assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
+
+
+# The real layer through the default path: T = 1000 and 2000 give 50 and 100 slots per expert, so blocks of 64 and
+# (on sm_90) the wgmma kernel for both GEMMs (GEMM1 N = 3072, GEMM2 N = 5120: two warpgroups).
+@pytest.mark.parametrize("t", [1000, 2000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_glm_shape_prefill(t, dtype):
+    e, h, i, top_k = 160, 5120, 1536, 8
+    w13, s13, w2, s2 = _experts(e, h, i, seed=7)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=t)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    err = rel_err(glm_awq.fused_moe(x, ids, weights, p), fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
+    assert err < 1e-2, f"T={t} {dtype}: rel err {err:.2e}"
+
+
 def test_moe_opcheck_and_cuda_graph():
     from glm_awq.kernels import moe as triton_moe
 
@@ -263,7 +323,10 @@ def test_moe_opcheck_and_cuda_graph():
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
     w = weights.reshape(-1).float().contiguous()
     tt = p.tensors
-    for block_m, variant in ((16, 1), (16, 3), (8, 0)):  # the tile kernel, skinny with 16 and with 8 rows
+    configs = [(16, 1), (16, 3), (8, 0)]  # the tile kernel, skinny with 16 and with 8 rows
+    if _hopper():
+        configs.append((64, 4))  # wgmma
+    for block_m, variant in configs:
         sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
         args1 = (x, tt["w13"], tt["w13_scale.bfloat16"], sorted_slots, counts, w, top_k, block_m, 1, 128, variant)
         torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args1)
