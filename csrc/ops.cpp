@@ -135,11 +135,12 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
               "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
               " does not fit; use block_m=16");
-  TORCH_CHECK(variant >= 0 && variant <= 4, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, scales "
-              "into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16) or 4 (wgmma)");
-  TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a.get_device(), n)), "moe_gemm: variant=4 (the "
-              "wgmma kernel) needs block_m=64 (got ", block_m, "), N % 256 == 0 (got N=", n, ") and an sm_90 GPU with "
-              "a build that includes sm_90a (", a.device(), "); use variant=0");
+  TORCH_CHECK(variant >= 0 && variant <= 5, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, scales "
+              "into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma) or 5 (wgmma, one warpgroup "
+              "per CTA)");
+  TORCH_CHECK(variant < 4 || (block_m == 64 && moe_wgmma_supported(a.get_device(), n)), "moe_gemm: variant=", variant,
+              " (the wgmma kernel) needs block_m=64 (got ", block_m, "), N % 256 == 0 (got N=", n, ") and an sm_90 GPU "
+              "with a build that includes sm_90a (", a.device(), "); use variant=0");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&

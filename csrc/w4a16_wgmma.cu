@@ -14,11 +14,13 @@
 //    The scale is multiplied in before the wgmma (one bf16/fp16 rounding of q * s, as the tile kernel).
 //  - B = x rows of the block's slots, [BT, 128] per stage, K-major with the 128-byte swizzle (16-byte chunk c of
 //    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset).
-//  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), PREFETCH = STAGES - 2 ahead: the
-//    slot being refilled was read by wgmmas two stages back, which every warp has waited for (wait_group<1> after
-//    each step) before the barrier that precedes the refill.
+//  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight. The one barrier
+//    per stage sits in its last k16 step, after the wait for step 6's wgmmas: it publishes the next stage and frees
+//    the slot of the previous one (whose last wgmmas every warp waited for in this stage's first step), which is
+//    refilled right after it.
 //  - Per k16 step: fence, four m64n64k16 wgmmas (async), commit, wait for the previous step's group, then
-//    dequantize the next step's chunk into the other A register set while this one's wgmmas run.
+//    dequantize the next step's chunk (the next stage's first, in the last step) into the other A register set
+//    while this one's wgmmas run.
 //  - Epilogue: SiLU(gate) * up (GEMM1: features 16i+r of a 64-block, i < 2, are gate columns 32 b + 16 i + r, and
 //    i + 2 the matching up rows, in the same thread) or routing weight * acc (GEMM2), staged through shared memory
 //    so that each slot's row is written with 16-byte stores.
@@ -36,20 +38,21 @@ namespace glm_awq {
 namespace {
 
 constexpr int kBT = 64;          // token-slots per block (wgmma N)
-constexpr int kWgStages = 4;     // pipeline slots
-constexpr int kWgPrefetch = kWgStages - 2;
 constexpr int kOutPad = 8;       // elements of padding per staged output row
 
-template <int WGS>
+template <int WGS, int STAGES>
 struct Wg {
   static constexpr int THREADS = 128 * WGS, ROWS = 256 * WGS, NB = ROWS / 64;  // NB 64-feature blocks
   static constexpr int A_BYTES = kBT * kBK * 2;     // x tile of a stage: 16 KB
   static constexpr int B_BYTES = 8 * NB * 512;      // weight chunks of a stage: 8 k16 steps x NB blocks x 32 lanes
   static constexpr int S_BYTES = ROWS * 2;          // scales of a stage
-  static constexpr int PIPE = kWgStages * (A_BYTES + B_BYTES + S_BYTES);
+  static constexpr int PREFETCH = STAGES - 1;       // stages in flight while one is computed
+  static constexpr int PIPE = STAGES * (A_BYTES + B_BYTES + S_BYTES);
   static constexpr int OUT = kBT * (ROWS + kOutPad) * 2;  // staged output tile (reuses the pipeline)
   static constexpr int SMEM = 1024 + (PIPE > OUT ? PIPE : OUT);  // + alignment of the swizzled x tiles
+  static constexpr int MIN_BLOCKS = 2 * (SMEM + 2048) <= kSmemPerSM ? 2 : 1;  // CTAs per SM (__launch_bounds__)
   static_assert(A_BYTES % 1024 == 0, "x tiles stay 1024-byte aligned (the swizzle pattern repeats every 1 KB)");
+  static_assert(STAGES >= 3, "one stage computed, one landing, one being issued at least");
 };
 
 // ---------------------------------------------------------------------------------------------- wgmma helpers
@@ -105,22 +108,23 @@ __device__ __forceinline__ void wgmma_m64n64k16<__half>(float (&d)[32], const ui
 
 template <typename T,  // activation, scale and output dtype: __half or __nv_bfloat16
           int WGS,     // warpgroups per CTA (1 or 2): 256 WGS output features
+          int STAGES,  // pipeline slots (3 or 4)
           int MODE>    // kGateUp or kDown (w4a16_common.h)
-__global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
+__global__ void __launch_bounds__(Wg<WGS, STAGES>::THREADS, Wg<WGS, STAGES>::MIN_BLOCKS) moe_wgmma_kernel(
     const T* __restrict__ x,      // GEMM1: x [T, K]; GEMM2: h [S, K]; 16-byte aligned rows
     const int4* __restrict__ wq,  // [E, K/16, N/64, 32] int4 chunks: the cuda layout
     const T* __restrict__ wsc,    // [E, G, N] repacked scales
     T* __restrict__ out,          // GEMM1: [S, N/2]; GEMM2: [S, N]
     int N, int K, int group_size, MoeArgs moe) {
 #ifdef GLM_AWQ_WGMMA_DEVICE
-  using C = Wg<WGS>;
+  using C = Wg<WGS, STAGES>;
   using V = Num<T>;
   constexpr int THREADS = C::THREADS, NB = C::NB;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint8_t* sA = base;                                      // [STAGES][2 halves][BT rows][128 B], swizzled
-  int4* sB = reinterpret_cast<int4*>(sA + kWgStages * C::A_BYTES);  // [STAGES][8 k16][NB][32 lanes]
-  int4* sS = sB + kWgStages * C::B_BYTES / 16;             // [STAGES][ROWS / 8] scale chunks
+  int4* sB = reinterpret_cast<int4*>(sA + STAGES * C::A_BYTES);  // [STAGES][8 k16][NB][32 lanes]
+  int4* sS = sB + STAGES * C::B_BYTES / 16;             // [STAGES][ROWS / 8] scale chunks
   __shared__ int s_slot[kBT];
   __shared__ int s_info[2];
 
@@ -157,7 +161,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 
   auto fetch = [&](int it) {
     if (it < iters) {
-      const int slot = it % kWgStages;
+      const int slot = it % STAGES;
 #pragma unroll
       for (int i = 0; i < A_PER; ++i)
         cp_async16(sA + slot * C::A_BYTES + a_dst[i], a_src[i] + it * kBK, a_ok[i]);
@@ -200,27 +204,33 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     }
   };
 
-#pragma unroll
-  for (int s = 0; s < kWgPrefetch; ++s) fetch(s);
-
-  for (int it = 0; it < iters; ++it) {
-    cp_async_wait<kWgPrefetch - 1>();
-    fence_proxy_async();
-    __syncthreads();  // stage `it` is visible to every warp; every warp has waited for stage it - 2's wgmmas
-    fetch(it + kWgPrefetch);
-    const int slot = it % kWgStages;
+  // Scales of my column g in n8 blocks 0..7 of my 64-feature block (the repack put them side by side), each
+  // broadcast to both halves of a pair: s2[b] multiplies the A registers of block b.
+  uint32_t s2[8];
+  auto load_scales = [&](int slot) {
     const int4 sv = sS[slot * (C::ROWS / 8) + wgw * 8 + g];
     const uint32_t sw[4] = {static_cast<uint32_t>(sv.x), static_cast<uint32_t>(sv.y), static_cast<uint32_t>(sv.z),
                             static_cast<uint32_t>(sv.w)};
-    uint32_t s2[8];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       s2[2 * i] = __byte_perm(sw[i], 0, 0x1010);
       s2[2 * i + 1] = __byte_perm(sw[i], 0, 0x3232);
     }
-    const int4* bchunks = sB + slot * (C::B_BYTES / 16) + wgw * 32 + lane;
+  };
+  auto chunks = [&](int slot) { return sB + slot * (C::B_BYTES / 16) + wgw * 32 + lane; };
+
+#pragma unroll
+  for (int s = 0; s < C::PREFETCH; ++s) fetch(s);
+  cp_async_wait<C::PREFETCH - 1>();
+  fence_proxy_async();
+  __syncthreads();
+  load_scales(0);
+  dequant_step(chunks(0)[0], s2, afr[0]);
+
+  for (int it = 0; it < iters; ++it) {
+    const int slot = it % STAGES;
+    const int4* bchunks = chunks(slot);
     const uint32_t a_base = smem_u32(sA + slot * C::A_BYTES);
-    dequant_step(bchunks[0], s2, afr[0]);
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       int4 next;
@@ -231,7 +241,16 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
       for (int i = 0; i < 4; ++i) wgmma_m64n64k16<T>(acc[i], afr[kk & 1][i], desc);
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's wgmmas are done: its A registers and shared memory are free
-      if (kk + 1 < 8) dequant_step(next, s2, afr[(kk + 1) & 1]);
+      if (kk + 1 < 8) {
+        dequant_step(next, s2, afr[(kk + 1) & 1]);
+      } else if (it + 1 < iters) {
+        cp_async_wait<C::PREFETCH - 2>();  // stage it + 1 has landed (this thread's copies)
+        fence_proxy_async();
+        __syncthreads();  // ... everyone's; and every warp is done with stage it - 1's slot
+        fetch(it + C::PREFETCH);
+        load_scales((it + 1) % STAGES);
+        dequant_step(chunks((it + 1) % STAGES)[0], s2, afr[0]);
+      }
     }
   }
   wgmma_wait<0>();
@@ -293,10 +312,10 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 #endif
 }
 
-template <typename T, int WGS, int MODE>
+template <typename T, int WGS, int STAGES, int MODE>
 cudaError_t launch_wgmma(const MoeLaunch& a) {
-  using C = Wg<WGS>;
-  auto kernel = moe_wgmma_kernel<T, WGS, MODE>;
+  using C = Wg<WGS, STAGES>;
+  auto kernel = moe_wgmma_kernel<T, WGS, STAGES, MODE>;
   static uint64_t configured = 0;
   const cudaError_t err = allow_dynamic_smem(kernel, C::SMEM, configured);
   if (err != cudaSuccess) return err;
@@ -325,26 +344,28 @@ bool moe_wgmma_supported(int device, int64_t n) {
     cudaFuncAttributes attr{};
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
                     major == 9 &&
-                    cudaFuncGetAttributes(&attr, moe_wgmma_kernel<__nv_bfloat16, 2, kDown>) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, moe_wgmma_kernel<__nv_bfloat16, 2, 4, kDown>) == cudaSuccess &&
                     attr.binaryVersion == 90;
     cache[device] = ok ? 1 : -1;
   }
   return cache[device] > 0;
 }
 
-// The table: dtype x {2 warpgroups (N % 512 == 0), 1 (N % 256 == 0)} x {GEMM1, GEMM2}; block_m must be 64.
-int launch_moe_wgmma(const MoeLaunch& a) {
+// The table: dtype x {2 warpgroups, 4 stages (N % 512 == 0; one CTA per SM), 1 warpgroup, 3 stages (two CTAs
+// per SM: one's prologue and epilogue overlap the other's main loop)} x {GEMM1, GEMM2}; block_m must be 64.
+// `narrow` (variant 5) asks for the second where the first would run.
+int launch_moe_wgmma(const MoeLaunch& a, bool narrow) {
   const int64_t n = a.weight.size(2) * 64;
   if (a.block_m != kBT || n % 256) return cudaErrorInvalidValue;
-  const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 512 == 0;
-#define GLM_AWQ_WGMMA_CASE(T, WGS) \
-  return a.mode == kGateUp ? launch_wgmma<T, WGS, kGateUp>(a) : launch_wgmma<T, WGS, kDown>(a);
+  const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 512 == 0 && !narrow;
+#define GLM_AWQ_WGMMA_CASE(T, WGS, STAGES) \
+  return a.mode == kGateUp ? launch_wgmma<T, WGS, STAGES, kGateUp>(a) : launch_wgmma<T, WGS, STAGES, kDown>(a);
   if (bf16) {
-    if (wide) GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 2)
-    GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 1)
+    if (wide) GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 2, 4)
+    GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 1, 3)
   }
-  if (wide) GLM_AWQ_WGMMA_CASE(__half, 2)
-  GLM_AWQ_WGMMA_CASE(__half, 1)
+  if (wide) GLM_AWQ_WGMMA_CASE(__half, 2, 4)
+  GLM_AWQ_WGMMA_CASE(__half, 1, 3)
 #undef GLM_AWQ_WGMMA_CASE
 }
 

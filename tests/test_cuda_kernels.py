@@ -273,7 +273,7 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
     return ops.moe_sum(y, local, top_k)
 
 
-# The wgmma kernel (variant 4, blocks of 64 slots, sm_90 only). Shapes pick both CTA widths: N % 512 == 0 runs two
+# The wgmma kernel (variants 4 and 5, blocks of 64 slots, sm_90 only). Shapes pick both CTA widths: N % 512 == 0 runs two
 # warpgroups, N % 256 == 0 one. T = 1: one block with one real row; 333 x 4 over 16 experts: ~83 slots each,
 # ragged last blocks; 97 x 8 over 8 experts: GEMM1 N = 768 (one warpgroup, 3 tiles), GEMM2 K = 384 (3 k tiles,
 # fewer than the pipeline's slots + prefetch); the skew puts every token on 4 experts, 12 get nothing.
@@ -283,7 +283,8 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
      (200, 16, 256, 256, 4, [3, 7, 11, 12])],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype):
+@pytest.mark.parametrize("variant", [4, 5])  # 5: one warpgroup per CTA even where N allows two
+def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, variant):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
     w13, s13, w2, s2 = _experts(e, h, i, seed=t + e)
@@ -291,12 +292,12 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype):
     ids, weights = _routing(t, e, top_k, seed=t, skew=skew)
     x = torch.randn(t, h, device="cuda").to(dtype)
     ref = fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)
-    out = _moe_direct(x, ids, weights, p, 64, 4)
+    out = _moe_direct(x, ids, weights, p, 64, variant)
     err = rel_err(out, ref)
     assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype}: rel err {err:.2e}"
     # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order differs.
     assert rel_err(out, _moe_direct(x, ids, weights, p, 64, 1)) < 2e-3
-    assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
+    assert torch.equal(_moe_direct(x, ids, weights, p, 64, variant), out), "same bits on a second run"
 
 
 # The real layer through the default path: T = 1000 and 2000 give 50 and 100 slots per expert, so blocks of 64 and
@@ -325,7 +326,7 @@ def test_moe_opcheck_and_cuda_graph():
     tt = p.tensors
     configs = [(16, 1), (16, 3), (8, 0)]  # the tile kernel, skinny with 16 and with 8 rows
     if _hopper():
-        configs.append((64, 4))  # wgmma
+        configs += [(64, 4), (64, 5)]  # wgmma
     for block_m, variant in configs:
         sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
         args1 = (x, tt["w13"], tt["w13_scale.bfloat16"], sorted_slots, counts, w, top_k, block_m, 1, 128, variant)
