@@ -357,6 +357,24 @@ t = p.tensors
 for m, splits, variant in ((1, 3, 1), (17, 1, 1), (70, 2, 1), (1, 3, 3), (9, 2, 3), (5, 1, 3)):
     x = torch.randn(m, 384, device="cuda").to(torch.bfloat16)
     torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, splits, variant)
+# MoE: the tile kernel, and on sm_90 the wgmma kernel with two and with one warpgroup (w13 N = 512, w2 N = 256)
+from glm_awq.kernels import moe
+e, h, i, k = 4, 256, 256, 2
+w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
+w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
+s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+t = p.tensors
+ids = torch.randint(0, e, (40, k), device="cuda", dtype=torch.int32)
+w = torch.rand(40 * k, device="cuda")
+x = torch.randn(40, h, device="cuda").to(torch.bfloat16)
+configs = [(16, 1)] + ([(64, 4), (64, 5)] if torch.cuda.get_device_capability() == (9, 0) else [])
+for block_m, variant in configs:
+    srt, counts, local = moe._sort(ids.reshape(-1), None, e, block_m)[:3]
+    hid = torch.ops.glm_awq.moe_gemm(x, t["w13"], t["w13_scale.bfloat16"], srt, counts, w, k, block_m, 1, 128, variant)
+    y = torch.ops.glm_awq.moe_gemm(hid, t["w2"], t["w2_scale.bfloat16"], srt, counts, w, k, block_m, 2, 128, variant)
+    torch.ops.glm_awq.moe_sum(y, local, k)
 torch.cuda.synchronize()
 """
 
@@ -367,7 +385,7 @@ def test_compute_sanitizer_clean(tool):
     exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if not os.path.exists(exe):
         pytest.skip("compute-sanitizer not found")
-    cmd = [exe, f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "kns=w4a16",
+    cmd = [exe, f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "kns=glm_awq",
            sys.executable, "-c", _SANITIZED]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
