@@ -1,7 +1,7 @@
 """Sweep the cuda MoE layer's block size and kernel at prefill sizes, beside the Triton rule and bf16 grouped_mm.
 
 Candidates are (block_m, variant) of glm_awq::moe_gemm: variant 1 is the mma.sync tile kernel, 4 the wgmma
-kernel (block_m 64, sm_90; 5: one warpgroup per CTA, two CTAs per SM), "rule" what CudaBackend.fused_moe picks. Prints time (CUDA graph, routing excluded;
+kernel (block_m 64, sm_90), "rule" what CudaBackend.fused_moe picks. Prints time (CUDA graph, routing excluded;
 the grouped_mm baseline includes it), % of the floor (measured in this run) and the error against the first
 candidate's output; writes sweep_cuda_moe.json.
 
@@ -23,7 +23,7 @@ import common  # noqa: E402
 from bench_moe import A, E, EXPERT_BYTES, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights  # noqa: E402
 from bench_w4a16_gemm import _rotating  # noqa: E402
 
-CANDIDATES = [(32, 1), (64, 1), (64, 4), (64, 5)]
+CANDIDATES = [(32, 1), (64, 1), (64, 4)]
 
 
 def _cuda_layer(x, ids, w, p, block_m, variant):

@@ -135,12 +135,11 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
               "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
               " does not fit; use block_m=16");
-  TORCH_CHECK(variant >= 0 && variant <= 5, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, scales "
-              "into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma) or 5 (wgmma, one warpgroup "
-              "per CTA)");
-  TORCH_CHECK(variant < 4 || (block_m == 64 && moe_wgmma_supported(a.get_device(), n)), "moe_gemm: variant=", variant,
-              " (the wgmma kernel) needs block_m=64 (got ", block_m, "), N % 256 == 0 (got N=", n, ") and an sm_90 GPU "
-              "with a build that includes sm_90a (", a.device(), "); use variant=0");
+  TORCH_CHECK(variant >= 0 && variant <= 4, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, scales "
+              "into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16) or 4 (wgmma)");
+  TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a.get_device(), n)), "moe_gemm: variant=4 (the "
+              "wgmma kernel) needs block_m=64 (got ", block_m, ") and an sm_90 GPU with a build that includes sm_90a (",
+              a.device(), "); use variant=0");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&
@@ -201,7 +200,7 @@ TORCH_LIBRARY(glm_awq, m) {
       "int splits, int variant=0) -> Tensor");
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
   // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, 64 the
-  // wgmma kernel on sm_90 (variant 0 or 4, N % 256 == 0), else the tile kernel).
+  // wgmma kernel on sm_90 (variant 0 or 4), else the tile kernel).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.

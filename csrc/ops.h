@@ -59,9 +59,9 @@ int launch_moe_gemm(const MoeLaunch& args);
 // moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
 int launch_moe_skinny(const MoeLaunch& args);
 bool moe_skinny_fits(int64_t k, int block_m, int device);
-// The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots, N % 256 == 0, sm_90a code on an sm_90 device;
+// The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots, N % 128 == 0, sm_90a code on an sm_90 device;
 // moe_wgmma_supported(device, N) says whether it runs here.
-int launch_moe_wgmma(const MoeLaunch& args, bool narrow);
+int launch_moe_wgmma(const MoeLaunch& args);
 bool moe_wgmma_supported(int device, int64_t n);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);

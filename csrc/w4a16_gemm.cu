@@ -512,7 +512,7 @@ cudaError_t launch(const GemmLaunch& a) {
 
 // .variant; 0: skinny (w4a16_skinny.cu) where skinny_preferred, else FOLD at M <= 16 and classic above.
 // 1: classic (scales into B), 2: FOLD, 3: skinny.
-constexpr int kVariantFold = 2, kVariantSkinny = 3, kVariantWgmma = 4, kVariantWgmmaNarrow = 5;
+constexpr int kVariantFold = 2, kVariantSkinny = 3, kVariantWgmma = 4;
 constexpr int kMoeWN = 2;  // MoE tiles are 128 wide: T = 1 still gives 8 experts x 24 (GEMM1) or 40 (GEMM2) CTAs
 
 template <typename T, int M_BLOCKS, int MODE, bool FOLD>
@@ -631,11 +631,10 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 // scales into B; plus FOLD at M_BLOCKS 1.
 int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
-  // Blocks of 64 slots take wgmma where the device and build have it (variant 0, 4 or 5; ops.cpp rejects 4 and 5
-  // elsewhere).
-  if (a.block_m == 64 && (a.variant == 0 || a.variant == kVariantWgmma || a.variant == kVariantWgmmaNarrow) &&
+  // Blocks of 64 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4 elsewhere).
+  if (a.block_m == 64 && (a.variant == 0 || a.variant == kVariantWgmma) &&
       moe_wgmma_supported(a.a.get_device(), a.weight.size(2) * 64))
-    return launch_moe_wgmma(a, a.variant == kVariantWgmmaNarrow);
+    return launch_moe_wgmma(a);
   // Blocks of 16 run skinny only on request (variant 3): with two token blocks it runs one CTA per SM and measured
   // slower than the tile kernel (H200, GLM-4.6 layer, T=256: 1528 vs 1053 us; benchmarks/NOTES.md).
   if (a.block_m == 8 || (a.block_m == 16 && a.variant == kVariantSkinny && moe_skinny_fits(k, 16, a.a.get_device())))
