@@ -19,11 +19,12 @@
 //    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). A
 //    pair with at most 64 real slots runs m64n64 wgmmas on the first 64 rows instead.
 //  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight. The one barrier
-//    per stage sits in its last k16 step, after the wait for step 6's wgmmas: it publishes the next stage and frees
+//    per stage sits in its last pair of k16 steps, after the wait for the one before: it publishes the next stage and frees
 //    the slot of the previous one (whose last wgmmas every warp waited for in this stage's first step), which is
 //    refilled right after it.
-//  - Per k16 step: fence, two wgmmas (async), commit, wait for the previous step's group, then dequantize the next
-//    step's ints (the next stage's first, in the last step) into the other A register set while these run.
+//  - Per pair of k16 steps: fence, four wgmmas (async, one group), commit, wait for the previous group, then
+//    dequantize the next pair's ints (the next stage's first, in the last pair) into the other A register set while
+//    these run.
 //  - Epilogue: SiLU(gate) * up (GEMM1) or routing weight * acc (GEMM2), staged through shared memory so that each
 //    slot's row is written with 16-byte stores.
 #include <ATen/ops/empty.h>
@@ -234,18 +235,18 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   // Copy plan. x: BT * 16 chunks per stage (row r = c / 16, chunk c % 16 of its 128 k; half = chunk / 8), rows
   // past the pair's slots zero-filled. Weights: 8 k16 steps x NB blocks x 32 lanes, each step's NB * 512 bytes
   // contiguous in the cuda layout; chunk c = tid + THREADS i is step c / (NB * 32). Scales: ROWS / 8 chunks.
-  const T* a_src[C::A_PER];
-  int a_dst[C::A_PER];
-  bool a_ok[C::A_PER];
+  // Chunk i of this thread is row r0 + 16 i (same r % 8 for every i, so one swizzled offset plus 2 KB per i), and
+  // its source row is kept as an index (-1: zero-fill), not a pointer: registers are what this kernel runs out of.
+  const int r0 = tid >> 4, cc = tid & 15;
+  const int a_dst0 = (cc >> 3) * (kBT * 128) + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4);
+  int a_row[C::A_PER];
 #pragma unroll
   for (int i = 0; i < C::A_PER; ++i) {
-    const int c = tid + THREADS * i, r = c >> 4, cc = c & 15, half = cc >> 3, ch = cc & 7;
-    a_ok[i] = r < rows_here;
-    const int slot = s_slot[a_ok[i] ? r : 0];
-    const int row = MODE == kGateUp ? slot / moe.top_k : slot;
-    a_src[i] = x + static_cast<size_t>(a_ok[i] ? row : 0) * K + cc * 8;
-    a_dst[i] = half * (kBT * 128) + r * 128 + ((ch ^ (r & 7)) << 4);
+    const int r = r0 + 16 * i;
+    const int slot = s_slot[r < rows_here ? r : 0];
+    a_row[i] = r < rows_here ? (MODE == kGateUp ? slot / moe.top_k : slot) : -1;
   }
+  static_assert(THREADS * C::A_PER == kBT * 16 && THREADS % 16 == 0, "16 chunks per row, rows 16 apart");
   const size_t b_step = static_cast<size_t>(n64) * 32, b_stride = 8 * b_step;  // chunks per k16 step / k tile
   const int4* b_src = wq + (tid / (NB * 32)) * b_step + (n0 / 64) * 32 + tid % (NB * 32);
 
@@ -254,7 +255,8 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
       const int slot = it % STAGES;
 #pragma unroll
       for (int i = 0; i < C::A_PER; ++i)
-        cp_async16(sA + slot * C::A_BYTES + a_dst[i], a_src[i] + it * kBK, a_ok[i]);
+        cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (16 * 128),
+                   x + static_cast<size_t>(max(a_row[i], 0)) * K + it * kBK + cc * 8, a_row[i] >= 0);
 #pragma unroll
       for (int i = 0; i < C::B_PER; ++i)
         cp_async16_stream(&sB[slot * (C::B_BYTES / 16) + tid + THREADS * i],
@@ -288,21 +290,30 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     s2[0] = __byte_perm(lo, 0, 0x1010), s2[1] = __byte_perm(lo, 0, 0x3232);
     s2[2] = __byte_perm(hi, 0, 0x1010), s2[3] = __byte_perm(hi, 0, 0x3232);
   };
-  // One k16 step's A fragments: ints p and p + 2 of my chunk; their nibble pairs (0,4) (1,5) (2,6) (3,7) are a0a1,
-  // a4a5, a2a3, a6a7 of features 16 i + (g, g + 8), times the scales of n8 blocks 2i (row g) and 2i+1 (row g + 8).
-  uint32_t afr[2][2][4];
-  auto dequant_step = [&](const int4 chunk, uint32_t (&a)[2][4]) {
-    const uint32_t q[2] = {p ? static_cast<uint32_t>(chunk.y) : static_cast<uint32_t>(chunk.x),
-                           p ? static_cast<uint32_t>(chunk.w) : static_cast<uint32_t>(chunk.z)};
+  // A fragments of two k16 steps (one wgmma group): ints p and p + 2 of my chunk of each step; their nibble pairs
+  // (0,4) (1,5) (2,6) (3,7) are a0a1, a4a5, a2a3, a6a7 of features 16 i + (g, g + 8), times the scales of n8 blocks
+  // 2i (row g) and 2i+1 (row g + 8). Two steps per group: a group of one step (128 tensor cycles per SM
+  // sub-partition) ran at ~half the tensor rate, bound by the per-group issue-to-completion latency.
+  uint32_t afr[2][2][2][4];  // [buffer][step of the group][wgmma j][register]
+  auto dequant_steps = [&](const int4 (&chunk)[2], uint32_t (&a)[2][2][4]) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      uint32_t w[4];
-      V::dequant(q[j], w);
-      a[j][0] = V::mul(w[0], s2[2 * j]);
-      a[j][1] = V::mul(w[2], s2[2 * j + 1]);
-      a[j][2] = V::mul(w[1], s2[2 * j]);
-      a[j][3] = V::mul(w[3], s2[2 * j + 1]);
+    for (int st = 0; st < 2; ++st) {
+      const uint32_t q[2] = {p ? static_cast<uint32_t>(chunk[st].y) : static_cast<uint32_t>(chunk[st].x),
+                             p ? static_cast<uint32_t>(chunk[st].w) : static_cast<uint32_t>(chunk[st].z)};
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t w[4];
+        V::dequant(q[j], w);
+        a[st][j][0] = V::mul(w[0], s2[2 * j]);
+        a[st][j][1] = V::mul(w[2], s2[2 * j + 1]);
+        a[st][j][2] = V::mul(w[1], s2[2 * j]);
+        a[st][j][3] = V::mul(w[3], s2[2 * j + 1]);
+      }
     }
+  };
+  auto load_pair = [&](const int4* bchunks, int step, int4 (&c)[2]) {
+    c[0] = bchunks[step * NB * 32];
+    c[1] = bchunks[(step + 1) * NB * 32];
   };
   auto chunks = [&](int slot) { return sB + slot * (C::B_BYTES / 16) + blk * 32 + lane; };
 
@@ -312,7 +323,11 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   fence_proxy_async();
   __syncthreads();
   load_scales(0);
-  dequant_step(chunks(0)[0], afr[0]);
+  {
+    int4 first[2];
+    load_pair(chunks(0), 0, first);
+    dequant_steps(first, afr[0]);
+  }
 
   // The K loop for NT = 128 slots (m64n128 wgmmas) or, when the pair has at most 64 real rows, NT = 64.
   auto mainloop = [&](auto nt_tag) {
@@ -322,24 +337,29 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
       const int4* bchunks = chunks(slot);
       const uint32_t a_base = smem_u32(sA + slot * C::A_BYTES);
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        int4 next;
-        if (kk + 1 < 8) next = bchunks[(kk + 1) * NB * 32];
-        const uint64_t desc = smem_desc_sw128(a_base + (kk >> 2) * (kBT * 128) + (kk & 3) * 32);
+      for (int kp = 0; kp < 4; ++kp) {  // pairs of k16 steps 2 kp, 2 kp + 1
+        int4 next[2];
+        if (kp + 1 < 4) load_pair(bchunks, 2 * kp + 2, next);
         wgmma_fence();
-        wgmma_rs<T, NT>(acc[0], afr[kk & 1][0], desc);
-        wgmma_rs<T, NT>(acc[1], afr[kk & 1][1], desc);
+#pragma unroll
+        for (int st = 0; st < 2; ++st) {
+          const int kk = 2 * kp + st;
+          const uint64_t desc = smem_desc_sw128(a_base + (kk >> 2) * (kBT * 128) + (kk & 3) * 32);
+          wgmma_rs<T, NT>(acc[0], afr[kp & 1][st][0], desc);
+          wgmma_rs<T, NT>(acc[1], afr[kp & 1][st][1], desc);
+        }
         wgmma_commit();
-        wgmma_wait<1>();  // the previous step's wgmmas are done: its A registers and shared memory are free
-        if (kk + 1 < 8) {
-          dequant_step(next, afr[(kk + 1) & 1]);
+        wgmma_wait<1>();  // the previous group is done: its A registers and shared memory are free
+        if (kp + 1 < 4) {
+          dequant_steps(next, afr[(kp + 1) & 1]);
         } else if (it + 1 < iters) {
           cp_async_wait<C::PREFETCH - 2>();  // stage it + 1 has landed (this thread's copies)
           fence_proxy_async();
           __syncthreads();  // ... everyone's; and every warp is done with stage it - 1's slot
           fetch(it + C::PREFETCH);
           load_scales((it + 1) % STAGES);
-          dequant_step(chunks((it + 1) % STAGES)[0], afr[0]);
+          load_pair(chunks((it + 1) % STAGES), 0, next);
+          dequant_steps(next, afr[0]);
         }
       }
     }
