@@ -19,8 +19,8 @@
 //    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). A
 //    pair with at most 64 real slots runs m64n64 wgmmas on the first 64 rows instead.
 //  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight. The one barrier
-//    per stage sits in its last pair of k16 steps, after the wait for the one before: it publishes the next stage and frees
-//    the slot of the previous one (whose last wgmmas every warp waited for in this stage's first step), which is
+//    per stage sits in its last pair of k16 steps, after the wait for the one before: it publishes the next stage and
+//    frees the slot of the previous one (whose last wgmmas every warp waited for in this stage's first step), which is
 //    refilled right after it.
 //  - Per pair of k16 steps: fence, four wgmmas (async, one group), commit, wait for the previous group, then
 //    dequantize the next pair's ints (the next stage's first, in the last pair) into the other A register set while
@@ -235,18 +235,20 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   // Copy plan. x: BT * 16 chunks per stage (row r = c / 16, chunk c % 16 of its 128 k; half = chunk / 8), rows
   // past the pair's slots zero-filled. Weights: 8 k16 steps x NB blocks x 32 lanes, each step's NB * 512 bytes
   // contiguous in the cuda layout; chunk c = tid + THREADS i is step c / (NB * 32). Scales: ROWS / 8 chunks.
-  // Chunk i of this thread is row r0 + 16 i (same r % 8 for every i, so one swizzled offset plus 2 KB per i), and
-  // its source row is kept as an index (-1: zero-fill), not a pointer: registers are what this kernel runs out of.
+  // Chunk i of this thread is row r0 + R_STEP i (R_STEP = THREADS / 16, a multiple of 8: the same r % 8 for every
+  // i, so one swizzled offset plus R_STEP rows per i), and its source row is kept as an index (-1: zero-fill), not
+  // a pointer: registers are what this kernel runs out of.
+  constexpr int R_STEP = THREADS / 16;
+  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == kBT, "16 chunks per row, rows R_STEP apart");
   const int r0 = tid >> 4, cc = tid & 15;
   const int a_dst0 = (cc >> 3) * (kBT * 128) + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4);
   int a_row[C::A_PER];
 #pragma unroll
   for (int i = 0; i < C::A_PER; ++i) {
-    const int r = r0 + 16 * i;
+    const int r = r0 + R_STEP * i;
     const int slot = s_slot[r < rows_here ? r : 0];
     a_row[i] = r < rows_here ? (MODE == kGateUp ? slot / moe.top_k : slot) : -1;
   }
-  static_assert(THREADS * C::A_PER == kBT * 16 && THREADS % 16 == 0, "16 chunks per row, rows 16 apart");
   const size_t b_step = static_cast<size_t>(n64) * 32, b_stride = 8 * b_step;  // chunks per k16 step / k tile
   const int4* b_src = wq + (tid / (NB * 32)) * b_step + (n0 / 64) * 32 + tid % (NB * 32);
 
@@ -255,7 +257,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
       const int slot = it % STAGES;
 #pragma unroll
       for (int i = 0; i < C::A_PER; ++i)
-        cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (16 * 128),
+        cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (R_STEP * 128),
                    x + static_cast<size_t>(max(a_row[i], 0)) * K + it * kBK + cc * 8, a_row[i] >= 0);
 #pragma unroll
       for (int i = 0; i < C::B_PER; ++i)
