@@ -16,8 +16,8 @@
 //    four: each dequantized weight feeds 128 slots (m64n128 wgmmas), half the dequant per mma of 64-slot tiles.
 //    The scale is multiplied in before the wgmma (one bf16/fp16 rounding of q * s, as the tile kernel).
 //  - B = x rows of the CTA's slots, [BT, 128] per stage, K-major with the 128-byte swizzle (16-byte chunk c of
-//    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). A
-//    pair with at most 64 real slots runs m64n64 wgmmas on the first 64 rows instead.
+//    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). The
+//    wgmmas' N is the pair's real rows rounded up to 32 (m64n32 .. m64n128); rows past them are zero-filled.
 //  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight. The one barrier
 //    per stage sits in its last pair of k16 steps, after the wait for the one before: it publishes the next stage and
 //    frees the slot of the previous one (whose last wgmmas every warp waited for in this stage's first step), which is
@@ -125,73 +125,81 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
 }
 
 #ifdef GLM_AWQ_WGMMA_DEVICE
-#define GLM_AWQ_ACC64 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define GLM_AWQ_OUTS64 \
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define GLM_AWQ_ACC128 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define GLM_AWQ_OUTS128 \
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define GLM_AWQ_ACC0 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define GLM_AWQ_ACC1 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define GLM_AWQ_ACC2 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+#define GLM_AWQ_ACC3 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define GLM_AWQ_OUT16(o)                                                                  \
+  "+f"(d[(o) + 0]), "+f"(d[(o) + 1]), "+f"(d[(o) + 2]), "+f"(d[(o) + 3]),            \
+  "+f"(d[(o) + 4]), "+f"(d[(o) + 5]), "+f"(d[(o) + 6]), "+f"(d[(o) + 7]),            \
+  "+f"(d[(o) + 8]), "+f"(d[(o) + 9]), "+f"(d[(o) + 10]), "+f"(d[(o) + 11]),          \
+  "+f"(d[(o) + 12]), "+f"(d[(o) + 13]), "+f"(d[(o) + 14]), "+f"(d[(o) + 15])
 
 // d[64 x N] += a[64 x 16] (registers: this warp's 16 rows) . B[16 x N] (shared memory, K-major, descriptor):
-// D row 16 w + g (+8) of warp w, column 8 j + 2 t (+1) in d[4 j + (0, 1) (+2)]. N = 64 or 128 slots.
+// D row 16 w + g (+8) of warp w, column 8 j + 2 t (+1) in d[4 j + (0, 1) (+2)]. N = 32, 64, 96 or 128 slots.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint64_t desc);
 template <>
+__device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 32>(float* d, const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 "}, "
+               "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__half, 32>(float* d, const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {" GLM_AWQ_ACC0 "}, "
+               "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
 __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 64>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      GLM_AWQ_ACC64
-      "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-      : GLM_AWQ_OUTS64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 "}, "
+               "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__half, 64>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-      GLM_AWQ_ACC64
-      "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-      : GLM_AWQ_OUTS64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 "}, "
+               "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 96>(float* d, const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
+               "{%48, %49, %50, %51}, %52, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__half, 96>(float* d, const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
+               "{%48, %49, %50, %51}, %52, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 128>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      GLM_AWQ_ACC128
-      "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-      : GLM_AWQ_OUTS128
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
+               "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__half, 128>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-      GLM_AWQ_ACC128
-      "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-      : GLM_AWQ_OUTS128
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
+               "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
-#undef GLM_AWQ_ACC64
-#undef GLM_AWQ_ACC128
-#undef GLM_AWQ_OUTS64
-#undef GLM_AWQ_OUTS128
+#undef GLM_AWQ_ACC0
+#undef GLM_AWQ_ACC1
+#undef GLM_AWQ_ACC2
+#undef GLM_AWQ_ACC3
+#undef GLM_AWQ_OUT16
 #else
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float*, const uint32_t (&)[4], uint64_t) {
@@ -366,10 +374,16 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
       }
     }
   };
-  if (rows_here > kBT / 2)
-    mainloop(std::integral_constant<int, kBT>{});
+  // wgmma N: the pair's real rows rounded up to 32 (the sort pads each expert's run to 64 slots, so an expert of
+  // ~205 slots ran 256 rows of wgmma at a fixed N = 128; now 224).
+  if (rows_here > 96)
+    mainloop(std::integral_constant<int, 128>{});
+  else if (rows_here > 64)
+    mainloop(std::integral_constant<int, 96>{});
+  else if (rows_here > 32)
+    mainloop(std::integral_constant<int, 64>{});
   else
-    mainloop(std::integral_constant<int, kBT / 2>{});
+    mainloop(std::integral_constant<int, 32>{});
   wgmma_wait<0>();
 #pragma unroll
   for (int j = 0; j < 2; ++j)
@@ -379,7 +393,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   __syncthreads();  // the pipeline's shared memory is free: stage the output tile there
 
   // Output tile [BT slots][COLS + pad] in T. D column 8 jj + 2 t (+1) is slot row 8 jj + 2 t (+1) of the pair;
-  // columns past 64 of an NT = 64 pair hold zeros, and rows past rows_here are never stored.
+  // columns past a short pair's N hold zeros, and rows past rows_here are never stored.
   constexpr int COLS = MODE == kGateUp ? C::ROWS / 2 : C::ROWS, PITCH = COLS + kOutPad;
   T* tile = reinterpret_cast<T*>(base);
 #pragma unroll
