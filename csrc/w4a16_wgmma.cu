@@ -169,30 +169,38 @@ __device__ __forceinline__ void wgmma_rs<__half, 64>(float* d, const uint32_t (&
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 96>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
+  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {"
+               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
                "{%48, %49, %50, %51}, %52, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32)
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
+                 GLM_AWQ_OUT16(32)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__half, 96>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
+  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 {"
+               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
                "{%48, %49, %50, %51}, %52, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32)
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
+                 GLM_AWQ_OUT16(32)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 128>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
                "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
+                 GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<__half, 128>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
                "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
+               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
+                 GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 #undef GLM_AWQ_ACC0

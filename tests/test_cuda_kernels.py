@@ -274,14 +274,16 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
 
 
 # The wgmma kernel (variant 4, sm_90 only): a CTA takes up to 128 slots of one expert (two blocks of the sort),
-# m64n128 wgmmas, or m64n64 where the pair has at most 64 real rows. N % 256 == 0 runs two warpgroups per CTA,
-# N % 128 == 0 one. T = 1: four experts with one row each (the n64 path). 600 x 4 over 16 experts: ~150 slots
-# each, so pairs of 128 rows and a ragged n64 tail pair. 97 x 8 over 8 experts: every token on every expert;
+# with wgmma N = its real rows rounded up to 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one.
+# T = 1: four experts with one row each (N = 32). 150 x 4 over 16 experts: ~37 slots each (N = 64, some 32).
+# 600 x 4 over 16 experts: ~150 each, pairs of 128 rows and a ragged tail pair (N = 32).
+# 97 x 8 over 8 experts: every token on every expert (N = 128);
 # GEMM1 N = 768 (two warpgroups, 3 tiles), GEMM2 N = 384 (one warpgroup) and K = 384 (3 k tiles: no more than the
-# pipeline keeps in flight). The skew puts every token on 4 experts (200 slots each), 12 get nothing.
+# pipeline keeps in flight). The skew puts every token on 4 experts (200 slots each: 128 + 72, N = 96), 12 get
+# nothing.
 @pytest.mark.parametrize(
     "t, e, h, i, top_k, skew",
-    [(1, 16, 512, 256, 4, None), (600, 16, 512, 256, 4, None), (97, 8, 384, 384, 8, None),
+    [(1, 16, 512, 256, 4, None), (150, 16, 256, 256, 4, None), (600, 16, 512, 256, 4, None), (97, 8, 384, 384, 8, None),
      (200, 16, 256, 256, 4, [3, 7, 11, 12])],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
