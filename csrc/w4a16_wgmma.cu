@@ -46,7 +46,6 @@ namespace {
 constexpr int kBT = 128;         // token-slots per CTA: two 64-slot blocks of the sort
 constexpr int kSortBlock = 64;   // the sort's block (block_m)
 constexpr int kWgStages = 4;     // pipeline slots
-constexpr int kOutPad = 8;       // elements of padding per staged output row
 
 template <int WGS>
 struct Wg {
@@ -56,8 +55,7 @@ struct Wg {
   static constexpr int S_BYTES = ROWS * 2;          // scales of a stage
   static constexpr int PREFETCH = kWgStages - 1;    // stages in flight while one is computed
   static constexpr int PIPE = kWgStages * (A_BYTES + B_BYTES + S_BYTES);
-  static constexpr int OUT = kBT * (ROWS + kOutPad) * 2;  // staged output tile (reuses the pipeline)
-  static constexpr int SMEM = 1024 + (PIPE > OUT ? PIPE : OUT);  // + alignment of the swizzled x tiles
+  static constexpr int SMEM = 1024 + PIPE;          // + alignment of the swizzled x tiles
   static constexpr int A_PER = kBT * 16 / THREADS;  // x chunks per thread per stage
   static constexpr int B_PER = 8 * NB * 32 / THREADS, B_STEPS = THREADS / (NB * 32);  // weight chunks, k16 steps apart
   static_assert(A_BYTES % 1024 == 0, "x tiles stay 1024-byte aligned (the swizzle pattern repeats every 1 KB)");
@@ -69,9 +67,7 @@ struct Wg {
 // 0 past the pair's real rows) and s_info = {expert or -1 past the last pair, real rows}. The caller syncs.
 __device__ __forceinline__ void find_expert_pair(const MoeArgs& moe, int j, int lane, int* s_slot, int* s_info) {
   int base_pair = 0, base_row = 0, found_e = -1, found_rows = 0, found_off = 0;
-  for (int e0 = 0; e0 < moe.num_experts; e0 += 32) {
-    const int e = e0 + lane;
-    const int c = e < moe.num_experts ? moe.counts[e] : 0;
+  auto scan = [&](int e, int c) {  // one 32-expert block: inclusive scans of pairs and padded rows
     const int pairs = (c + kBT - 1) / kBT, padded = (c + kSortBlock - 1) / kSortBlock * kSortBlock;
     int incl_pairs = pairs, incl_rows = padded;
 #pragma unroll
@@ -86,6 +82,22 @@ __device__ __forceinline__ void find_expert_pair(const MoeArgs& moe, int j, int 
     }
     base_pair += __shfl_sync(0xffffffffu, incl_pairs, 31);
     base_row += __shfl_sync(0xffffffffu, incl_rows, 31);
+  };
+  // The first 256 experts' counts are loaded together (one memory round trip, not one per 32 experts: this scan
+  // is the CTA's prologue), any further ones block by block.
+  constexpr int kPreload = 8;
+  int cnt[kPreload];
+#pragma unroll
+  for (int i = 0; i < kPreload; ++i) {
+    const int e = 32 * i + lane;
+    cnt[i] = e < moe.num_experts ? moe.counts[e] : 0;
+  }
+#pragma unroll
+  for (int i = 0; i < kPreload; ++i)
+    if (32 * i < moe.num_experts) scan(32 * i + lane, cnt[i]);
+  for (int e0 = 32 * kPreload; e0 < moe.num_experts; e0 += 32) {
+    const int e = e0 + lane;
+    scan(e, e < moe.num_experts ? moe.counts[e] : 0);
   }
   const unsigned who = __ballot_sync(0xffffffffu, found_e >= 0);
   const int src = who ? __ffs(who) - 1 : 0;
@@ -225,7 +237,9 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     const int4* __restrict__ wq,  // [E, K/16, N/64, 32] int4 chunks: the cuda layout
     const T* __restrict__ wsc,    // [E, G, N] repacked scales
     T* __restrict__ out,          // GEMM1: [S, N/2]; GEMM2: [S, N]
-    int N, int K, int group_size, MoeArgs moe) {
+    int N, int K, int group_size,
+    int tiles_per_cta,            // consecutive N tiles of this CTA (one pipeline runs through all of them)
+    MoeArgs moe) {
   using C = Wg<WGS>;
   using V = Num<T>;
   constexpr int THREADS = C::THREADS, NB = C::NB, STAGES = kWgStages;
@@ -235,18 +249,23 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   int4* sB = reinterpret_cast<int4*>(sA + STAGES * C::A_BYTES);  // [STAGES][8 k16][NB][32 lanes]
   int4* sS = sB + STAGES * C::B_BYTES / 16;                     // [STAGES][ROWS / 8] scale chunks
   __shared__ int s_slot[kBT];
+  __shared__ float s_w[kBT];  // GEMM2: routing weight per slot row (0 past the pair's rows)
   __shared__ int s_info[2];
 
-  const int nt = blockIdx.x;  // N tile fastest: a pair's x rows stay in L2 across its N tiles
-  const int n0 = nt * C::ROWS;
+  // This CTA: N tiles nt0 .. nt0 + tiles_per_cta - 1 (fastest in the grid: a pair's x rows stay in L2) of pair
+  // blockIdx.y. Persistent over its tiles: the prologue (the pair lookup, the first stages' latency) is paid once,
+  // and the next tile's stages load during this tile's last ones and its epilogue.
+  const int nt0 = blockIdx.x * tiles_per_cta;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (warp == 0) find_expert_pair(moe, blockIdx.y, lane, s_slot, s_info);
   __syncthreads();
   if (s_info[0] < 0) return;
   const int rows_here = s_info[1];
+  if constexpr (MODE == kDown)
+    for (int r = tid; r < kBT; r += THREADS) s_w[r] = r < rows_here ? moe.weights[s_slot[r]] : 0.f;
   wq += s_info[0] * moe.w_stride;
   wsc += s_info[0] * moe.s_stride;
-  const int n64 = N / 64, iters = K / kBK;
+  const int n64 = N / 64, iters = K / kBK, total = tiles_per_cta * iters;  // stages over all my tiles
 
   // Copy plan. x: BT * 16 chunks per stage (row r = c / 16, chunk c % 16 of its 128 k; half = chunk / 8), rows
   // past the pair's slots zero-filled. Weights: 8 k16 steps x NB blocks x 32 lanes, each step's NB * 512 bytes
@@ -266,11 +285,11 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     a_row[i] = r < rows_here ? (MODE == kGateUp ? slot / moe.top_k : slot) : -1;
   }
   const size_t b_step = static_cast<size_t>(n64) * 32, b_stride = 8 * b_step;  // chunks per k16 step / k tile
-  const int4* b_src = wq + (tid / (NB * 32)) * b_step + (n0 / 64) * 32 + tid % (NB * 32);
+  const int4* b_src = wq + (tid / (NB * 32)) * b_step + tid % (NB * 32);        // + the tile's (n0 / 64) * 32
 
-  auto fetch = [&](int it) {
-    if (it < iters) {
-      const int slot = it % STAGES;
+  auto fetch = [&](int gs) {  // stage gs of the CTA: k tile gs % iters of tile gs / iters
+    if (gs < total) {
+      const int slot = gs % STAGES, it = gs % iters, n0 = (nt0 + gs / iters) * C::ROWS;
 #pragma unroll
       for (int i = 0; i < C::A_PER; ++i)
         cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (R_STEP * 128),
@@ -278,7 +297,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 #pragma unroll
       for (int i = 0; i < C::B_PER; ++i)
         cp_async16_stream(&sB[slot * (C::B_BYTES / 16) + tid + THREADS * i],
-                          b_src + it * b_stride + i * C::B_STEPS * b_step);
+                          b_src + (n0 / 64) * 32 + it * b_stride + i * C::B_STEPS * b_step);
       if (tid < C::ROWS / 8) {
         const int g = it * kBK / group_size;
         cp_async16(&sS[slot * (C::ROWS / 8) + tid], wsc + static_cast<size_t>(g) * N + n0 + tid * 8, true);
@@ -347,11 +366,48 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     dequant_steps(first, afr[0]);
   }
 
-  // The K loop for NT = 128 slots (m64n128 wgmmas) or, when the pair has at most 64 real rows, NT = 64.
+  // Epilogue of one tile, straight from the accumulators: D column 8 jj + 2 t (+1) is slot row 8 jj + 2 t (+1) of
+  // the pair, and lanes g, g + 1 (lane ^ 4) hold features f, f + 1 of both rows; one shuffle gives each an adjacent
+  // pair of one row: 4-byte stores, no shared memory (the pipeline's slots hold the next tile's stages).
+  auto store_pair = [&](float v0, float v1, int r, int col, T* dst_base, int out_n) {
+    const bool odd = g & 1;
+    const float recv = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+    const int row = odd ? r + 1 : r;
+    if (row < rows_here)
+      *reinterpret_cast<uint32_t*>(&dst_base[static_cast<size_t>(s_slot[row]) * out_n + (odd ? col - 1 : col)]) =
+          odd ? V::pack(recv, v1) : V::pack(v0, recv);
+  };
+  auto epilogue = [&](int tile) {
+    const int n0 = (nt0 + tile) * C::ROWS;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int jj = 0; jj < kBT / 8; ++jj) {
+        const int r = 8 * jj + 2 * t;
+        if constexpr (MODE == kGateUp) {
+          float v[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float gt = acc[0][4 * jj + 2 * h + c], up = acc[1][4 * jj + 2 * h + c];
+            v[c] = gt / (1.f + __expf(-gt)) * up;
+          }
+          // gate row 16 p + g (+8) of my block is column 32 blk + 16 p + g (+8) of h; its up row is 32 further on
+          store_pair(v[0], v[1], r, n0 / 2 + 32 * blk + 16 * p + g + 8 * h, out, N / 2);
+        } else {
+          const float w0 = s_w[r], w1 = s_w[r + 1];
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            store_pair(acc[j][4 * jj + 2 * h] * w0, acc[j][4 * jj + 2 * h + 1] * w1, r,
+                       n0 + 64 * blk + 32 * j + 16 * p + g + 8 * h, out, N);
+        }
+      }
+  };
+
+  // The stages of all my tiles for wgmma N = NT slots.
   auto mainloop = [&](auto nt_tag) {
     constexpr int NT = decltype(nt_tag)::value;
-    for (int it = 0; it < iters; ++it) {
-      const int slot = it % STAGES;
+    for (int gs = 0; gs < total; ++gs) {
+      const int slot = gs % STAGES;
       const int4* bchunks = chunks(slot);
       const uint32_t a_base = smem_u32(sA + slot * C::A_BYTES);
 #pragma unroll
@@ -370,20 +426,35 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
         wgmma_wait<1>();  // the previous group is done: its A registers and shared memory are free
         if (kp + 1 < 4) {
           dequant_steps(next, afr[(kp + 1) & 1]);
-        } else if (it + 1 < iters) {
-          cp_async_wait<C::PREFETCH - 2>();  // stage it + 1 has landed (this thread's copies)
+        } else if (gs + 1 < total) {
+          cp_async_wait<C::PREFETCH - 2>();  // stage gs + 1 has landed (this thread's copies)
           fence_proxy_async();
-          __syncthreads();  // ... everyone's; and every warp is done with stage it - 1's slot
-          fetch(it + C::PREFETCH);
-          load_scales((it + 1) % STAGES);
-          load_pair(chunks((it + 1) % STAGES), 0, next);
+          __syncthreads();  // ... everyone's; and every warp is done with stage gs - 1's slot
+          fetch(gs + C::PREFETCH);
+          load_scales((gs + 1) % STAGES);
+          load_pair(chunks((gs + 1) % STAGES), 0, next);
           dequant_steps(next, afr[0]);
         }
       }
+      if ((gs + 1) % iters == 0) {  // the tile's last stage: write it out, start the next from zero
+        wgmma_wait<0>();
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < kBT / 2; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");  // reads after the wait
+        epilogue(gs / iters);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < kBT / 2; ++e) {
+            acc[j][e] = 0.f;
+            asm volatile("" : "+f"(acc[j][e])::"memory");
+          }
+      }
     }
   };
-  // wgmma N: the pair's real rows rounded up to 32 (the sort pads each expert's run to 64 slots, so an expert of
-  // ~205 slots ran 256 rows of wgmma at a fixed N = 128; now 224).
+  // wgmma N: the pair's real rows rounded up to 32 (the sort pads each expert's run to 64 slots; N = 128 for every
+  // pair would run 256 rows for an expert of ~205 slots, not 224). Columns past a short pair's N stay zero.
   if (rows_here > 96)
     mainloop(std::integral_constant<int, 128>{});
   else if (rows_here > 64)
@@ -392,49 +463,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     mainloop(std::integral_constant<int, 64>{});
   else
     mainloop(std::integral_constant<int, 32>{});
-  wgmma_wait<0>();
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int e = 0; e < kBT / 2; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");  // reads after the wait
   cp_async_wait<0>();
-  __syncthreads();  // the pipeline's shared memory is free: stage the output tile there
-
-  // Output tile [BT slots][COLS + pad] in T. D column 8 jj + 2 t (+1) is slot row 8 jj + 2 t (+1) of the pair;
-  // columns past a short pair's N hold zeros, and rows past rows_here are never stored.
-  constexpr int COLS = MODE == kGateUp ? C::ROWS / 2 : C::ROWS, PITCH = COLS + kOutPad;
-  T* tile = reinterpret_cast<T*>(base);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if constexpr (MODE == kGateUp) {
-      const int col = 32 * blk + 16 * p + g + 8 * h;  // gate row 16 p + g (+8) of the block and its up row 32 on
-#pragma unroll
-      for (int jj = 0; jj < kBT / 8; ++jj)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float gt = acc[0][4 * jj + 2 * h + c], up = acc[1][4 * jj + 2 * h + c];
-          tile[(8 * jj + 2 * t + c) * PITCH + col] = V::from_float(gt / (1.f + __expf(-gt)) * up);
-        }
-    } else {
-#pragma unroll
-      for (int jj = 0; jj < kBT / 8; ++jj)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int r = 8 * jj + 2 * t + c;
-          const float rw = r < rows_here ? moe.weights[s_slot[r]] : 0.f;
-#pragma unroll
-          for (int j = 0; j < 2; ++j)
-            tile[r * PITCH + 64 * blk + 32 * j + 16 * p + g + 8 * h] = V::from_float(acc[j][4 * jj + 2 * h + c] * rw);
-        }
-    }
-  }
-  __syncthreads();
-  const int out_n = MODE == kGateUp ? N / 2 : N, col0 = MODE == kGateUp ? n0 / 2 : n0;
-  for (int e = tid; e < rows_here * (COLS / 8); e += THREADS) {
-    const int r = e / (COLS / 8), c8 = (e % (COLS / 8)) * 8;
-    *reinterpret_cast<int4*>(&out[static_cast<size_t>(s_slot[r]) * out_n + col0 + c8]) =
-        *reinterpret_cast<const int4*>(&tile[r * PITCH + c8]);
-  }
 }
 
 template <typename T, int WGS, int MODE>
@@ -452,11 +481,19 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
   if (pairs > 65535) return cudaErrorInvalidConfiguration;
   const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
                     a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
-  const dim3 grid(static_cast<unsigned>(n / C::ROWS), static_cast<unsigned>(pairs), 1);
+  // N tiles per CTA: the most (<= 4, dividing the tile count) that still leaves >= 4 CTAs per SM in the grid.
+  const int n_tiles = n / C::ROWS, min_ctas = 4 * sm_count(a.a.get_device());
+  int per_cta = 1;
+  for (int cand = 4; cand > 1; --cand)
+    if (n_tiles % cand == 0 && static_cast<int64_t>(n_tiles / cand) * pairs >= min_ctas) {
+      per_cta = cand;
+      break;
+    }
+  const dim3 grid(static_cast<unsigned>(n_tiles / per_cta), static_cast<unsigned>(pairs), 1);
   kernel<<<grid, C::THREADS, C::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(a.a.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
       reinterpret_cast<const T*>(a.scale.data_ptr()), reinterpret_cast<T*>(a.out.data_ptr()), n, k, a.group_size,
-      moe);
+      per_cta, moe);
   return cudaGetLastError();
 }
 
