@@ -481,11 +481,16 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
   if (pairs > 65535) return cudaErrorInvalidConfiguration;
   const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
                     a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
-  // N tiles per CTA: the most (<= 4, dividing the tile count) that still leaves >= 4 CTAs per SM in the grid.
-  const int n_tiles = n / C::ROWS, min_ctas = 4 * sm_count(a.a.get_device());
+  // N tiles per CTA: the most (<= 4, dividing the tile count) that leaves >= 4 CTAs per SM in the grid and keeps
+  // the x rows of the pairs in flight (SMs * per_cta / n_tiles pairs of BT * K * 2 bytes) within kXResident of L2:
+  // each is read once per tile. GLM-4.6 GEMM2 (K = 1536, 20 tiles) takes 4 (1678 -> 1335 us at T = 4096, H200);
+  // GEMM1 (K = 5120, 12 tiles) at 4 kept ~58 MB of x in flight and slowed down (2157 -> 2467 us), so it takes 1.
+  constexpr int64_t kXResident = 24 << 20;  // half the L2 of an H100
+  const int sms = sm_count(a.a.get_device()), n_tiles = n / C::ROWS;
   int per_cta = 1;
   for (int cand = 4; cand > 1; --cand)
-    if (n_tiles % cand == 0 && static_cast<int64_t>(n_tiles / cand) * pairs >= min_ctas) {
+    if (n_tiles % cand == 0 && static_cast<int64_t>(n_tiles / cand) * pairs >= 4 * sms &&
+        static_cast<int64_t>(sms) * cand / n_tiles * kBT * k * 2 <= kXResident) {
       per_cta = cand;
       break;
     }
