@@ -4,29 +4,30 @@
 // wgmma has twice its tensor-core rate on this card.
 //
 // Legend: BT = 128 token-slots per CTA (two consecutive 64-slot blocks of one expert's sorted run), N output
-// features, K input features, WGS warpgroups per CTA, 128 output features each.
+// features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output features per N tile.
 //
-// Data flow of one CTA (up to BT slots of one expert x 128 WGS features, the whole K):
+// Data flow of one CTA (up to BT slots of one expert x tiles_per_cta consecutive N tiles, the whole K of each):
 //  - A = weights, m64 x k16 per wgmma, in registers. In the cuda layout a lane's 16-byte chunk of a 16 x 64
 //    (k x n) sub-tile holds, in int i, the A fragment of features 16i .. 16i+15 (w4a16_skinny.cu's header works
 //    it out: A = {w0, w2, w1, w3} of the dequantized nibble pairs). Warp w of warpgroup v takes 64-feature block
 //    b = 2v + w / 2 and its ints p = w % 2 and p + 2: wgmma 0 multiplies features 64 b + 16 p + r, wgmma 1 features
 //    64 b + 32 + 16 p + r (r < 16, the warp's rows of the m64 tile). In GEMM1 a 64-block holds 32 gate rows then the
-//    matching 32 up rows, so one thread holds gate and up of the same columns. Two ints per warp and step, not
-//    four: each dequantized weight feeds 128 slots (m64n128 wgmmas), half the dequant per mma of 64-slot tiles.
-//    The scale is multiplied in before the wgmma (one bf16/fp16 rounding of q * s, as the tile kernel).
+//    matching 32 up rows, so one thread holds gate and up of the same columns. Two ints per warp and step: each
+//    dequantized weight feeds up to 128 slots. The scale is multiplied in before the wgmma (one bf16/fp16
+//    rounding of q * s, as the tile kernel).
 //  - B = x rows of the CTA's slots, [BT, 128] per stage, K-major with the 128-byte swizzle (16-byte chunk c of
 //    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). The
 //    wgmmas' N is the pair's real rows rounded up to 32 (m64n32 .. m64n128); rows past them are zero-filled.
-//  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight. The one barrier
-//    per stage sits in its last pair of k16 steps, after the wait for the one before: it publishes the next stage and
-//    frees the slot of the previous one (whose last wgmmas every warp waited for in this stage's first step), which is
-//    refilled right after it.
+//  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight, running through
+//    all of the CTA's tiles (a tile's first stages load during the previous tile's last ones and its epilogue).
+//    The one barrier per stage sits in its last pair of k16 steps, after the wait for the one before: it
+//    publishes the next stage and frees the slot of the previous one (whose last wgmmas every warp waited for in
+//    this stage's first pair), which is refilled right after it.
 //  - Per pair of k16 steps: fence, four wgmmas (async, one group), commit, wait for the previous group, then
 //    dequantize the next pair's ints (the next stage's first, in the last pair) into the other A register set while
 //    these run.
-//  - Epilogue: SiLU(gate) * up (GEMM1) or routing weight * acc (GEMM2), staged through shared memory so that each
-//    slot's row is written with 16-byte stores.
+//  - Epilogue per tile, straight from the accumulators: SiLU(gate) * up (GEMM1) or routing weight * acc (GEMM2);
+//    a lane shuffle gives each thread two adjacent features of one slot row, written as one 4-byte store.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -252,12 +253,13 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   __shared__ float s_w[kBT];  // GEMM2: routing weight per slot row (0 past the pair's rows)
   __shared__ int s_info[2];
 
-  // This CTA: N tiles nt0 .. nt0 + tiles_per_cta - 1 (fastest in the grid: a pair's x rows stay in L2) of pair
-  // blockIdx.y. Persistent over its tiles: the prologue (the pair lookup, the first stages' latency) is paid once,
+  // This CTA: N tiles nt0 .. nt0 + tiles_per_cta - 1 of `pair` (the N tiles run fastest through the 1-D grid, so a
+  // pair's x rows stay in L2). Persistent over its tiles: the prologue (the pair lookup, the first stages' latency) is paid once,
   // and the next tile's stages load during this tile's last ones and its epilogue.
-  const int nt0 = blockIdx.x * tiles_per_cta;
+  const int ctas_n = N / C::ROWS / tiles_per_cta;  // CTAs per pair
+  const int nt0 = static_cast<int>(blockIdx.x % ctas_n) * tiles_per_cta, pair = static_cast<int>(blockIdx.x / ctas_n);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (warp == 0) find_expert_pair(moe, blockIdx.y, lane, s_slot, s_info);
+  if (warp == 0) find_expert_pair(moe, pair, lane, s_slot, s_info);
   __syncthreads();
   if (s_info[0] < 0) return;
   const int rows_here = s_info[1];
@@ -463,6 +465,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     mainloop(std::integral_constant<int, 64>{});
   else
     mainloop(std::integral_constant<int, 32>{});
+  wgmma_wait<0>();
   cp_async_wait<0>();
 }
 
@@ -478,7 +481,6 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
   // Pairs: sum over experts of ceil(count / 128) <= slots / 128 + experts (CTAs past the last pair exit at once).
   const int64_t pairs = std::min<int64_t>(a.sorted.numel() / kSortBlock, a.weights.numel() / kBT + num_experts);
   if (pairs == 0) return cudaSuccess;
-  if (pairs > 65535) return cudaErrorInvalidConfiguration;
   const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
                     a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
   // N tiles per CTA: the most (<= 4, dividing the tile count) that leaves >= 4 CTAs per SM in the grid and keeps
@@ -494,12 +496,28 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
       per_cta = cand;
       break;
     }
-  const dim3 grid(static_cast<unsigned>(n_tiles / per_cta), static_cast<unsigned>(pairs), 1);
+  const int64_t ctas = n_tiles / per_cta * pairs;  // a 1-D grid (2^31 - 1 CTAs): no limit from grid.y
+  if (ctas > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(ctas), 1, 1);
   kernel<<<grid, C::THREADS, C::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(a.a.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
       reinterpret_cast<const T*>(a.scale.data_ptr()), reinterpret_cast<T*>(a.out.data_ptr()), n, k, a.group_size,
       per_cta, moe);
   return cudaGetLastError();
+}
+
+// Marks which code this build runs on the device: its static shared memory is 4 KB only where the wgmma path was
+// compiled (sm_90a), 16 bytes in a plain sm_90 cubin (GLM_AWQ_CUDA_ARCHS=90), whose kernel would only trap.
+// cudaFuncGetAttributes reads that without a launch or a sync, so the check is safe during CUDA-graph capture.
+__global__ void wgmma_build_probe(int* out) {
+#ifdef GLM_AWQ_WGMMA_DEVICE
+  __shared__ int mark[1024];
+#else
+  __shared__ int mark[4];
+#endif
+  mark[threadIdx.x % (sizeof(mark) / sizeof(int))] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = mark[(threadIdx.x + 1) % (sizeof(mark) / sizeof(int))];
 }
 
 }  // namespace
@@ -512,14 +530,15 @@ bool moe_wgmma_supported(int device, int64_t n) {
     cudaFuncAttributes attr{};
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
                     major == 9 &&
-                    cudaFuncGetAttributes(&attr, moe_wgmma_kernel<__nv_bfloat16, 2, kDown>) == cudaSuccess &&
-                    attr.binaryVersion == 90;
+                    cudaFuncGetAttributes(&attr, wgmma_build_probe) == cudaSuccess && attr.binaryVersion == 90 &&
+                    attr.sharedSizeBytes >= 4096;
     cache[device] = ok ? 1 : -1;
   }
   return cache[device] > 0;
 }
 
-// The table: dtype x {2 warpgroups (N % 256 == 0), 1 (N % 128 == 0)} x {GEMM1, GEMM2}; the sort's block_m must be 64.
+// The table: dtype x {2 warpgroups (N % 256 == 0), 1 (N % 128 == 0; 162 KB of shared memory, still one CTA and 4
+// warps per SM: for odd N only)} x {GEMM1, GEMM2}; the sort's block_m must be 64.
 int launch_moe_wgmma(const MoeLaunch& a) {
   const int64_t n = a.weight.size(2) * 64;
   if (a.block_m != kSortBlock || n % 128) return cudaErrorInvalidValue;

@@ -13,7 +13,7 @@ import torch
 import glm_awq
 from glm_awq import quant
 from glm_awq.reference import fused_moe_ref, route_ref, w4a16_linear_ref
-from helpers import poisoned, rel_err
+from helpers import poison_allocator, poisoned, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext]
 
@@ -295,12 +295,41 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype):
     ids, weights = _routing(t, e, top_k, seed=t, skew=skew)
     x = torch.randn(t, h, device="cuda").to(dtype)
     ref = fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)
+    poison_allocator("cuda")  # the GEMMs' outputs come from torch.empty: unwritten rows would read NaN
     out = _moe_direct(x, ids, weights, p, 64, 4)
     err = rel_err(out, ref)
     assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype}: rel err {err:.2e}"
     # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order differs.
     assert rel_err(out, _moe_direct(x, ids, weights, p, 64, 1)) < 2e-3
+    poison_allocator("cuda")  # not the tile kernel's freed (correct) buffers either
     assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
+
+
+# Several N tiles per CTA (the launcher's rule takes 4 for GEMM2 at H = 1024, 2 for both GEMMs at H = 512 on these
+# shapes: ~660 pairs over 160 experts, small x rows), with fewer k tiles than the pipeline holds (K = 128: one,
+# K = 256: two) so that stages run across tile boundaries; and the layer captured in a CUDA graph and replayed with
+# new routing.
+@pytest.mark.parametrize("h, i", [(1024, 128), (512, 256)])
+def test_moe_wgmma_persistent_and_cuda_graph(h, i):
+    if not _hopper():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    e, top_k, t = 160, 8, 8000
+    w13, s13, w2, s2 = _experts(e, h, i, seed=h + i)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=3)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    poison_allocator("cuda")
+    out = _moe_direct(x, ids, weights, p, 64, 4)
+    assert rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = _moe_direct(x, ids, weights, p, 64, 4)
+    ids2, weights2 = _routing(t, e, top_k, seed=4)
+    ids.copy_(ids2)
+    weights.copy_(weights2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(replayed, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
 
 
 # The real layer through the default path: T = 1000 and 2000 give 50 and 100 slots per expert, so blocks of 64 and
@@ -361,7 +390,7 @@ for m, splits, variant in ((1, 3, 1), (17, 1, 1), (70, 2, 1), (1, 3, 3), (9, 2, 
     x = torch.randn(m, 384, device="cuda").to(torch.bfloat16)
     torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, splits, variant)
 # MoE: the tile kernel, and on sm_90 the wgmma kernel with two warpgroups (w13: N = 512) and one (w2: N = 384);
-# 150 tokens x 2 over 4 experts: ~75 slots each, m64n128 wgmmas
+# 150 tokens x 2 over 4 experts: ~75 slots each, m64n96 wgmmas
 from glm_awq.kernels import moe
 e, h, i, k = 4, 384, 256, 2
 w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
