@@ -253,9 +253,9 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   __shared__ float s_w[kBT];  // GEMM2: routing weight per slot row (0 past the pair's rows)
   __shared__ int s_info[2];
 
-  // This CTA: N tiles nt0 .. nt0 + tiles_per_cta - 1 of `pair` (the N tiles run fastest through the 1-D grid, so a
-  // pair's x rows stay in L2). Persistent over its tiles: the prologue (the pair lookup, the first stages' latency) is paid once,
-  // and the next tile's stages load during this tile's last ones and its epilogue.
+  // This CTA: N tiles nt0 .. nt0 + tiles_per_cta - 1 of `pair` (the N tiles run fastest through the 1-D grid, so
+  // a pair's x rows stay in L2). Persistent over its tiles: the prologue (the pair lookup, the first stages'
+  // latency) is paid once, and the next tile's stages load during this tile's last ones and its epilogue.
   const int ctas_n = N / C::ROWS / tiles_per_cta;  // CTAs per pair
   const int nt0 = static_cast<int>(blockIdx.x % ctas_n) * tiles_per_cta, pair = static_cast<int>(blockIdx.x / ctas_n);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
