@@ -526,12 +526,14 @@ bool moe_wgmma_supported(int device, int64_t n) {
   static int cache[64] = {0};  // 1: runs sm_90a code, -1: does not
   if (n % 128 || device < 0 || device >= 64) return false;
   if (cache[device] == 0) {
-    int major = 0;
+    int major = 0, current = 0;
     cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                    major == 9 &&
-                    cudaFuncGetAttributes(&attr, wgmma_build_probe) == cudaSuccess && attr.binaryVersion == 90 &&
-                    attr.sharedSizeBytes >= 4096;
+    // The attributes are those of the binary the current device loads: ask with `device` current.
+    bool ok = cudaGetDevice(&current) == cudaSuccess && cudaSetDevice(device) == cudaSuccess;
+    ok = ok && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9 &&
+         cudaFuncGetAttributes(&attr, wgmma_build_probe) == cudaSuccess && attr.binaryVersion == 90 &&
+         attr.sharedSizeBytes >= 4096;
+    cudaSetDevice(current);
     cache[device] = ok ? 1 : -1;
   }
   return cache[device] > 0;
