@@ -220,9 +220,20 @@ TORCH_LIBRARY_IMPL(glm_awq, CUDA, m) {
   m.impl("moe_sum", &glm_awq::moe_sum);
 }
 
+// glm_awq._C.wgmma_supported(device) -> bool: whether moe_gemm's wgmma kernel (variant 4) runs on that device with
+// this build (an sm_90 GPU and sm_90a code). Not an op: it takes no tensor and never runs under torch.compile.
+static PyObject* py_wgmma_supported(PyObject*, PyObject* arg) {
+  const long device = PyLong_AsLong(arg);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  return PyBool_FromLong(glm_awq::moe_wgmma_supported(static_cast<int>(device), 128));
+}
+
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
+      {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm_awq CUDA kernels (see torch.ops.glm_awq)", -1,
-                               nullptr};
+                               methods};
   return PyModule_Create(&module);
 }

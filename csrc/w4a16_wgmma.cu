@@ -29,6 +29,7 @@
 //  - Epilogue per tile, straight from the accumulators: SiLU(gate) * up (GEMM1) or routing weight * acc (GEMM2);
 //    a lane shuffle gives each thread two adjacent features of one slot row, written as one 4-byte store.
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
@@ -507,7 +508,8 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
 }
 
 // Marks which code this build runs on the device: its static shared memory is 4 KB only where the wgmma path was
-// compiled (sm_90a), 16 bytes in a plain sm_90 cubin (GLM_AWQ_CUDA_ARCHS=90), whose kernel would only trap.
+// compiled (sm_90a), 1 KB in a plain sm_90 cubin (GLM_AWQ_CUDA_ARCHS=90, whose wgmma kernel would only trap; this
+// file's 1 KB-aligned dynamic shared memory pads every kernel's static part to 1 KB).
 // cudaFuncGetAttributes reads that without a launch or a sync, so the check is safe during CUDA-graph capture.
 __global__ void wgmma_build_probe(int* out) {
 #ifdef GLM_AWQ_WGMMA_DEVICE
@@ -526,14 +528,15 @@ bool moe_wgmma_supported(int device, int64_t n) {
   static int cache[64] = {0};  // 1: runs sm_90a code, -1: does not
   if (n % 128 || device < 0 || device >= 64) return false;
   if (cache[device] == 0) {
-    int major = 0, current = 0;
+    int major = 0;
     cudaFuncAttributes attr{};
-    // The attributes are those of the binary the current device loads: ask with `device` current.
-    bool ok = cudaGetDevice(&current) == cudaSuccess && cudaSetDevice(device) == cudaSuccess;
-    ok = ok && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9 &&
-         cudaFuncGetAttributes(&attr, wgmma_build_probe) == cudaSuccess && attr.binaryVersion == 90 &&
-         attr.sharedSizeBytes >= 4096;
-    cudaSetDevice(current);
+    // The attributes are those of the binary `device` loads: ask with it current (the guard restores the previous
+    // device without creating a context there).
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                    major == 9 && cudaFuncGetAttributes(&attr, wgmma_build_probe) == cudaSuccess &&
+                    attr.binaryVersion == 90 && attr.sharedSizeBytes >= 4096;
+    if (!ok) cudaGetLastError();  // a failed query must not surface as the next launch's error
     cache[device] = ok ? 1 : -1;
   }
   return cache[device] > 0;

@@ -25,11 +25,16 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 
 
 def poison_allocator(device, nbytes: int = 64 << 20) -> None:
-    """Fill a large block of the caching allocator with NaN and free it: buffers the next kernels allocate
-    with torch.empty likely reuse it, so an element a kernel forgets to write shows up as NaN."""
+    """Fill cached blocks of the caching allocator with NaN and free them: buffers the next kernels allocate with
+    torch.empty likely reuse them, so an element a kernel forgets to write shows up as NaN. The pattern 0x7FC07FC0
+    is NaN in fp32 and in each half as bf16 or fp16. One block of `nbytes` (the large pool) and 32 blocks under
+    1 MB (the small pool, which large blocks never feed)."""
     if torch.device(device).type == "cuda":
-        block = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
-        del block
+        pattern = 0x7FC07FC0
+        blocks = [torch.full((nbytes // 4,), pattern, dtype=torch.int32, device=device)]
+        blocks += [torch.full((size // 4,), pattern, dtype=torch.int32, device=device)
+                   for size in (1 << 18, 1 << 19, (1 << 20) - 4096) for _ in range(11)]  # fmt: skip
+        del blocks
 
 
 def device_and_dtypes():
