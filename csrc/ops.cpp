@@ -135,8 +135,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
               "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
               " does not fit; use block_m=16");
-  TORCH_CHECK(variant >= 0 && variant <= 4, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, scales "
-              "into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16) or 4 (wgmma)");
+  TORCH_CHECK(variant >= 0 && variant <= 4, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
+              "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16) or 4 (wgmma)");
   TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a.get_device(), n)), "moe_gemm: variant=4 (the "
               "wgmma kernel) needs block_m=64 (got ", block_m, ") and an sm_90 GPU with a build that includes sm_90a (",
               a.device(), "); use variant=0");
