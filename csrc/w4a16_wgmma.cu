@@ -332,8 +332,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   };
   // A fragments of two k16 steps (one wgmma group): ints p and p + 2 of my chunk of each step; their nibble pairs
   // (0,4) (1,5) (2,6) (3,7) are a0a1, a4a5, a2a3, a6a7 of features 16 i + (g, g + 8), times the scales of n8 blocks
-  // 2i (row g) and 2i+1 (row g + 8). Two steps per group: a group of one step (128 tensor cycles per SM
-  // sub-partition) ran at ~half the tensor rate, bound by the per-group issue-to-completion latency.
+  // 2i (row g) and 2i+1 (row g + 8). Two steps per group measured 2% faster than one (benchmarks/NOTES.md).
   uint32_t afr[2][2][2][4];  // [buffer][step of the group][wgmma j][register]
   auto dequant_steps = [&](const int4 (&chunk)[2], uint32_t (&a)[2][2][4]) {
 #pragma unroll
