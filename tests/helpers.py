@@ -27,7 +27,7 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 def poison_allocator(device, nbytes: int = 64 << 20) -> None:
     """Fill cached blocks of the caching allocator with NaN and free them: buffers the next kernels allocate with
     torch.empty likely reuse them, so an element a kernel forgets to write shows up as NaN. The pattern 0x7FC07FC0
-    is NaN in fp32 and in each half as bf16 or fp16. One block of `nbytes` (the large pool) and 32 blocks under
+    is NaN in fp32 and in each half as bf16 or fp16. One block of `nbytes` (the large pool) and 33 blocks under
     1 MB (the small pool, which large blocks never feed)."""
     if torch.device(device).type == "cuda":
         pattern = 0x7FC07FC0
