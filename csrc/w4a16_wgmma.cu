@@ -153,70 +153,28 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
 // D row 16 w + g (+8) of warp w, column 8 j + 2 t (+1) in d[4 j + (0, 1) (+2)]. N = 32, 64, 96 or 128 slots.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint64_t desc);
-template <>
-__device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 32>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 "}, "
-               "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__half, 32>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {" GLM_AWQ_ACC0 "}, "
-               "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 64>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 "}, "
-               "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__half, 64>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 "}, "
-               "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 96>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {"
-               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
-               "{%48, %49, %50, %51}, %52, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
-                 GLM_AWQ_OUT16(32)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__half, 96>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 {"
-               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 "}, "
-               "{%48, %49, %50, %51}, %52, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
-                 GLM_AWQ_OUT16(32)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 128>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
-               "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
-                 GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<__half, 128>(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-               GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3 "}, "
-               "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-               : GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16),
-                 GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
+// One specialization per dtype for wgmma N: ACC names the N / 2 accumulator operands, A_OPS the operand numbers of
+// the A registers and the descriptor that follow them, the rest the accumulator bindings.
+#define GLM_AWQ_WGMMA_RS(N, ACC, A_OPS, ...)                                                                    \
+  template <>                                                                                                  \
+  __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, N>(float* d, const uint32_t (&a)[4], uint64_t desc) { \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" ACC "}, " A_OPS ", 1, 1, 1, 0;\n" \
+                 : __VA_ARGS__                                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));                                     \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  __device__ __forceinline__ void wgmma_rs<__half, N>(float* d, const uint32_t (&a)[4], uint64_t desc) {        \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" ACC "}, " A_OPS ", 1, 1, 1, 0;\n"   \
+                 : __VA_ARGS__                                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));                                     \
+  }
+GLM_AWQ_WGMMA_RS(32, GLM_AWQ_ACC0, "{%16, %17, %18, %19}, %20", GLM_AWQ_OUT16(0))
+GLM_AWQ_WGMMA_RS(64, GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1, "{%32, %33, %34, %35}, %36", GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16))
+GLM_AWQ_WGMMA_RS(96, GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2, "{%48, %49, %50, %51}, %52", GLM_AWQ_OUT16(0),
+                 GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32))
+GLM_AWQ_WGMMA_RS(128, GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_AWQ_ACC3, "{%64, %65, %66, %67}, %68",
+                 GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16), GLM_AWQ_OUT16(32), GLM_AWQ_OUT16(48))
+#undef GLM_AWQ_WGMMA_RS
 #undef GLM_AWQ_ACC0
 #undef GLM_AWQ_ACC1
 #undef GLM_AWQ_ACC2
