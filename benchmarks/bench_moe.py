@@ -66,6 +66,23 @@ def _grouped_mm_baseline(w13_bf16, w2_bf16, bias):
     return layer
 
 
+def _layer_cost(ids, t):
+    """(experts touched, bytes, FLOPs) of one layer call at T tokens: the touched experts' int4 weights plus x in
+    and out, and the two grouped GEMMs."""
+    unique = int(ids.unique().numel())
+    return unique, unique * EXPERT_BYTES + 2 * t * H * 2, t * A * 2 * (2 * I * H + H * I)
+
+
+def _prefill_case(t, baseline, ceilings):
+    """The sweeps' inputs at T tokens: x, routing (ids, weights) of random logits, the floor, and the bf16
+    grouped_mm layer's time (routing included)."""
+    x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(t, E, device="cuda")
+    ids, w = glm_awq.route(logits, torch.zeros(E, device="cuda"))
+    _, nbytes, flops = _layer_cost(ids, t)
+    return x, ids, w, common.floor_us(nbytes, flops, ceilings), common.graph_time_us(lambda: baseline(x, logits))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="triton,cuda")
@@ -96,9 +113,7 @@ def main() -> int:
         x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(t, E, device="cuda")
         ids, _ = glm_awq.route(logits, bias, backend="torch")
-        unique = int(ids.unique().numel())
-        nbytes = unique * EXPERT_BYTES + 2 * t * H * 2
-        flops = t * A * 2 * (2 * I * H + H * I)
+        unique, nbytes, flops = _layer_cost(ids, t)
         floor = common.floor_us(nbytes, flops, ceilings)
         row = {"T": t, "unique_experts": unique, "bytes": nbytes, "flops": flops, "floor_us": floor}
         ref = None

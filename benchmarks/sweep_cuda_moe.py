@@ -20,7 +20,7 @@ from glm_awq.kernels import moe
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402
-from bench_moe import A, E, EXPERT_BYTES, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights  # noqa: E402
+from bench_moe import A, E, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights, _prefill_case  # noqa: E402
 from bench_w4a16_gemm import _rotating  # noqa: E402
 
 CANDIDATES = [(32, 1), (64, 1), (64, 4)]
@@ -52,13 +52,8 @@ def main() -> int:
     del raw
     rows = []
     for t in (int(v) for v in args.ts.split(",")):
-        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(t, E, device="cuda")
-        ids, w = glm_awq.route(logits, torch.zeros(E, device="cuda"))
+        x, ids, w, floor, base_us = _prefill_case(t, baseline, ceilings)
         s = t * A
-        busy = int(torch.unique(ids).numel())
-        floor = common.floor_us(busy * EXPERT_BYTES + 2 * t * H * 2, 2 * s * 3 * H * I, ceilings)
-        base_us = common.graph_time_us(lambda x=x, logits=logits: baseline(x, logits))
         cands = [(f"cuda block_m={bm} variant={v}", lambda p, bm=bm, v=v: _cuda_layer(x, ids, w, p, bm, v), cuda_layers)
                  for bm, v in CANDIDATES]  # fmt: skip
         cands.append(("cuda rule", lambda p: glm_awq.fused_moe(x, ids, w, p), cuda_layers))
@@ -67,7 +62,8 @@ def main() -> int:
         for name, call, layers in cands:
             try:
                 out = call(layers[0])
-                us = common.graph_time_us(_rotating([lambda p=p, call=call: call(p) for p in layers]), calls=len(layers))
+                calls = [lambda p=p, call=call: call(p) for p in layers]
+                us = common.graph_time_us(_rotating(calls), calls=len(layers))
             except Exception as exc:  # a kernel this device or build does not run
                 print(f"T={t:5d} {name}: {type(exc).__name__}: {str(exc)[:100]}")
                 continue

@@ -21,7 +21,7 @@ from glm_awq.kernels import moe
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402
-from bench_moe import A, E, EXPERT_BYTES, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights  # noqa: E402
+from bench_moe import A, E, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights, _prefill_case  # noqa: E402
 from bench_w4a16_gemm import _rotating  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, WIDE, ASM) of GEMM1, then of GEMM2 (they share BLOCK_M: one sort);
@@ -53,13 +53,8 @@ def main() -> int:
     del raw
     rows = []
     for t in (int(v) for v in args.ts.split(",")):
-        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(t, E, device="cuda")
-        ids, w = glm_awq.route(logits, torch.zeros(E, device="cuda"))
+        x, ids, w, floor, base_us = _prefill_case(t, baseline, ceilings)
         s = t * A
-        busy = int(torch.unique(ids).numel())
-        floor = common.floor_us(busy * EXPERT_BYTES + 2 * t * H * 2, 2 * s * 3 * H * I, ceilings)
-        base_us = common.graph_time_us(lambda x=x, logits=logits: baseline(x, logits))
         rule = (moe.pick_config("w13", s, I, H, E, x.device), moe.pick_config("w2", s, H, I, E, x.device))
         cands = [("rule", rule)] + [(f"{c1} {c2}", (_cfg(*c1), _cfg(*c2))) for c1, c2 in CANDIDATES]
         first = None
