@@ -137,9 +137,10 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
               " does not fit; use block_m=16");
   TORCH_CHECK(variant >= 0 && variant <= 4, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
               "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16) or 4 (wgmma)");
-  TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a.get_device(), n)), "moe_gemm: variant=4 (the "
-              "wgmma kernel) needs block_m=64 (got ", block_m, ") and an sm_90 GPU with a build that includes sm_90a (",
-              a.device(), "); use variant=0");
+  TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a, weight, scale)), "moe_gemm: variant=4 (the "
+              "wgmma kernel) needs block_m=64 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
+              "), a, weight and scale of < 2^31 elements (got ", a.numel(), ", ", weight.numel(), ", ", scale.numel(),
+              ") and an sm_90 GPU with a build that includes sm_90a (", a.device(), "); use variant=0");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&
@@ -225,13 +226,27 @@ TORCH_LIBRARY_IMPL(glm_awq, CUDA, m) {
 static PyObject* py_wgmma_supported(PyObject*, PyObject* arg) {
   const long device = PyLong_AsLong(arg);
   if (device == -1 && PyErr_Occurred()) return nullptr;
-  return PyBool_FromLong(glm_awq::moe_wgmma_supported(static_cast<int>(device), 128));
+  return PyBool_FromLong(glm_awq::wgmma_device_supported(static_cast<int>(device)));
+}
+
+// glm_awq._C.set_wgmma_grid_cap(ctas): at most `ctas` CTAs in the wgmma kernel's persistent grid (0: one per SM, the
+// default), so that a small test problem runs many tiles per CTA.
+static PyObject* py_set_wgmma_grid_cap(PyObject*, PyObject* arg) {
+  const long long ctas = PyLong_AsLongLong(arg);
+  if (ctas == -1 && PyErr_Occurred()) return nullptr;
+  if (ctas < 0) {
+    PyErr_Format(PyExc_ValueError, "set_wgmma_grid_cap: ctas=%lld must be >= 0 (0 = one CTA per SM)", ctas);
+    return nullptr;
+  }
+  glm_awq::set_moe_wgmma_grid_cap(ctas);
+  Py_RETURN_NONE;
 }
 
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
+      {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm_awq CUDA kernels (see torch.ops.glm_awq)", -1,
                                methods};

@@ -59,10 +59,15 @@ int launch_moe_gemm(const MoeLaunch& args);
 // moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
 int launch_moe_skinny(const MoeLaunch& args);
 bool moe_skinny_fits(int64_t k, int block_m, int device);
-// The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots, N % 128 == 0, sm_90a code on an sm_90 device;
-// moe_wgmma_supported(device, N) says whether it runs here.
+// The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots on an sm_90 device with sm_90a code in this build
+// (wgmma_device_supported), N % 128 == 0, at most kMoeWgmmaMaxExperts local experts (its work-list kernel scans them
+// in 48 KB of shared memory), and a, weight and scale of < 2^31 elements (its copy addresses are 32-bit offsets):
+// moe_wgmma_supported says whether all of that holds.
+constexpr int kMoeWgmmaMaxExperts = 4096;
 int launch_moe_wgmma(const MoeLaunch& args);
-bool moe_wgmma_supported(int device, int64_t n);
+bool wgmma_device_supported(int device);
+bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale);
+void set_moe_wgmma_grid_cap(int64_t ctas);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,

@@ -633,7 +633,7 @@ int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
   // Blocks of 64 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4 elsewhere).
   if (a.block_m == 64 && (a.variant == 0 || a.variant == kVariantWgmma) &&
-      moe_wgmma_supported(a.a.get_device(), a.weight.size(2) * 64))
+      moe_wgmma_supported(a.a, a.weight, a.scale))
     return launch_moe_wgmma(a);
   // Blocks of 16 run skinny only on request (variant 3): with two token blocks it runs one CTA per SM and measured
   // slower than the tile kernel (H200, GLM-4.6 layer, T=256: 1528 vs 1053 us; benchmarks/NOTES.md).

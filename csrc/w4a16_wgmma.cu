@@ -3,10 +3,12 @@
 // as w4a16_gemm.cu, whose mma.sync tile kernel is mma-rate bound from ~128 slots per expert (benchmarks/NOTES.md);
 // wgmma has twice its tensor-core rate on this card.
 //
-// Legend: BT = 128 token-slots per CTA (two consecutive 64-slot blocks of one expert's sorted run), N output
-// features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output features per N tile.
+// Legend: BT = 128 token-slots per tile (a pair: two consecutive 64-slot blocks of one expert's sorted run), N
+// output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output features per N tile.
 //
-// Data flow of one CTA (up to BT slots of one expert x tiles_per_cta consecutive N tiles, the whole K of each):
+// Work: a small kernel first lists the pairs (moe_pair_kernel: expert, rows, slot ids, routing weights). A tile is
+// one pair's BT slots x ROWS features over the whole K; one CTA per SM runs every grid-th tile (persistent).
+// Data flow of one CTA:
 //  - A = weights, m64 x k16 per wgmma, in registers. In the cuda layout a lane's 16-byte chunk of a 16 x 64
 //    (k x n) sub-tile holds, in int i, the A fragment of features 16i .. 16i+15 (w4a16_skinny.cu's header works
 //    it out: A = {w0, w2, w1, w3} of the dequantized nibble pairs). Warp w of warpgroup v takes 64-feature block
@@ -19,7 +21,8 @@
 //    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). The
 //    wgmmas' N is the pair's real rows rounded up to 32 (m64n32 .. m64n128); rows past them are zero-filled.
 //  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight, running through
-//    all of the CTA's tiles (a tile's first stages load during the previous tile's last ones and its epilogue).
+//    all of the CTA's tiles (a tile's first stages load during the previous tile's last ones and its epilogue; its
+//    pair's record is copied in during the previous tile's first stage).
 //    The one barrier per stage sits in its last pair of k16 steps, after the wait for the one before: it
 //    publishes the next stage and frees the slot of the previous one (whose last wgmmas every warp waited for in
 //    this stage's first pair), which is refilled right after it.
@@ -33,6 +36,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "ops.h"
@@ -48,6 +52,10 @@ namespace {
 constexpr int kBT = 128;         // token-slots per CTA: two 64-slot blocks of the sort
 constexpr int kSortBlock = 64;   // the sort's block (block_m)
 constexpr int kWgStages = 4;     // pipeline slots
+// A CTA copies its next tile's pair record (below) in this tile's first stage; it has landed and is published
+// PREFETCH - 1 stages later, and the next tile's first stage is fetched PREFETCH stages before this tile ends. Both
+// fit from 2 PREFETCH - 1 = 5 k tiles per tile (K >= 640); below that each CTA takes one tile.
+constexpr int kWgLookaheadIters = 2 * (kWgStages - 1) - 1;
 
 template <int WGS>
 struct Wg {
@@ -64,49 +72,74 @@ struct Wg {
   static_assert(SMEM <= kSmemPerSM, "one CTA per SM");
 };
 
-// Which expert's pair of 64-slot blocks CTA j takes, from the counts alone (one warp): pairs are numbered expert by
-// expert (ceil(count / 128) each), the sort padded each expert's run to 64 slots. Writes s_slot[0..BT) (slot ids,
-// 0 past the pair's real rows) and s_info = {expert or -1 past the last pair, real rows}. The caller syncs.
-__device__ __forceinline__ void find_expert_pair(const MoeArgs& moe, int j, int lane, int* s_slot, int* s_info) {
-  int base_pair = 0, base_row = 0, found_e = -1, found_rows = 0, found_off = 0;
-  auto scan = [&](int e, int c) {  // one 32-expert block: inclusive scans of pairs and padded rows
-    const int pairs = (c + kBT - 1) / kBT, padded = (c + kSortBlock - 1) / kSortBlock * kSortBlock;
-    int incl_pairs = pairs, incl_rows = padded;
+// ------------------------------------------------------------------------------------------------- pair table
+
+// The CTAs' work list: pairs of 64-slot blocks, numbered expert by expert (ceil(count / 128) pairs each; the sort
+// padded each expert's run to 64 slots). moe_pair_kernel writes one record per pair into a workspace before each
+// GEMM, so a CTA finds its next tile's rows with one copy and no search: [header: 16 bytes, int 0 = pairs][records].
+struct alignas(16) PairRecord {
+  int expert, rows, unused[2];
+  int slot[kBT];  // slot ids of the pair's rows (0 past them)
+  int xoff[kBT];  // where each row's x starts (x row * K; GEMM1's x row is the token, GEMM2's the slot; 0 past the
+                  // rows), in the copy plan's order: row r at (r % r_step) * (kBT / r_step) + r / r_step, so that a
+                  // thread's rows sit side by side
+  float w[kBT];   // routing weight per row (0 past them); last, so that GEMM1 need not copy it
+};
+constexpr int kRecordChunks = sizeof(PairRecord) / 16, kRecordChunksNoW = kRecordChunks - kBT / 4;  // 16 bytes each
+
+// Every CTA scans the counts (warp 0, into shared memory: first pair and first sorted row per expert), then its
+// warps write the records of pairs warp, warp + all warps, ... . Dynamic shared memory: (2 E + 1) ints.
+__global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, int r_step, int k,
+                                                       int* __restrict__ header, PairRecord* __restrict__ recs) {
+  extern __shared__ int s_scan[];
+  int* first = s_scan;                       // [E + 1]
+  int* off = s_scan + moe.num_experts + 1;  // [E]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (warp == 0) {
+    int base_pair = 0, base_row = 0;
+    for (int e0 = 0; e0 < moe.num_experts; e0 += 32) {  // inclusive scans of 32 experts' pairs and padded rows
+      const int e = e0 + lane, c = e < moe.num_experts ? moe.counts[e] : 0;
+      const int pairs = (c + kBT - 1) / kBT, padded = (c + kSortBlock - 1) / kSortBlock * kSortBlock;
+      int incl_pairs = pairs, incl_rows = padded;
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int vp = __shfl_up_sync(0xffffffffu, incl_pairs, o), vr = __shfl_up_sync(0xffffffffu, incl_rows, o);
-      if (lane >= o) incl_pairs += vp, incl_rows += vr;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int vp = __shfl_up_sync(0xffffffffu, incl_pairs, o), vr = __shfl_up_sync(0xffffffffu, incl_rows, o);
+        if (lane >= o) incl_pairs += vp, incl_rows += vr;
+      }
+      if (e < moe.num_experts) first[e] = base_pair + incl_pairs - pairs, off[e] = base_row + incl_rows - padded;
+      base_pair += __shfl_sync(0xffffffffu, incl_pairs, 31);
+      base_row += __shfl_sync(0xffffffffu, incl_rows, 31);
     }
-    const int first = base_pair + incl_pairs - pairs;
-    if (j >= first && j < first + pairs) {
-      const int q = j - first;
-      found_e = e, found_rows = min(kBT, c - q * kBT), found_off = base_row + incl_rows - padded + q * kBT;
+    if (lane == 0) {
+      first[moe.num_experts] = base_pair;
+      if (blockIdx.x == 0) header[0] = base_pair;
     }
-    base_pair += __shfl_sync(0xffffffffu, incl_pairs, 31);
-    base_row += __shfl_sync(0xffffffffu, incl_rows, 31);
-  };
-  // The first 256 experts' counts are loaded together (one memory round trip, not one per 32 experts: this scan
-  // is the CTA's prologue), any further ones block by block.
-  constexpr int kPreload = 8;
-  int cnt[kPreload];
-#pragma unroll
-  for (int i = 0; i < kPreload; ++i) {
-    const int e = 32 * i + lane;
-    cnt[i] = e < moe.num_experts ? moe.counts[e] : 0;
   }
-#pragma unroll
-  for (int i = 0; i < kPreload; ++i)
-    if (32 * i < moe.num_experts) scan(32 * i + lane, cnt[i]);
-  for (int e0 = 32 * kPreload; e0 < moe.num_experts; e0 += 32) {
-    const int e = e0 + lane;
-    scan(e, e < moe.num_experts ? moe.counts[e] : 0);
+  __syncthreads();
+  const int pairs = first[moe.num_experts], warps = gridDim.x * (blockDim.x >> 5);
+  for (int pair = blockIdx.x * (blockDim.x >> 5) + warp; pair < pairs; pair += warps) {
+    int lo = 0, hi = moe.num_experts - 1;  // the last expert whose first pair is <= pair (it has pairs: the next
+    while (lo < hi) {                      // experts' first pairs are past this one)
+      const int mid = (lo + hi + 1) >> 1;
+      if (first[mid] <= pair) lo = mid; else hi = mid - 1;
+    }
+    const int q = pair - first[lo], rows = min(kBT, moe.counts[lo] - q * kBT), row0 = off[lo] + q * kBT;
+    PairRecord& rec = recs[pair];
+    if (lane == 0) rec.expert = lo, rec.rows = rows;
+    for (int r = lane; r < kBT; r += 32) {
+      const int slot = r < rows ? moe.sorted[row0 + r] : 0;
+      rec.slot[r] = slot;
+      rec.xoff[(r % r_step) * (kBT / r_step) + r / r_step] = (mode == kGateUp ? slot / moe.top_k : slot) * k;
+      rec.w[r] = r < rows ? moe.weights[slot] : 0.f;
+    }
   }
-  const unsigned who = __ballot_sync(0xffffffffu, found_e >= 0);
-  const int src = who ? __ffs(who) - 1 : 0;
-  const int e = __shfl_sync(0xffffffffu, found_e, src), rows = __shfl_sync(0xffffffffu, found_rows, src);
-  const int off = __shfl_sync(0xffffffffu, found_off, src);
-  for (int r = lane; r < kBT; r += 32) s_slot[r] = (who && r < rows) ? moe.sorted[off + r] : 0;
-  if (lane == 0) s_info[0] = who ? e : -1, s_info[1] = rows;
+}
+
+// One warp: starts copying pair `pair`'s record (its first `chunks` 16-byte chunks) into shared memory; the caller
+// commits, and reads it after a wait and a barrier.
+__device__ __forceinline__ void copy_record(const PairRecord* recs, int pair, int chunks, int lane, PairRecord& dst) {
+  const int4* src = reinterpret_cast<const int4*>(recs + pair);
+  for (int c = lane; c < chunks; c += 32) cp_async16(reinterpret_cast<int4*>(&dst) + c, src + c, true);
 }
 
 // ---------------------------------------------------------------------------------------------- wgmma helpers
@@ -198,8 +231,9 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     const T* __restrict__ wsc,    // [E, G, N] repacked scales
     T* __restrict__ out,          // GEMM1: [S, N/2]; GEMM2: [S, N]
     int N, int K, int group_size,
-    int tiles_per_cta,            // consecutive N tiles of this CTA (one pipeline runs through all of them)
-    MoeArgs moe) {
+    int w_stride, int s_stride,                     // expert strides of wq (chunks) and wsc (elements)
+    const int* __restrict__ header,                 // moe_pair_kernel's: int 0 = pairs
+    const PairRecord* __restrict__ recs) {
   using C = Wg<WGS>;
   using V = Num<T>;
   constexpr int THREADS = C::THREADS, NB = C::NB, STAGES = kWgStages;
@@ -208,60 +242,64 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   uint8_t* sA = base;                                           // [STAGES][2 halves][BT rows][128 B], swizzled
   int4* sB = reinterpret_cast<int4*>(sA + STAGES * C::A_BYTES);  // [STAGES][8 k16][NB][32 lanes]
   int4* sS = sB + STAGES * C::B_BYTES / 16;                     // [STAGES][ROWS / 8] scale chunks
-  __shared__ int s_slot[kBT];
-  __shared__ float s_w[kBT];  // GEMM2: routing weight per slot row (0 past the pair's rows)
-  __shared__ int s_info[2];
+  __shared__ PairRecord s_tile[2];  // my i-th tile's pair is s_tile[i % 2], its first feature s_n0[i % 2]
+  __shared__ int s_n0[2];
 
-  // This CTA: N tiles nt0 .. nt0 + tiles_per_cta - 1 of `pair` (the N tiles run fastest through the 1-D grid, so
-  // a pair's x rows stay in L2). Persistent over its tiles: the prologue (the pair lookup, the first stages'
-  // latency) is paid once, and the next tile's stages load during this tile's last ones and its epilogue.
-  const int ctas_n = N / C::ROWS / tiles_per_cta;  // CTAs per pair
-  const int nt0 = static_cast<int>(blockIdx.x % ctas_n) * tiles_per_cta, pair = static_cast<int>(blockIdx.x / ctas_n);
+  // Tiles: pair p's N tile j is tile p * n_tiles + j (the N tiles run fastest, so the CTAs working at one time share
+  // a few pairs' x rows in L2). CTA c takes tiles c, c + grid, c + 2 grid, ...: persistent, one pipeline through all
+  // of them, so the prologue (the first record, the first stages' latency) is paid once per SM, not once per tile.
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (warp == 0) find_expert_pair(moe, pair, lane, s_slot, s_info);
+  const int n_tiles = N / C::ROWS, iters = K / kBK, tiles = header[0] * n_tiles;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
+  const int my_tiles = (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1;
+  const int total = my_tiles * iters;  // stages over all my tiles
+  constexpr int kChunks = MODE == kDown ? kRecordChunks : kRecordChunksNoW;  // GEMM1 needs no routing weights
+  if (warp == 0) {
+    if (lane == 0) s_n0[0] = static_cast<int>(blockIdx.x) % n_tiles * C::ROWS;
+    copy_record(recs, blockIdx.x / n_tiles, kChunks, lane, s_tile[0]);
+    cp_async_commit();
+    cp_async_wait<0>();
+  }
   __syncthreads();
-  if (s_info[0] < 0) return;
-  const int rows_here = s_info[1];
-  if constexpr (MODE == kDown)
-    for (int r = tid; r < kBT; r += THREADS) s_w[r] = r < rows_here ? moe.weights[s_slot[r]] : 0.f;
-  wq += s_info[0] * moe.w_stride;
-  wsc += s_info[0] * moe.s_stride;
-  const int n64 = N / 64, iters = K / kBK, total = tiles_per_cta * iters;  // stages over all my tiles
 
   // Copy plan. x: BT * 16 chunks per stage (row r = c / 16, chunk c % 16 of its 128 k; half = chunk / 8), rows
   // past the pair's slots zero-filled. Weights: 8 k16 steps x NB blocks x 32 lanes, each step's NB * 512 bytes
   // contiguous in the cuda layout; chunk c = tid + THREADS i is step c / (NB * 32). Scales: ROWS / 8 chunks.
   // Chunk i of this thread is row r0 + R_STEP i (R_STEP = THREADS / 16, a multiple of 8: the same r % 8 for every
-  // i, so one swizzled offset plus R_STEP rows per i), and its source row is kept as an index (-1: zero-fill), not
-  // a pointer: registers are what this kernel runs out of.
+  // i, so one swizzled offset plus R_STEP rows per i); the record lists those rows' x rows side by side. Every
+  // source address comes from shared memory per stage, not from registers: registers are what this kernel runs out
+  // of.
   constexpr int R_STEP = THREADS / 16;
-  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == kBT, "16 chunks per row, rows R_STEP apart");
+  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == kBT && C::A_PER % 4 == 0, "16 chunks per row, rows R_STEP apart");
   const int r0 = tid >> 4, cc = tid & 15;
   const int a_dst0 = (cc >> 3) * (kBT * 128) + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4);
-  int a_row[C::A_PER];
+  // Copy addresses are 32-bit element offsets (moe_wgmma_supported checks that they fit), and the fetched stage's
+  // tile and k tile come from the caller's counters: no 64-bit math and no division per stage.
+  const int b_step = N / 64 * 32, b_stride = 8 * b_step;  // weight chunks per k16 step / k tile
+  const int b_thread = tid / (NB * 32) * b_step + tid % (NB * 32);
+  auto fetch = [&](int fi, int fit, int slot) {  // k tile fit of my tile fi (fit may run past the tile's end)
+    while (fit >= iters) fit -= iters, ++fi;     // (more than once only where K < PREFETCH k tiles)
+    if (fi < my_tiles) {
+      const PairRecord& ts = s_tile[fi & 1];
+      const int n0 = s_n0[fi & 1], expert = ts.expert, lim = ts.rows - r0, col = fit * kBK + cc * 8;
 #pragma unroll
-  for (int i = 0; i < C::A_PER; ++i) {
-    const int r = r0 + R_STEP * i;
-    const int slot = s_slot[r < rows_here ? r : 0];
-    a_row[i] = r < rows_here ? (MODE == kGateUp ? slot / moe.top_k : slot) : -1;
-  }
-  const size_t b_step = static_cast<size_t>(n64) * 32, b_stride = 8 * b_step;  // chunks per k16 step / k tile
-  const int4* b_src = wq + (tid / (NB * 32)) * b_step + tid % (NB * 32);        // + the tile's (n0 / 64) * 32
-
-  auto fetch = [&](int gs) {  // stage gs of the CTA: k tile gs % iters of tile gs / iters
-    if (gs < total) {
-      const int slot = gs % STAGES, it = gs % iters, n0 = (nt0 + gs / iters) * C::ROWS;
+      for (int i4 = 0; i4 < C::A_PER / 4; ++i4) {
+        const int4 off4 = reinterpret_cast<const int4*>(ts.xoff + r0 * C::A_PER)[i4];
+        const int off[4] = {off4.x, off4.y, off4.z, off4.w};
 #pragma unroll
-      for (int i = 0; i < C::A_PER; ++i)
-        cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (R_STEP * 128),
-                   x + static_cast<size_t>(max(a_row[i], 0)) * K + it * kBK + cc * 8, a_row[i] >= 0);
+        for (int i = 4 * i4; i < 4 * i4 + 4; ++i)
+          cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (R_STEP * 128),
+                     x + static_cast<uint32_t>(off[i % 4] + col), R_STEP * i < lim);
+      }
+      const int b0 = expert * w_stride + fit * b_stride + b_thread + n0 / 64 * 32;
 #pragma unroll
       for (int i = 0; i < C::B_PER; ++i)
         cp_async16_stream(&sB[slot * (C::B_BYTES / 16) + tid + THREADS * i],
-                          b_src + (n0 / 64) * 32 + it * b_stride + i * C::B_STEPS * b_step);
+                          wq + static_cast<uint32_t>(b0 + i * C::B_STEPS * b_step));
       if (tid < C::ROWS / 8) {
-        const int g = it * kBK / group_size;
-        cp_async16(&sS[slot * (C::ROWS / 8) + tid], wsc + static_cast<size_t>(g) * N + n0 + tid * 8, true);
+        const int grp = group_size == kBK ? fit : fit * kBK / group_size;
+        cp_async16(&sS[slot * (C::ROWS / 8) + tid], wsc + static_cast<uint32_t>(expert * s_stride + grp * N + n0 + tid * 8),
+                   true);
       }
     }
     cp_async_commit();
@@ -315,7 +353,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   auto chunks = [&](int slot) { return sB + slot * (C::B_BYTES / 16) + blk * 32 + lane; };
 
 #pragma unroll
-  for (int s = 0; s < C::PREFETCH; ++s) fetch(s);
+  for (int s = 0; s < C::PREFETCH; ++s) fetch(0, s, s);
   cp_async_wait<C::PREFETCH - 1>();
   fence_proxy_async();
   __syncthreads();
@@ -329,16 +367,15 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   // Epilogue of one tile, straight from the accumulators: D column 8 jj + 2 t (+1) is slot row 8 jj + 2 t (+1) of
   // the pair, and lanes g, g + 1 (lane ^ 4) hold features f, f + 1 of both rows; one shuffle gives each an adjacent
   // pair of one row: 4-byte stores, no shared memory (the pipeline's slots hold the next tile's stages).
-  auto store_pair = [&](float v0, float v1, int r, int col, T* dst_base, int out_n) {
+  auto store_pair = [&](const PairRecord& ts, float v0, float v1, int r, int col, int out_n) {
     const bool odd = g & 1;
     const float recv = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
     const int row = odd ? r + 1 : r;
-    if (row < rows_here)
-      *reinterpret_cast<uint32_t*>(&dst_base[static_cast<size_t>(s_slot[row]) * out_n + (odd ? col - 1 : col)]) =
+    if (row < ts.rows)
+      *reinterpret_cast<uint32_t*>(&out[static_cast<size_t>(ts.slot[row]) * out_n + (odd ? col - 1 : col)]) =
           odd ? V::pack(recv, v1) : V::pack(v0, recv);
   };
-  auto epilogue = [&](int tile) {
-    const int n0 = (nt0 + tile) * C::ROWS;
+  auto epilogue = [&](const PairRecord& ts, int n0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -352,24 +389,26 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
             v[c] = gt / (1.f + __expf(-gt)) * up;
           }
           // gate row 16 p + g (+8) of my block is column 32 blk + 16 p + g (+8) of h; its up row is 32 further on
-          store_pair(v[0], v[1], r, n0 / 2 + 32 * blk + 16 * p + g + 8 * h, out, N / 2);
+          store_pair(ts, v[0], v[1], r, n0 / 2 + 32 * blk + 16 * p + g + 8 * h, N / 2);
         } else {
-          const float w0 = s_w[r], w1 = s_w[r + 1];
+          const float w0 = ts.w[r], w1 = ts.w[r + 1];
 #pragma unroll
           for (int j = 0; j < 2; ++j)
-            store_pair(acc[j][4 * jj + 2 * h] * w0, acc[j][4 * jj + 2 * h + 1] * w1, r,
-                       n0 + 64 * blk + 32 * j + 16 * p + g + 8 * h, out, N);
+            store_pair(ts, acc[j][4 * jj + 2 * h] * w0, acc[j][4 * jj + 2 * h + 1] * w1, r,
+                       n0 + 64 * blk + 32 * j + 16 * p + g + 8 * h, N);
         }
       }
   };
 
-  // The stages of all my tiles for wgmma N = NT slots.
-  auto mainloop = [&](auto nt_tag) {
+  // My i-th tile (stages i * iters ..) with wgmma N = NT slots.
+  auto tile_loop = [&](int i, auto nt_tag) {
     constexpr int NT = decltype(nt_tag)::value;
-    for (int gs = 0; gs < total; ++gs) {
-      const int slot = gs % STAGES;
+    for (int it = 0; it < iters; ++it) {
+      const int gs = i * iters + it, slot = gs % STAGES;
       const int4* bchunks = chunks(slot);
-      const uint32_t a_base = smem_u32(sA + slot * C::A_BYTES);
+      // The stage's descriptor; each k16 step adds its offset / 16 to the low word's 14-bit address field (shared
+      // addresses < 256 KB: no carry out of it), one add instead of rebuilding the descriptor.
+      const uint64_t desc0 = smem_desc_sw128(smem_u32(sA + slot * C::A_BYTES));
 #pragma unroll
       for (int kp = 0; kp < 4; ++kp) {  // pairs of k16 steps 2 kp, 2 kp + 1
         int4 next[2];
@@ -378,7 +417,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 #pragma unroll
         for (int st = 0; st < 2; ++st) {
           const int kk = 2 * kp + st;
-          const uint64_t desc = smem_desc_sw128(a_base + (kk >> 2) * (kBT * 128) + (kk & 3) * 32);
+          const uint64_t desc = desc0 + (((kk >> 2) * (kBT * 128) + (kk & 3) * 32) >> 4);
           wgmma_rs<T, NT>(acc[0], afr[kp & 1][st][0], desc);
           wgmma_rs<T, NT>(acc[1], afr[kp & 1][st][1], desc);
         }
@@ -390,42 +429,52 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
           cp_async_wait<C::PREFETCH - 2>();  // stage gs + 1 has landed (this thread's copies)
           fence_proxy_async();
           __syncthreads();  // ... everyone's; and every warp is done with stage gs - 1's slot
-          fetch(gs + C::PREFETCH);
+          // The next tile's record (kWgLookaheadIters says why the stages fit); its buffer's last reader was tile
+          // i - 1's epilogue, before this barrier.
+          if (warp == 0 && it == 0 && i + 1 < my_tiles) {
+            const int next = blockIdx.x + (i + 1) * gridDim.x;
+            if (lane == 0) s_n0[(i + 1) & 1] = next % n_tiles * C::ROWS;
+            copy_record(recs, next / n_tiles, kChunks, lane, s_tile[(i + 1) & 1]);
+          }
+          fetch(i, it + C::PREFETCH, (gs + C::PREFETCH) % STAGES);
           load_scales((gs + 1) % STAGES);
           load_pair(chunks((gs + 1) % STAGES), 0, next);
           dequant_steps(next, afr[0]);
         }
       }
-      if ((gs + 1) % iters == 0) {  // the tile's last stage: write it out, start the next from zero
-        wgmma_wait<0>();
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int e = 0; e < kBT / 2; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");  // reads after the wait
-        epilogue(gs / iters);
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int e = 0; e < kBT / 2; ++e) {
-            acc[j][e] = 0.f;
-            asm volatile("" : "+f"(acc[j][e])::"memory");
-          }
-      }
     }
+    // The tile's last stage: write it out, start the next from zero.
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < kBT / 2; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");  // reads after the wait
+    epilogue(s_tile[i & 1], s_n0[i & 1]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < kBT / 2; ++e) {
+        acc[j][e] = 0.f;
+        asm volatile("" : "+f"(acc[j][e])::"memory");
+      }
   };
-  // wgmma N: the pair's real rows rounded up to 32 (the sort pads each expert's run to 64 slots; N = 128 for every
-  // pair would run 256 rows for an expert of ~205 slots, not 224). Columns past a short pair's N stay zero.
-  if (rows_here > 96)
-    mainloop(std::integral_constant<int, 128>{});
-  else if (rows_here > 64)
-    mainloop(std::integral_constant<int, 96>{});
-  else if (rows_here > 32)
-    mainloop(std::integral_constant<int, 64>{});
-  else
-    mainloop(std::integral_constant<int, 32>{});
-  wgmma_wait<0>();
+  // wgmma N per tile: the pair's real rows rounded up to 32 (the sort pads each expert's run to 64 slots; N = 128 for
+  // every pair would run 256 rows for an expert of ~205 slots, not 224). Columns past a short pair's N stay zero.
+  for (int i = 0; i < my_tiles; ++i) {
+    const int rows = s_tile[i & 1].rows;
+    if (rows > 96)
+      tile_loop(i, std::integral_constant<int, 128>{});
+    else if (rows > 64)
+      tile_loop(i, std::integral_constant<int, 96>{});
+    else if (rows > 32)
+      tile_loop(i, std::integral_constant<int, 64>{});
+    else
+      tile_loop(i, std::integral_constant<int, 32>{});
+  }
   cp_async_wait<0>();
 }
+
+std::atomic<int64_t> g_wgmma_grid_cap{0};  // set_moe_wgmma_grid_cap
 
 template <typename T, int WGS, int MODE>
 cudaError_t launch_wgmma(const MoeLaunch& a) {
@@ -436,31 +485,30 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
   if (err != cudaSuccess) return err;
   const int num_experts = static_cast<int>(a.weight.size(0));
   const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
-  // Pairs: sum over experts of ceil(count / 128) <= slots / 128 + experts (CTAs past the last pair exit at once).
+  if (num_experts > kMoeWgmmaMaxExperts) return cudaErrorInvalidValue;
+  // Pairs: sum over experts of ceil(count / 128) <= slots / 128 + experts.
   const int64_t pairs = std::min<int64_t>(a.sorted.numel() / kSortBlock, a.weights.numel() / kBT + num_experts);
   if (pairs == 0) return cudaSuccess;
   const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
                     a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
-  // N tiles per CTA: the most (<= 4, dividing the tile count) that leaves >= 4 CTAs per SM in the grid and keeps
-  // the x rows of the pairs in flight (SMs * per_cta / n_tiles pairs of BT * K * 2 bytes) within kXResident of L2:
-  // each is read once per tile. GLM-4.6 GEMM2 (K = 1536, 20 tiles) takes 4 (1678 -> 1335 us at T = 4096, H200);
-  // GEMM1 (K = 5120, 12 tiles) at 4 kept ~58 MB of x in flight and slowed down (2157 -> 2467 us), so it takes 1.
-  constexpr int64_t kXResident = 24 << 20;  // half the L2 of an H100
-  const int sms = sm_count(a.a.get_device()), n_tiles = n / C::ROWS;
-  int per_cta = 1;
-  for (int cand = 4; cand > 1; --cand)
-    if (n_tiles % cand == 0 && static_cast<int64_t>(n_tiles / cand) * pairs >= 4 * sms &&
-        static_cast<int64_t>(sms) * cand / n_tiles * kBT * k * 2 <= kXResident) {
-      per_cta = cand;
-      break;
-    }
-  const int64_t ctas = n_tiles / per_cta * pairs;  // a 1-D grid (2^31 - 1 CTAs): no limit from grid.y
-  if (ctas > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(ctas), 1, 1);
-  kernel<<<grid, C::THREADS, C::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
+  const at::Tensor ws = at::empty({16 + pairs * static_cast<int64_t>(sizeof(PairRecord))},
+                                  a.a.options().dtype(at::kByte));
+  int* header = reinterpret_cast<int*>(ws.data_ptr());
+  auto* recs = reinterpret_cast<PairRecord*>(ws.data_ptr<uint8_t>() + 16);
+  const int sms = sm_count(a.a.get_device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  moe_pair_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 7) / 8, 2 * sms)), 256,
+                    (2 * num_experts + 1) * sizeof(int), stream>>>(moe, a.mode, C::THREADS / 16, k, header, recs);
+  // One CTA per SM, each through every grid-th tile; with fewer k tiles than the lookahead needs, one CTA per tile
+  // (CTAs past the last real tile exit at once).
+  const int64_t tiles = pairs * (n / C::ROWS);
+  const int64_t cap = g_wgmma_grid_cap.load(std::memory_order_relaxed);
+  const int64_t ctas = k / kBK >= kWgLookaheadIters ? std::min<int64_t>({tiles, sms, cap > 0 ? cap : sms}) : tiles;
+  if (ctas > 0x7fffffff || tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  kernel<<<dim3(static_cast<unsigned>(ctas)), C::THREADS, C::SMEM, stream>>>(
       reinterpret_cast<const T*>(a.a.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
       reinterpret_cast<const T*>(a.scale.data_ptr()), reinterpret_cast<T*>(a.out.data_ptr()), n, k, a.group_size,
-      per_cta, moe);
+      static_cast<int>(moe.w_stride), static_cast<int>(moe.s_stride), header, recs);
   return cudaGetLastError();
 }
 
@@ -481,9 +529,11 @@ __global__ void wgmma_build_probe(int* out) {
 
 }  // namespace
 
-bool moe_wgmma_supported(int device, int64_t n) {
+void set_moe_wgmma_grid_cap(int64_t ctas) { g_wgmma_grid_cap.store(ctas, std::memory_order_relaxed); }
+
+bool wgmma_device_supported(int device) {
   static int cache[64] = {0};  // 1: runs sm_90a code, -1: does not
-  if (n % 128 || device < 0 || device >= 64) return false;
+  if (device < 0 || device >= 64) return false;
   if (cache[device] == 0) {
     int major = 0;
     cudaFuncAttributes attr{};
@@ -497,6 +547,12 @@ bool moe_wgmma_supported(int device, int64_t n) {
     cache[device] = ok ? 1 : -1;
   }
   return cache[device] > 0;
+}
+
+bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale) {
+  constexpr int64_t kMax32 = int64_t{1} << 31;  // the kernel's copy addresses are 32-bit element offsets
+  return weight.size(2) * 64 % 128 == 0 && weight.size(0) <= kMoeWgmmaMaxExperts && a.numel() < kMax32 &&
+         weight.numel() / 4 < kMax32 && scale.numel() < kMax32 && wgmma_device_supported(a.get_device());
 }
 
 // The table: dtype x {2 warpgroups (N % 256 == 0), 1 (N % 128 == 0; 162 KB of shared memory, still one CTA and 4

@@ -308,11 +308,12 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype):
     assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
 
 
-# Several N tiles per CTA (the launcher's rule takes 4 for GEMM2 at H = 1024, 2 for both GEMMs at H = 512 on these
-# shapes: ~660 pairs over 160 experts, small x rows), GEMM2 with fewer k tiles than the pipeline holds (K = 128:
-# one, K = 256: two) so that stages run across tile boundaries; and the layer captured in a CUDA graph and replayed with
-# new routing.
-@pytest.mark.parametrize("h, i", [(1024, 128), (512, 256)])
+# Several tiles per CTA: ~640 pairs over 160 experts give hundreds of tiles for one CTA per SM, so a CTA runs through
+# several pairs and experts with the next tile's record copied while one computes. GEMM1 at K = 1024, 512 and 640 (5
+# k tiles: the least that runs persistent); GEMM2 at K = 128 and 256 (fewer k tiles than the pipeline holds: one CTA
+# per tile) and at K = 640 with N = 640 (one warpgroup). Also the layer captured in a CUDA graph and replayed with new
+# routing.
+@pytest.mark.parametrize("h, i", [(1024, 128), (512, 256), (640, 640)])
 def test_moe_wgmma_persistent_and_cuda_graph(h, i):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
@@ -405,12 +406,24 @@ t = p.tensors
 ids = torch.randint(0, e, (150, k), device="cuda", dtype=torch.int32)
 w = torch.rand(150 * k, device="cuda")
 x = torch.randn(150, h, device="cuda").to(torch.bfloat16)
-configs = [(16, 1)] + ([(64, 4)] if glm_awq._C.wgmma_supported(torch.cuda.current_device()) else [])
-for block_m, variant in configs:
+def layer(t, x, ids, w, block_m, variant):
     srt, counts, local = moe._sort(ids.reshape(-1), None, e, block_m)[:3]
     hid = torch.ops.glm_awq.moe_gemm(x, t["w13"], t["w13_scale.bfloat16"], srt, counts, w, k, block_m, 1, 128, variant)
     y = torch.ops.glm_awq.moe_gemm(hid, t["w2"], t["w2_scale.bfloat16"], srt, counts, w, k, block_m, 2, 128, variant)
     torch.ops.glm_awq.moe_sum(y, local, k)
+layer(t, x, ids, w, 16, 1)
+if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
+    layer(t, x, ids, w, 64, 4)
+    # K = 640 (5 k tiles) is the least that runs persistent; a grid of 3 CTAs gives each ~7 of the 20 tiles (GEMM1
+    # N = 1280: two warpgroups, GEMM2 N = 640: one), so the next tile's record is copied while this one computes.
+    glm_awq._C.set_wgmma_grid_cap(3)
+    h = i = 640
+    w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
+    w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
+    s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    layer(p.tensors, torch.randn(150, h, device="cuda").to(torch.bfloat16), ids, w, 64, 4)
 torch.cuda.synchronize()
 """
 
