@@ -5,7 +5,7 @@ rate) measured in this run, % of floor; baseline: bf16 torch._grouped_mm (sort +
 weighted sum, routing included) over the same routing. Several layers' weights are cycled so that no layer
 hits in L2. Writes moe.json + moe.png.
 
-    python benchmarks/bench_moe.py [--backends triton,cuda] [--ts 1,16,4096] [--layers 3]
+    python benchmarks/bench_moe.py [--backends triton,cuda] [--ts 1,16,4096] [--layers 3] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -89,6 +89,9 @@ def main() -> int:
     parser.add_argument("--ts", default=",".join(map(str, TS)))
     parser.add_argument("--layers", type=int, default=3, help="layers of weights cycled (1.95 GB each)")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="graph times per column, alternating with the other columns; the median is kept (the "
+                             "card's power cap moves its clock between consecutive measurements)")
     parser.add_argument("--cuda-variants", default="", metavar="N,...",
                         help="also time the cuda backend with CudaBackend.VARIANT = N (1 tile kernel, 3 skinny)")
     args = parser.parse_args()
@@ -116,7 +119,7 @@ def main() -> int:
         unique, nbytes, flops = _layer_cost(ids, t)
         floor = common.floor_us(nbytes, flops, ceilings)
         row = {"T": t, "unique_experts": unique, "bytes": nbytes, "flops": flops, "floor_us": floor}
-        ref = None
+        ref, timers = None, {}
         if t <= 256:
             ids_ref, w_ref = glm_awq.route(logits, bias, backend="torch")
             ref = fused_moe_ref(x, ids_ref, w_ref, *layers[0]).float()
@@ -138,11 +141,33 @@ def main() -> int:
                     fn()
 
             graph_us = common.graph_time_us(cycle, calls=len(fns))
+
+            def timer(cycle=cycle, n=len(fns), variant=cuda_cls.VARIANT, cls=cuda_cls):  # a later round
+                saved, cls.VARIANT = cls.VARIANT, variant
+                try:
+                    return common.graph_time_us(cycle, calls=n)
+                finally:
+                    cls.VARIANT = saved
+
+            timers[column] = timer
             row[column] = {"graph_us": graph_us, "eager_us": common.time_us(cycle) / len(fns),
                            "pct_floor": 100 * floor / graph_us, "GBps": nbytes / graph_us / 1e3, "rel_err": err}  # fmt: skip
             cuda_cls.VARIANT = default_variant
         if baseline is not None:
             row["torch_grouped_mm_us"] = common.graph_time_us(lambda: baseline(x, logits))
+            timers["torch_grouped_mm"] = lambda x=x, lg=logits: common.graph_time_us(lambda: baseline(x, lg))
+        if args.repeat > 1:  # more rounds, column after column, then the median of each column's rounds
+            samples = {c: [row[c]["graph_us"] if c in row else row["torch_grouped_mm_us"]] for c in timers}
+            for _ in range(args.repeat - 1):
+                for c, timer in timers.items():
+                    samples[c].append(timer())
+            for c, vals in samples.items():
+                med = sorted(vals)[len(vals) // 2]
+                if c in row:
+                    row[c].update(graph_us=med, graph_us_rounds=vals, pct_floor=100 * floor / med,
+                                  GBps=nbytes / med / 1e3)  # fmt: skip
+                else:
+                    row.update(torch_grouped_mm_us=med, torch_grouped_mm_us_rounds=vals)
         rows.append(row)
         print(_line(row, [*backends, *variants]), flush=True)
 

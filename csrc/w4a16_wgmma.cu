@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const float gt = acc[0][4 * jj + 2 * h + c], up = acc[1][4 * jj + 2 * h + c];
-            v[c] = gt / (1.f + __expf(-gt)) * up;
+            v[c] = __fdividef(gt, 1.f + __expf(-gt)) * up;  // no IEEE division's slow path (0 past 2^126)
           }
           // gate row 16 p + g (+8) of my block is column 32 blk + 16 p + g (+8) of h; its up row is 32 further on
           store_pair(ts, v[0], v[1], r, n0 / 2 + 32 * blk + 16 * p + g + 8 * h, N / 2);
