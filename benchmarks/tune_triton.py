@@ -1,9 +1,10 @@
 """Sweep the Triton W4A16 GEMM's block sizes at GLM-4.6's shapes on this GPU; write the winners as tuned.json.
 
-The table ships in kernels/tuned.json (copy $OUT/tuned.json there), keyed by GPU family, so a user's first
-decode step never autotunes. Weights rotate over several copies (none stays in L2), timed from CUDA graphs.
+The table ships in kernels/tuned.json (copy $OUT/tuned.json there, or pass --merge), keyed by GPU family, so a
+user's first decode step never autotunes. Weights rotate over several copies (none stays in L2), timed from CUDA
+graphs. An empty --shapes or --ms skips the GEMM sweep.
 
-    python benchmarks/tune_triton.py [--ms 1,8,16,32,64] [--shapes q_proj,o_proj] [--moe-ts 1,16,256]
+    python benchmarks/tune_triton.py [--ms 1,8,16,32,64] [--shapes q_proj,o_proj] [--moe-ts 1,16,256] [--merge]
 """
 
 from __future__ import annotations
@@ -97,11 +98,14 @@ def main() -> int:
     parser.add_argument("--ms", default="1,8,16,32,64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--moe-ts", default="1,16,256,4096", help="token counts for the MoE sweep ('' skips)")
+    parser.add_argument("--merge", action="store_true",
+                        help="also write the winners into kernels/tuned.json, replacing entries of the same kernel, "
+                             "n, k and m_max and keeping the rest")
     args = parser.parse_args()
     family = tuning.family(0)
     table = {family: {"w4a16_gemm": []}}
     print(f"tuning on {common.card()} ({family})")
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",") if args.ms else []):
         n, k = SHAPES[shape]
         copies = max(2, math.ceil(ROTATE_BYTES / (n * k // 2)))
         weights = [w4a16_gemm.prepare(*quant.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)))
@@ -130,7 +134,22 @@ def main() -> int:
     path = common.out_dir() / "tuned.json"
     path.write_text(json.dumps(table, indent=1))
     print(f"wrote {path}")
+    if args.merge:
+        print(f"merged into {merge(table)}")
     return 0
+
+
+def merge(table: dict) -> str:
+    """Write table's entries into kernels/tuned.json: an entry replaces the one of the same kernel, n, k and m_max."""
+    shipped = json.loads(tuning.TABLE_PATH.read_text()) if tuning.TABLE_PATH.exists() else {}
+    for family, kernels in table.items():
+        for kernel, entries in kernels.items():
+            old = shipped.setdefault(family, {}).setdefault(kernel, [])
+            keys = {(e["n"], e["k"], e["m_max"]) for e in entries}
+            old[:] = sorted([e for e in old if (e["n"], e["k"], e["m_max"]) not in keys] + entries,
+                            key=lambda e: (e["n"], e["k"], e["m_max"]))  # fmt: skip
+    tuning.TABLE_PATH.write_text(json.dumps(shipped, indent=1) + "\n")
+    return str(tuning.TABLE_PATH)
 
 
 if __name__ == "__main__":
