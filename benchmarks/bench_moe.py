@@ -11,6 +11,7 @@ hits in L2. Writes moe.json + moe.png.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -162,7 +163,7 @@ def main() -> int:
                 for c, timer in timers.items():
                     samples[c].append(timer())
             for c, vals in samples.items():
-                med = sorted(vals)[len(vals) // 2]
+                med = statistics.median(vals)
                 if c in row:
                     row[c].update(graph_us=med, graph_us_rounds=vals, pct_floor=100 * floor / med,
                                   GBps=nbytes / med / 1e3)  # fmt: skip

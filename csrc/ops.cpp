@@ -139,8 +139,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
               "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16) or 4 (wgmma)");
   TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a, weight, scale)), "moe_gemm: variant=4 (the "
               "wgmma kernel) needs block_m=64 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
-              "), a, weight and scale of < 2^31 elements (got ", a.numel(), ", ", weight.numel(), ", ", scale.numel(),
-              ") and an sm_90 GPU with a build that includes sm_90a (", a.device(), "); use variant=0");
+              "), a and scale of < 2^31 elements and weight of < 2^31 16-byte chunks (got ", a.numel(), ", ",
+              scale.numel(), " and ", weight.numel() / 4, ") and an sm_90 GPU with a build that includes sm_90a (", a.device(), "); use variant=0");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&
@@ -158,9 +158,12 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   if (slots == 0) return out;
   auto ac = a.contiguous();
   if (reinterpret_cast<uintptr_t>(ac.data_ptr()) % 16) ac = ac.clone();
+  at::Tensor workspace;
+  if (moe_gemm_uses_wgmma(ac, weight, scale, static_cast<int>(block_m), static_cast<int>(variant)))
+    workspace = at::empty({moe_wgmma_workspace_bytes(sorted.numel(), slots, e)}, a.options().dtype(at::kByte));
   const MoeLaunch args{ac, weight, scale, out, sorted, counts, topk_weights, static_cast<int>(top_k),
                        static_cast<int>(block_m), static_cast<int>(mode), static_cast<int>(group_size),
-                       static_cast<int>(variant)};
+                       static_cast<int>(variant), workspace};
   check_launch("moe_gemm", launch_moe_gemm(args));
   return out;
 }

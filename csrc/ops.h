@@ -52,8 +52,16 @@ struct MoeLaunch {
   const at::Tensor& counts;   // int32 [E]
   const at::Tensor& weights;  // fp32 [S]
   int top_k, block_m, mode, group_size, variant;
+  // uint8 [moe_wgmma_workspace_bytes] where moe_gemm_uses_wgmma, else unused: allocated by the caller (ops.cpp),
+  // since the launchers never throw
+  const at::Tensor& workspace;
 };
 int launch_moe_gemm(const MoeLaunch& args);
+// Whether launch_moe_gemm takes the wgmma kernel for these arguments (block_m 64, variant 0 or 4, and
+// moe_wgmma_supported), and the workspace that kernel needs: its work list, at most one record per pair.
+bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
+                         int variant);
+int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts);
 // block_m = 8 always, and block_m = 16 under variant 3 where it fits, run the skinny kernel
 // (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
 // moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
@@ -61,8 +69,8 @@ int launch_moe_skinny(const MoeLaunch& args);
 bool moe_skinny_fits(int64_t k, int block_m, int device);
 // The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots on an sm_90 device with sm_90a code in this build
 // (wgmma_device_supported), N % 128 == 0, at most kMoeWgmmaMaxExperts local experts (its work-list kernel scans them
-// in 48 KB of shared memory), and a, weight and scale of < 2^31 elements (its copy addresses are 32-bit offsets):
-// moe_wgmma_supported says whether all of that holds.
+// in 2 E + 1 ints of shared memory), and a, scale (elements) and weight (16-byte chunks) below 2^31 (its copy
+// addresses are 32-bit offsets): moe_wgmma_supported says whether all of that holds.
 constexpr int kMoeWgmmaMaxExperts = 4096;
 int launch_moe_wgmma(const MoeLaunch& args);
 bool wgmma_device_supported(int device);

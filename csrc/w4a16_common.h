@@ -25,11 +25,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                "r"(valid ? 16 : 0));
 }
 
-// 4-byte global->shared copy (through L1: .ca is the only form at this size); src_bytes = 0 zero-fills.
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 4 : 0));
-}
-
 // Weights are read once per call: mark them evict-first so they do not push activations and partials out of L2.
 __device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem) {
   asm volatile(

@@ -627,14 +627,17 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
   return cudaGetLastError();
 }
 
+// Blocks of 64 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4 elsewhere).
+bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
+                         int variant) {
+  return block_m == 64 && (variant == 0 || variant == kVariantWgmma) && moe_wgmma_supported(a, weight, scale);
+}
+
 // The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,
 // scales into B; plus FOLD at M_BLOCKS 1.
 int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
-  // Blocks of 64 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4 elsewhere).
-  if (a.block_m == 64 && (a.variant == 0 || a.variant == kVariantWgmma) &&
-      moe_wgmma_supported(a.a, a.weight, a.scale))
-    return launch_moe_wgmma(a);
+  if (moe_gemm_uses_wgmma(a.a, a.weight, a.scale, a.block_m, a.variant)) return launch_moe_wgmma(a);
   // Blocks of 16 run skinny only on request (variant 3): with two token blocks it runs one CTA per SM and measured
   // slower than the tile kernel (H200, GLM-4.6 layer, T=256: 1528 vs 1053 us; benchmarks/NOTES.md).
   if (a.block_m == 8 || (a.block_m == 16 && a.variant == kVariantSkinny && moe_skinny_fits(k, 16, a.a.get_device())))

@@ -6,8 +6,9 @@
 // Legend: BT = 128 token-slots per tile (a pair: two consecutive 64-slot blocks of one expert's sorted run), N
 // output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output features per N tile.
 //
-// Work: a small kernel first lists the pairs (moe_pair_kernel: expert, rows, slot ids, routing weights). A tile is
-// one pair's BT slots x ROWS features over the whole K; one CTA per SM runs every grid-th tile (persistent).
+// Work: a small kernel first lists the pairs (moe_pair_kernel: expert, rows, slot ids, x offsets, routing weights).
+// A tile is one pair's BT slots x ROWS features over the whole K. From 5 k tiles (K >= 640) one CTA per SM runs
+// every grid-th tile (persistent); below that, one CTA per tile.
 // Data flow of one CTA:
 //  - A = weights, m64 x k16 per wgmma, in registers. In the cuda layout a lane's 16-byte chunk of a 16 x 64
 //    (k x n) sub-tile holds, in int i, the A fragment of features 16i .. 16i+15 (w4a16_skinny.cu's header works
@@ -17,8 +18,8 @@
 //    matching 32 up rows, so one thread holds gate and up of the same columns. Two ints per warp and step: each
 //    dequantized weight feeds up to 128 slots. The scale is multiplied in before the wgmma (one bf16/fp16
 //    rounding of q * s, as the tile kernel).
-//  - B = x rows of the CTA's slots, [BT, 128] per stage, K-major with the 128-byte swizzle (16-byte chunk c of
-//    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per k16 step (a 32-byte offset). The
+//  - B = x rows of the tile's slots, [BT, 128] per stage, K-major with the 128-byte swizzle (16-byte chunk c of
+//    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per stage, + 32 bytes per k16 step. The
 //    wgmmas' N is the pair's real rows rounded up to 32 (m64n32 .. m64n128); rows past them are zero-filled.
 //  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight, running through
 //    all of the CTA's tiles (a tile's first stages load during the previous tile's last ones and its epilogue; its
@@ -31,12 +32,12 @@
 //    these run.
 //  - Epilogue per tile, straight from the accumulators: SiLU(gate) * up (GEMM1) or routing weight * acc (GEMM2);
 //    a lane shuffle gives each thread two adjacent features of one slot row, written as one 4-byte store.
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <type_traits>
 
 #include "ops.h"
@@ -49,7 +50,7 @@
 namespace glm_awq {
 namespace {
 
-constexpr int kBT = 128;         // token-slots per CTA: two 64-slot blocks of the sort
+constexpr int kBT = 128;         // token-slots per tile: two 64-slot blocks of the sort
 constexpr int kSortBlock = 64;   // the sort's block (block_m)
 constexpr int kWgStages = 4;     // pipeline slots
 // A CTA copies its next tile's pair record (below) in this tile's first stage; it has landed and is published
@@ -86,10 +87,15 @@ struct alignas(16) PairRecord {
   float w[kBT];   // routing weight per row (0 past them); last, so that GEMM1 need not copy it
 };
 constexpr int kRecordChunks = sizeof(PairRecord) / 16, kRecordChunksNoW = kRecordChunks - kBT / 4;  // 16 bytes each
+static_assert(offsetof(PairRecord, w) == kRecordChunksNoW * 16, "w last: GEMM1 copies the record without it");
+static_assert(Wg<2>::SMEM + 2 * sizeof(PairRecord) + 1024 <= kSmemPerSM &&
+                  Wg<1>::SMEM + 2 * sizeof(PairRecord) + 1024 <= kSmemPerSM,
+              "the pipeline, two records and the rest of the static shared memory fit one CTA");
 
 // Every CTA scans the counts (warp 0, into shared memory: first pair and first sorted row per expert), then its
-// warps write the records of pairs warp, warp + all warps, ... . Dynamic shared memory: (2 E + 1) ints.
-__global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, int r_step, int k,
+// warps write the records of pairs warp, warp + all warps, ... . Dynamic shared memory: (2 E + 1) ints. At most
+// `capacity` records (the workspace's): counts that disagree with the sort cannot make it write past them.
+__global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, int r_step, int k, int capacity,
                                                        int* __restrict__ header, PairRecord* __restrict__ recs) {
   extern __shared__ int s_scan[];
   int* first = s_scan;                       // [E + 1]
@@ -111,8 +117,8 @@ __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, in
       base_row += __shfl_sync(0xffffffffu, incl_rows, 31);
     }
     if (lane == 0) {
-      first[moe.num_experts] = base_pair;
-      if (blockIdx.x == 0) header[0] = base_pair;
+      first[moe.num_experts] = min(base_pair, capacity);
+      if (blockIdx.x == 0) header[0] = min(base_pair, capacity);
     }
   }
   __syncthreads();
@@ -130,7 +136,7 @@ __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, in
       const int slot = r < rows ? moe.sorted[row0 + r] : 0;
       rec.slot[r] = slot;
       rec.xoff[(r % r_step) * (kBT / r_step) + r / r_step] = (mode == kGateUp ? slot / moe.top_k : slot) * k;
-      rec.w[r] = r < rows ? moe.weights[slot] : 0.f;
+      if (mode == kDown) rec.w[r] = r < rows ? moe.weights[slot] : 0.f;  // GEMM1 does not read w
     }
   }
 }
@@ -278,7 +284,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   const int b_step = N / 64 * 32, b_stride = 8 * b_step;  // weight chunks per k16 step / k tile
   const int b_thread = tid / (NB * 32) * b_step + tid % (NB * 32);
   auto fetch = [&](int fi, int fit, int slot) {  // k tile fit of my tile fi (fit may run past the tile's end)
-    while (fit >= iters) fit -= iters, ++fi;     // (more than once only where K < PREFETCH k tiles)
+    while (fit >= iters) fit -= iters, ++fi;     // (more than once only at K = 128: the prologue's third stage)
     if (fi < my_tiles) {
       const PairRecord& ts = s_tile[fi & 1];
       const int n0 = s_n0[fi & 1], expert = ts.expert, lim = ts.rows - r0, col = fit * kBK + cc * 8;
@@ -476,6 +482,11 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 
 std::atomic<int64_t> g_wgmma_grid_cap{0};  // set_moe_wgmma_grid_cap
 
+// Pairs: sum over experts of ceil(count / 128) <= slots / 128 + experts, and no more than the sort's 64-slot blocks.
+int64_t max_pairs(int64_t sorted_numel, int64_t slots, int64_t experts) {
+  return std::min<int64_t>(sorted_numel / kSortBlock, slots / kBT + experts);
+}
+
 template <typename T, int WGS, int MODE>
 cudaError_t launch_wgmma(const MoeLaunch& a) {
   using C = Wg<WGS>;
@@ -485,26 +496,28 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
   if (err != cudaSuccess) return err;
   const int num_experts = static_cast<int>(a.weight.size(0));
   const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
-  if (num_experts > kMoeWgmmaMaxExperts) return cudaErrorInvalidValue;
-  // Pairs: sum over experts of ceil(count / 128) <= slots / 128 + experts.
-  const int64_t pairs = std::min<int64_t>(a.sorted.numel() / kSortBlock, a.weights.numel() / kBT + num_experts);
+  const int64_t pairs = max_pairs(a.sorted.numel(), a.weights.numel(), num_experts);
+  if (num_experts > kMoeWgmmaMaxExperts || pairs > 0x7fffffff ||
+      a.workspace.numel() < moe_wgmma_workspace_bytes(a.sorted.numel(), a.weights.numel(), num_experts))
+    return cudaErrorInvalidValue;
   if (pairs == 0) return cudaSuccess;
-  const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
-                    a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
-  const at::Tensor ws = at::empty({16 + pairs * static_cast<int64_t>(sizeof(PairRecord))},
-                                  a.a.options().dtype(at::kByte));
-  int* header = reinterpret_cast<int*>(ws.data_ptr());
-  auto* recs = reinterpret_cast<PairRecord*>(ws.data_ptr<uint8_t>() + 16);
-  const int sms = sm_count(a.a.get_device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  moe_pair_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 7) / 8, 2 * sms)), 256,
-                    (2 * num_experts + 1) * sizeof(int), stream>>>(moe, a.mode, C::THREADS / 16, k, header, recs);
   // One CTA per SM, each through every grid-th tile; with fewer k tiles than the lookahead needs, one CTA per tile
   // (CTAs past the last real tile exit at once).
+  const int sms = sm_count(a.a.get_device());
   const int64_t tiles = pairs * (n / C::ROWS);
   const int64_t cap = g_wgmma_grid_cap.load(std::memory_order_relaxed);
   const int64_t ctas = k / kBK >= kWgLookaheadIters ? std::min<int64_t>({tiles, sms, cap > 0 ? cap : sms}) : tiles;
   if (ctas > 0x7fffffff || tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
+                    a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
+  int* header = reinterpret_cast<int*>(a.workspace.data_ptr());
+  auto* recs = reinterpret_cast<PairRecord*>(reinterpret_cast<uint8_t*>(a.workspace.data_ptr()) + 16);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  moe_pair_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 7) / 8, 2 * sms)), 256,
+                    (2 * num_experts + 1) * sizeof(int), stream>>>(moe, a.mode, C::THREADS / 16, k,
+                                                                   static_cast<int>(pairs), header, recs);
+  const cudaError_t pair_err = cudaGetLastError();  // the GEMM must not read a work list that was never written
+  if (pair_err != cudaSuccess) return pair_err;
   kernel<<<dim3(static_cast<unsigned>(ctas)), C::THREADS, C::SMEM, stream>>>(
       reinterpret_cast<const T*>(a.a.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
       reinterpret_cast<const T*>(a.scale.data_ptr()), reinterpret_cast<T*>(a.out.data_ptr()), n, k, a.group_size,
@@ -528,6 +541,10 @@ __global__ void wgmma_build_probe(int* out) {
 }
 
 }  // namespace
+
+int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts) {
+  return 16 + max_pairs(sorted_numel, slots, experts) * static_cast<int64_t>(sizeof(PairRecord));
+}
 
 void set_moe_wgmma_grid_cap(int64_t ctas) { g_wgmma_grid_cap.store(ctas, std::memory_order_relaxed); }
 

@@ -276,43 +276,55 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
     return ops.moe_sum(y, local, top_k)
 
 
-# The wgmma kernel (variant 4, sm_90 only): a CTA takes up to 128 slots of one expert (two blocks of the sort),
-# with wgmma N = its real rows rounded up to 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one.
+# The wgmma kernel (variant 4, sm_90 only): a tile is up to 128 slots of one expert (two blocks of the sort), with
+# wgmma N = its real rows rounded up to 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one.
 # T = 1: four experts with one row each (N = 32). 150 x 4 over 16 experts: ~37 slots each (N = 64, some 32).
 # 600 x 4 over 16 experts: ~150 each, pairs of 128 rows and a ragged tail pair (N = 32).
 # 97 x 8 over 8 experts: every token on every expert (N = 128);
 # GEMM1 N = 768 (two warpgroups, 3 tiles), GEMM2 N = 384 (one warpgroup) and K = 384 (3 k tiles: no more than the
 # pipeline keeps in flight). The skew puts every token on 4 experts (200 slots each: 128 + 72, N = 96), 12 get
-# nothing.
+# nothing. H or I = 640 (5 k tiles) runs that GEMM persistent: with a grid of 3 CTAs (`cap`) each CTA takes several
+# tiles, of several experts; cap 0 is one CTA per SM (one tile each at these sizes).
 @pytest.mark.parametrize(
     "t, e, h, i, top_k, skew",
     [(1, 16, 512, 256, 4, None), (150, 16, 256, 256, 4, None), (600, 16, 512, 256, 4, None), (97, 8, 384, 384, 8, None),
-     (200, 16, 256, 256, 4, [3, 7, 11, 12])],
+     (200, 16, 256, 256, 4, [3, 7, 11, 12]), (1, 16, 640, 640, 4, None), (600, 16, 640, 384, 4, None),
+     (200, 16, 640, 640, 4, [3, 7, 11, 12])],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype):
+@pytest.mark.parametrize("cap", [0, 3])
+def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
+    if cap and max(h, i) < 640:
+        pytest.skip("below 5 k tiles each CTA takes one tile: the grid cap does not apply")
+    from glm_awq import _C
+
     w13, s13, w2, s2 = _experts(e, h, i, seed=t + e)
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=t, skew=skew)
     x = torch.randn(t, h, device="cuda").to(dtype)
     ref = fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)
-    poison_allocator("cuda")  # the GEMMs' outputs come from torch.empty: unwritten rows would read NaN
-    out = _moe_direct(x, ids, weights, p, 64, 4)
-    err = rel_err(out, ref)
-    assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype}: rel err {err:.2e}"
-    # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order differs.
-    assert rel_err(out, _moe_direct(x, ids, weights, p, 64, 1)) < 2e-3
-    poison_allocator("cuda")  # not the tile kernel's freed (correct) buffers either
-    assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
+    _C.set_wgmma_grid_cap(cap)
+    try:
+        poison_allocator("cuda")  # the GEMMs' outputs come from torch.empty: unwritten rows would read NaN
+        out = _moe_direct(x, ids, weights, p, 64, 4)
+        err = rel_err(out, ref)
+        assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype} cap={cap}: rel err {err:.2e}"
+        # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order
+        # differs.
+        assert rel_err(out, _moe_direct(x, ids, weights, p, 64, 1)) < 2e-3
+        poison_allocator("cuda")  # not the tile kernel's freed (correct) buffers either
+        assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
+    finally:
+        _C.set_wgmma_grid_cap(0)
 
 
 # Several tiles per CTA: ~640 pairs over 160 experts give hundreds of tiles for one CTA per SM, so a CTA runs through
-# several pairs and experts with the next tile's record copied while one computes. GEMM1 at K = 1024, 512 and 640 (5
-# k tiles: the least that runs persistent); GEMM2 at K = 128 and 256 (fewer k tiles than the pipeline holds: one CTA
-# per tile) and at K = 640 with N = 640 (one warpgroup). Also the layer captured in a CUDA graph and replayed with new
-# routing.
+# several pairs and experts with the next tile's record copied while one computes. Persistent: GEMM1 at K = 1024 and
+# 640 (5 k tiles: the least that runs persistent), GEMM2 at K = 640 with N = 640 (one warpgroup). One CTA per tile:
+# GEMM1 at K = 512, GEMM2 at K = 128 and 256 (fewer k tiles than the pipeline holds). Also the layer captured in a
+# CUDA graph and replayed with new routing.
 @pytest.mark.parametrize("h, i", [(1024, 128), (512, 256), (640, 640)])
 def test_moe_wgmma_persistent_and_cuda_graph(h, i):
     if not _hopper():
