@@ -260,6 +260,20 @@ def _hopper() -> bool:
     return torch.cuda.is_available() and _C.wgmma_supported(torch.cuda.current_device())
 
 
+def _replay_with_new_routing(layer, ids, weights, e, seed):
+    """Capture layer() in a CUDA graph, write new routing over e experts into ids and weights in place, replay;
+    the output."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer()
+    ids2, weights2 = _routing(ids.shape[0], e, ids.shape[1], seed=seed)
+    ids.copy_(ids2)
+    weights.copy_(weights2)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def _moe_direct(x, ids, weights, p, block_m, variant):
     """CudaBackend.fused_moe with the block size and kernel variant forced (the op's own arguments)."""
     from glm_awq.kernels import moe as triton_moe
@@ -337,14 +351,7 @@ def test_moe_wgmma_persistent_and_cuda_graph(h, i):
     poison_allocator("cuda", 512 << 20)  # GEMM2's output is 131 MB at H = 1024
     out = _moe_direct(x, ids, weights, p, 64, 4)
     assert rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = _moe_direct(x, ids, weights, p, 64, 4)
-    ids2, weights2 = _routing(t, e, top_k, seed=4)
-    ids.copy_(ids2)
-    weights.copy_(weights2)
-    graph.replay()
-    torch.cuda.synchronize()
+    replayed = _replay_with_new_routing(lambda: _moe_direct(x, ids, weights, p, 64, 4), ids, weights, e, seed=4)
     assert rel_err(replayed, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
 
 
@@ -384,14 +391,7 @@ def test_moe_opcheck_and_cuda_graph():
         torch.library.opcheck(torch.ops.glm_awq.moe_gemm.default, args2)
         torch.library.opcheck(torch.ops.glm_awq.moe_sum.default, (torch.ops.glm_awq.moe_gemm(*args2), local, top_k))
     glm_awq.fused_moe(x, ids, weights, p)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = glm_awq.fused_moe(x, ids, weights, p)
-    ids2, weights2 = _routing(t, e, top_k, seed=10)
-    ids.copy_(ids2)
-    weights.copy_(weights2)
-    graph.replay()
-    torch.cuda.synchronize()
+    out = _replay_with_new_routing(lambda: glm_awq.fused_moe(x, ids, weights, p), ids, weights, e, seed=10)
     assert rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
 
 
