@@ -67,14 +67,18 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
                         help="also time the Triton kernel with these config overrides, e.g. sumx:OFFSET_BY_DOT=0")
     parser.add_argument("--cuda-variants", default="", metavar="N,...",
-                        help="also time the raw CUDA op with these variants (1 classic, 2 fold, 3 skinny, 4 stream: "
-                             "M <= 16); 4@C.S.P runs the stream kernel with C CTAs per SM, S stages, PDL P (0/1)")
+                        help="also time the raw CUDA op with these variants (1 classic, 2 fold, 3 skinny: M <= 16)")
+    parser.add_argument("--no-pdl-column", action="store_true",
+                        help="also time the cuda backend with the skinny kernel's programmatic dependent launch off "
+                             "(nopdl) and with the first weights loaded before its wait (pdl2)")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     reasons = glm_awq.available_backends("cuda")
     backends = [b for b in args.backends.split(",") if reasons.get(b) is None]
-    cuda_variants = [v for v in args.cuda_variants.split(",") if v] if "cuda" in backends else []
+    cuda_variants = [int(v) for v in args.cuda_variants.split(",") if v] if "cuda" in backends else []
     columns = backends + [f"triton:{v.partition(':')[0]}" for v in args.variant] + [f"cuda:v{v}" for v in cuda_variants]
+    no_pdl = args.no_pdl_column and "cuda" in backends
+    columns += ["cuda:nopdl", "cuda:pdl2"] if no_pdl else []
     for b in args.backends.split(","):
         if reasons.get(b):
             print(f"skipping backend {b}: {reasons[b]}")
@@ -118,21 +122,22 @@ def main() -> int:
                 t = common.graph_time_us(_rotating(fns), calls=len(fns))
                 row[f"triton:{name}"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
                                          "TFLOPs": flops / t / 1e6, "config": cfg}  # fmt: skip
-            for name in cuda_variants:
-                v, _, tuning = name.partition("@")
-                v = int(v)
-                if (v >= 3 and m > 16) or (v == 4 and n % 256):
+            for v in cuda_variants:
+                if v == 3 and m > 16:
                     continue
-                if tuning:
-                    c, st, pdl = (int(u) for u in tuning.split("."))
-                    glm_awq._C.set_stream_tuning(c, st, bool(pdl), 0)
                 fns = [lambda t=p.tensors, v=v: torch.ops.glm_awq.w4a16_gemm(
                            x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, 0, v)
                        for p in prepared["cuda"]]  # fmt: skip
                 t = common.graph_time_us(_rotating(fns), calls=len(fns))
-                glm_awq._C.set_stream_tuning(0, 0, True, 0)
-                row[f"cuda:v{name}"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
-                                        "TFLOPs": flops / t / 1e6}  # fmt: skip
+                row[f"cuda:v{v}"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
+                                     "TFLOPs": flops / t / 1e6}  # fmt: skip
+            for mode, name in ((0, "cuda:nopdl"), (2, "cuda:pdl2")) if no_pdl and m <= 16 else ():  # skinny M
+                glm_awq._C.set_skinny_pdl(mode)  # read at launch, so while the graph is captured
+                fns = [lambda p=p: glm_awq.w4a16_linear(x, p) for p in prepared["cuda"]]
+                t = common.graph_time_us(_rotating(fns), calls=len(fns))
+                glm_awq._C.set_skinny_pdl(1)
+                row[name] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
+                             "TFLOPs": flops / t / 1e6}  # fmt: skip
             fns = [lambda w=w: x @ w.T for w in dense]
             row["torch_bf16_us"] = common.graph_time_us(_rotating(fns), calls=len(fns))
             if int4mm is not None:

@@ -99,12 +99,7 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
               "w4a16_gemm: block_n=", block_n, " must be 0 (auto), 64, 128, 256 or 512");
   TORCH_CHECK(block_n == 0 || n % block_n == 0, "w4a16_gemm: N=", n, " is not a multiple of block_n=", block_n);
   TORCH_CHECK(m <= INT32_MAX, "w4a16_gemm: M=", m, " must fit in int32");
-  TORCH_CHECK(variant >= 0 && variant <= 4, "w4a16_gemm: variant=", variant, " must be 0, 1, 2, 3 or 4");
-  TORCH_CHECK(variant != 4 || (m >= 1 && m <= 16 && n % 256 == 0 && (block_n == 0 || block_n == 256) && splits == 0 &&
-                               stream_supported(x.get_device())),
-              "w4a16_gemm: the stream kernel (variant=4) takes M <= 16, N % 256 == 0, block_n 0 or 256, splits 0 and "
-              "an sm_90+ GPU with a build that includes sm_90 code; got M=", m, ", N=", n, ", block_n=", block_n,
-              ", splits=", splits, " on ", x.device(), "; use variant=0");
+  TORCH_CHECK(variant >= 0 && variant <= 3, "w4a16_gemm: variant=", variant, " must be 0, 1, 2 or 3");
   TORCH_CHECK(variant != 3 || (m <= 16 && block_n <= 256), "w4a16_gemm: the skinny kernel (variant=3) takes M <= 16 "
               "and block_n <= 256, got M=", m, " and block_n=", block_n, "; use variant=0");
   TORCH_CHECK(variant != 3 || skinny_supported(x.get_device()), "w4a16_gemm: the skinny kernel (variant=3) needs 200 KB "
@@ -114,16 +109,9 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
   if (m == 0 || n == 0) return out;
   auto xc = x.contiguous();
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // cp.async reads 16-byte chunks
-  GemmLaunch args{xc, weight, scale, bias.has_value() ? &*bias : nullptr, out, tickets,
-                  static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-                  splits, static_cast<int>(variant)};
-  at::Tensor workspace;
-  if (gemm_uses_stream(args, static_cast<int>(block_n))) {
-    TORCH_CHECK(tickets.numel() >= n / 256, "w4a16_gemm: the stream kernel needs ", n / 256, " tickets (one per "
-                "256 features), got ", tickets.numel());
-    workspace = at::empty({stream_workspace_floats(m, n, k, x.get_device())}, x.options().dtype(at::kFloat));
-    args.workspace = &workspace;
-  }
+  const GemmLaunch args{xc, weight, scale, bias.has_value() ? &*bias : nullptr, out, tickets,
+                        static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+                        splits, static_cast<int>(variant)};
   check_launch("w4a16_gemm", launch_w4a16_gemm(args, static_cast<int>(block_n)));
   return out;
 }
@@ -208,10 +196,9 @@ TORCH_LIBRARY(glm_awq, m) {
   m.def("dequantize_cuda_layout(Tensor weight, Tensor scale, int group_size) -> Tensor");
   // x [M, K] bf16/fp16 @ W^T + bias -> [M, N]. weight: repack_int4's [K/16, N/64, 32, 4]; scale: [G, N] repacked
   // (glm_awq.quant.repack_scales_for_cuda) in x's dtype; tickets: int32 zeros the kernel uses for split-K and
-  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default: stream at
-  // M <= 16 where it runs, else skinny; above, 1) | 1 (scales multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators
-  // after each k tile) | 3 (skinny: weights as the mma A operand streamed to registers, M <= 16, w4a16_skinny.cu)
-  // | 4 (stream-K: the same math fed by bulk copies, M <= 16, N % 256 == 0, sm_90+, w4a16_stream.cu).
+  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default: skinny at
+  // M <= 16, else 1) | 1 (scales multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators
+  // after each k tile) | 3 (skinny: weights as the mma A operand streamed to registers, M <= 16, w4a16_skinny.cu).
   m.def(
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
       "int splits, int variant=0) -> Tensor");
@@ -258,27 +245,16 @@ static PyObject* py_set_wgmma_grid_cap(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// glm_awq._C.stream_supported(device) -> bool: whether w4a16_gemm's stream kernel (variant 4) runs on that device
-// with this build (sm_90+ and its code in the build).
-static PyObject* py_stream_supported(PyObject*, PyObject* arg) {
-  const long device = PyLong_AsLong(arg);
-  if (device == -1 && PyErr_Occurred()) return nullptr;
-  return PyBool_FromLong(glm_awq::stream_supported(static_cast<int>(device)));
-}
-
-// glm_awq._C.set_stream_tuning(ctas_per_sm, stages, pdl, grid_cap): the stream kernel's CTAs per SM (0 = default),
-// ring depth (3 or 4, 0 = default), programmatic dependent launch (bool) and a cap on its grid (0 = none), for
-// benchmarks and tests.
-static PyObject* py_set_stream_tuning(PyObject*, PyObject* args) {
-  long long ctas = 0, stages = 0, cap = 0;
-  int pdl = 1;
-  if (!PyArg_ParseTuple(args, "LLpL", &ctas, &stages, &pdl, &cap)) return nullptr;
-  if (ctas < 0 || ctas > 8 || (stages != 0 && stages != 3 && stages != 4) || cap < 0) {
-    PyErr_Format(PyExc_ValueError, "set_stream_tuning: ctas_per_sm=%lld must be 0..8, stages=%lld 0, 3 or 4 and "
-                 "grid_cap=%lld >= 0", ctas, stages, cap);
+// glm_awq._C.set_skinny_pdl(mode): the dense skinny GEMM's programmatic dependent launch (sm_90+): 0 off, 1 on (the
+// default), 2 on with the first weight batch loaded before the wait for the previous kernel. Benchmarks and tests.
+static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
+  const long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred()) return nullptr;
+  if (mode < 0 || mode > 2) {
+    PyErr_Format(PyExc_ValueError, "set_skinny_pdl: mode=%ld must be 0 (off), 1 (on) or 2 (on, weights first)", mode);
     return nullptr;
   }
-  glm_awq::set_stream_tuning(ctas, stages, pdl != 0, cap);
+  glm_awq::set_skinny_pdl(static_cast<int>(mode));
   Py_RETURN_NONE;
 }
 
@@ -287,9 +263,7 @@ extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
-      {"stream_supported", py_stream_supported, METH_O, "stream_supported(device: int) -> bool"},
-      {"set_stream_tuning", py_set_stream_tuning, METH_VARARGS,
-       "set_stream_tuning(ctas_per_sm: int, stages: int, pdl: bool, grid_cap: int) -> None (0, 0, True, 0: defaults)"},
+      {"set_skinny_pdl", py_set_skinny_pdl, METH_O, "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm_awq CUDA kernels (see torch.ops.glm_awq)", -1,
                                methods};

@@ -32,20 +32,9 @@ struct GemmLaunch {
   const at::Tensor& tickets;  // int32 zeros
   int m, n, k, group_size;
   int64_t splits;             // 0: auto
-  int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage, 3: skinny, 4: stream
-  const at::Tensor* workspace = nullptr;  // fp32 [stream_workspace_floats] where gemm_uses_stream, else unused
+  int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage, 3: skinny
 };
 int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
-// The stream-K kernel (w4a16_stream.cu): M <= 16, N % 256 == 0, an sm_90+ device with its code in this build
-// (stream_supported). Variant 4 asks for it; variant 0 takes it wherever it runs, unless block_n or splits are set.
-// It needs an fp32 workspace for its partial tiles, allocated by the caller (ops.cpp).
-bool stream_supported(int device);
-bool gemm_uses_stream(const GemmLaunch& args, int block_n);
-int64_t stream_workspace_floats(int64_t m, int64_t n, int64_t k, int device);
-int launch_w4a16_stream(const GemmLaunch& args);
-// Benchmarks and tests: CTAs per SM (0 = default 2), ring stages (3 or 4; 0 = default 4), programmatic dependent
-// launch on or off (default on), a cap on the grid (0 = none).
-void set_stream_tuning(int64_t ctas_per_sm, int64_t stages, bool pdl, int64_t grid_cap);
 // The skinny kernel (w4a16_skinny.cu): M <= 16, block_n 0 (auto) | 64 | 128 | 256; skinny_preferred says whether
 // variant 0 (the default) takes it for these arguments.
 int launch_w4a16_skinny(const GemmLaunch& args, int block_n);
@@ -53,6 +42,10 @@ bool skinny_preferred(const GemmLaunch& args, int block_n);
 // Whether `device` lets a block opt into the 200 KB of shared memory the skinny kernel is built for (sm_90 and
 // sm_100 do; sm_80 / 86 / 89 / 120 do not, and take the tile kernel).
 bool skinny_supported(int device);
+// Programmatic dependent launch of the dense skinny GEMM on sm_90+: 0 off, 1 on (default; it waits for the previous
+// kernel before its first load), 2 on with the first weight batch loaded before that wait (a weight written by the
+// kernel just before would race). Benchmarks and tests compare them.
+void set_skinny_pdl(int mode);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned

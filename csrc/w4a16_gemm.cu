@@ -681,7 +681,6 @@ int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tenso
 constexpr int kMinNTiles = 24;
 
 int launch_w4a16_gemm(const GemmLaunch& a, int block_n) {
-  if (gemm_uses_stream(a, block_n)) return launch_w4a16_stream(a);
   if (a.variant == kVariantSkinny || (a.variant == 0 && skinny_preferred(a, block_n))) return launch_w4a16_skinny(a, block_n);
   int wn = block_n / 64;
   const int m_blocks = std::min(4, (a.m + 15) / 16);

@@ -24,8 +24,17 @@
 // WK partial tiles are summed in shared memory in warp order; split-K partials go to an fp32 workspace and the
 // CTA that takes a tile's last ticket sums them in split order. Every sum has a fixed order: the output bits do not
 // depend on scheduling.
+//
+// Programmatic dependent launch (sm_90+, the dense GEMM only: the MoE GEMMs gained nothing, see launch_skinny): every
+// CTA lets the next kernel of the stream launch as soon as the whole grid runs, and the dense GEMM is launched so that
+// it may start before the previous kernel ends. Its CTAs then get resident and set up during the previous kernel's
+// tail, and wait (`griddepcontrol.wait`: the previous grid has finished and its writes are visible) before their first
+// load. Mode 2 (set_skinny_pdl) issues the first weight batch before the wait, which is only safe if the kernel just
+// before did not write the weights.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
 
 #include "ops.h"
 #include "w4a16_common.h"
@@ -40,6 +49,22 @@ constexpr int kSkinnySmemMax = 200 * 1024;  // dynamic shared memory the launche
 
 // Weight chunks are read exactly once per call: stream them (evict-first in L1 and L2).
 __device__ __forceinline__ int4 load_stream(const int4* p) { return __ldcs(p); }
+
+// Programmatic dependent launch, device side (no-ops before sm_90, where the launcher does not ask for it).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// set_skinny_pdl: 0 off, 1 on (the dense GEMM waits before its first load), 2 on with the first weight batch loaded
+// before the wait.
+std::atomic<int> g_pdl{1};
 
 template <int MB>
 struct Skinny {
@@ -63,7 +88,8 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     T* __restrict__ out,           // [M, N] (MoE: see Mode)
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [gridDim.x * gridDim.y] zeros, left zero
-    int M, int N, int K, int group_size, int batches_per_split, MoeArgs moe) {
+    int M, int N, int K, int group_size, int batches_per_split, MoeArgs moe,
+    int weights_before_wait) {  // dense: load the first weight batch before griddepcontrol.wait
   using V = Num<T>;
   constexpr int WK = kSkinnyWarps / WN, BM = Skinny<MB>::BM, BN = 64 * WN;
   extern __shared__ int4 smem[];
@@ -84,8 +110,10 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   float* red = reinterpret_cast<float*>(xs + BM * xstride);
   float* xsum = red + Skinny<MB>::RED / 4;  // [BM][batches_per_split]
 
+  pdl_launch_dependents();
   int rows_here = min(BM, M - m0);
   if constexpr (MODE != kDense) {
+    pdl_wait();  // counts and sorted slots come from the previous kernel
     if (warp == 0) find_expert_block<BM>(moe, m0, lane, s_slot, s_info);
     __syncthreads();
     if (s_info[0] < 0) return;  // the whole CTA: no barrier follows for anyone
@@ -107,7 +135,13 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   };
 
   int4 wa[8], wb[8], sa, sb;  // two batches of weight chunks and scales: one computing, one in flight
+  if constexpr (MODE == kDense) {
+    if (!weights_before_wait) pdl_wait();
+  }
   if (wk < nbatch) load_batch(wk, wa, sa);  // in flight while x is staged
+  if constexpr (MODE == kDense) {
+    if (weights_before_wait) pdl_wait();  // x, out, partials and tickets: after the previous kernel
+  }
 
   // Stage the CTA's x rows (zeros past the real rows) for its K range, and sum each row over each batch: the 16
   // consecutive chunks of one (row, batch) sit in 16 aligned lanes (BM * chunks is a multiple of 128, so every
@@ -315,16 +349,45 @@ int smem_optin(int device) {
   return bytes;
 }
 
+// Whether `device` takes programmatic dependent launches (sm_90+), cached.
+bool pdl_device(int device) {
+  static int cache[64] = {0};  // 1: yes, -1: no
+  if (device < 0 || device >= 64) return false;
+  if (cache[device] == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 0;
+    cache[device] = major >= 9 ? 1 : -1;
+  }
+  return cache[device] > 0;
+}
+
 template <typename T, int MB, int WN, int MODE>
 cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq, const T* wsc, const T* bias,
                           T* out, float* partial, int* tickets, int m, int n, int k, int group_size,
                           int batches_per_split, const MoeArgs& moe) {
   auto kernel = w4a16_skinny_kernel<T, MB, WN, MODE>;
   static uint64_t configured = 0;  // devices whose shared-memory attribute is set
-  const cudaError_t err = allow_dynamic_smem(kernel, kSkinnySmemMax, configured);
+  cudaError_t err = allow_dynamic_smem(kernel, kSkinnySmemMax, configured);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kSkinnyThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
-      x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size, batches_per_split, moe);
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kSkinnyThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  // Dense only: the MoE GEMMs need the previous kernel's output before their first load, and measured 3% slower
+  // with it at T = 16 and 64 (H200, benchmarks/NOTES.md).
+  const int pdl = g_pdl.load(std::memory_order_relaxed);
+  cfg.numAttrs = MODE == kDense && pdl && pdl_device(device) ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
+                           batches_per_split, moe, pdl == 2 ? 1 : 0);
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
@@ -398,6 +461,8 @@ int skinny_default_wn(int m, int n) {
 }  // namespace
 
 bool skinny_supported(int device) { return smem_optin(device) >= kSkinnySmemMax; }
+
+void set_skinny_pdl(int mode) { g_pdl.store(mode, std::memory_order_relaxed); }
 
 bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;

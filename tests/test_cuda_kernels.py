@@ -133,85 +133,28 @@ def test_batched_input_fp32_and_empty():
     assert glm_awq.w4a16_linear(torch.randn(0, 256, device="cuda").half(), p).shape == (0, 128)
 
 
-def _stream_ok() -> bool:
-    """Whether w4a16_gemm's stream kernel (variant 4) runs here: an sm_90+ GPU and a build with its code."""
-    from glm_awq import _C
-
-    return torch.cuda.is_available() and _C.stream_supported(torch.cuda.current_device())
-
-
-def _stream_tuning(ctas_per_sm=0, stages=0, pdl=True, grid_cap=0):
-    from glm_awq import _C
-
-    _C.set_stream_tuning(ctas_per_sm, stages, pdl, grid_cap)
-
-
-# The stream kernel: units of one 256-feature tile x one 128-deep batch, split evenly over the grid. (256, 128) is a
-# single unit; (512, 1280) 20 units, (1536, 1280) 60 and (768, 3072) 72 (bias); on one CTA per unit by default, on
-# 3 or 7 CTAs under the grid cap (tiles split across CTAs at ragged points: the partials and the last-ticket sum),
-# with 3 ring stages and no programmatic launch as well. M: one and two B operands, ragged.
-@pytest.mark.parametrize("n, k", [(256, 128), (512, 1280), (1536, 1280), (768, 3072)])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tuning", [(0, 0, True, 0), (0, 3, False, 7), (1, 4, True, 3)])
-def test_stream_matches_reference(n, k, m, dtype, tuning):
-    if not _stream_ok():
-        pytest.skip("the stream kernel runs on sm_90+ only")
-    packed, scale = _weight(n, k, seed=n + k + m)
-    bias = torch.randn(n, device="cuda").to(dtype) * 0.1 if n == 768 else None
-    p = glm_awq.prepare_linear(packed, scale, bias, backend="cuda")
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    ref = w4a16_linear_ref(x.float(), packed, scale, None if bias is None else bias.float())
-    _stream_tuning(*tuning)
-    try:
-        poison_allocator("cuda")  # the output and the partials come from torch.empty: unwritten ones read NaN
-        out = _gemm(x, p, variant=4)
-        err = rel_err(out, ref)
-        assert err < 1e-2, f"M={m} N={n} K={k} {dtype} tuning={tuning}: rel err {err:.2e}"
-        # Same dequantized weights as the skinny kernel, another summation order.
-        assert rel_err(out, _gemm(x, p, variant=3)) < 2e-3
-        assert not p.tensors["tickets"].any(), "the stream kernel must leave its tickets at zero"
-        poison_allocator("cuda")
-        assert torch.equal(_gemm(x, p, variant=4), out), "same bits on a second run"
-    finally:
-        _stream_tuning()
-
-
-@pytest.mark.parametrize("n, k", [(12288, 5120), (5120, 12288), (1024, 5120), (3072, 5120), (5120, 1536)])
-@pytest.mark.parametrize("m", [1, 8, 16])
-def test_stream_glm_shapes_and_default(n, k, m):
-    if not _stream_ok():
-        pytest.skip("the stream kernel runs on sm_90+ only")
-    packed, scale = _weight(n, k, seed=n + k + m + 1)
-    p = glm_awq.prepare_linear(packed, scale, backend="cuda")
-    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    ref = w4a16_linear_ref(x.float(), packed, scale)
-    out = _gemm(x, p, variant=4)
-    assert rel_err(out, ref) < 1e-2, f"M={m} N={n} K={k}"
-    assert torch.equal(glm_awq.w4a16_linear(x, p), out), "the default path at M <= 16 is the stream kernel"
-    for tuning in ((1, 3, False, 0), (3, 4, True, 0)):  # other grids: other partial splits, the same result
-        _stream_tuning(*tuning)
-        try:
-            assert rel_err(_gemm(x, p, variant=4), ref) < 1e-2, f"M={m} N={n} K={k} tuning={tuning}"
-        finally:
-            _stream_tuning()
-
-
-@pytest.mark.parametrize("pdl", [True, False])
-def test_stream_chained_in_cuda_graph(pdl):
-    """Each GEMM reads the one before it: with programmatic launch, a kernel may start while its input is still being
-    written, so this checks its wait. Eager and CUDA-graph replays with new inputs, against the reference chain."""
-    if not _stream_ok():
-        pytest.skip("the stream kernel runs on sm_90+ only")
-    dims = [5120, 1536, 1280, 2048, 5120]  # layer j: dims[j] -> dims[j + 1]
+def _chain_layers(dims, seed):
+    """Random int4 linears dims[j] -> dims[j + 1], with their packed weights for the reference."""
     layers = []
     for j in range(len(dims) - 1):
-        packed, scale = _weight(dims[j + 1], dims[j], seed=40 + j)
+        packed, scale = _weight(dims[j + 1], dims[j], seed=seed + j)
         layers.append((packed, scale, glm_awq.prepare_linear(packed, scale, backend="cuda")))
+    return layers
+
+
+# Programmatic dependent launch (sm_90+): a skinny GEMM may start while the kernel before it still runs, and waits
+# before reading its input. A chain where each GEMM reads the previous one's output checks that wait: eager, and CUDA
+# graph replays with new inputs, with the launch off, on, and on with the first weights loaded before the wait (the
+# same bits in every mode).
+@pytest.mark.parametrize("m", [1, 4])
+def test_skinny_chain_with_programmatic_launch(m):
+    from glm_awq import _C
+
+    layers = _chain_layers([5120, 1536, 1280, 2048, 5120], seed=40)
 
     def chain(v):
         for _, _, p in layers:
-            v = _gemm(v, p, variant=4)
+            v = glm_awq.w4a16_linear(v, p)
         return v
 
     def chain_ref(v):
@@ -219,56 +162,29 @@ def test_stream_chained_in_cuda_graph(pdl):
             v = w4a16_linear_ref(v, packed, scale).to(torch.bfloat16).float()  # the bf16 rounding between layers
         return v
 
-    _stream_tuning(pdl=pdl)
+    x = torch.randn(m, 5120, device="cuda").to(torch.bfloat16)
+    outs = {}
     try:
-        x = torch.randn(4, dims[0], device="cuda").to(torch.bfloat16)
-        assert rel_err(chain(x), chain_ref(x.float())) < 2e-2
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(x)
-        for seed in range(3):
-            x.copy_(torch.randn(4, dims[0], generator=torch.Generator(device="cuda").manual_seed(seed),
-                                device="cuda").to(torch.bfloat16))  # fmt: skip
-            graph.replay()
-            torch.cuda.synchronize()
-            err = rel_err(out, chain_ref(x.float()))
-            assert err < 2e-2, f"replay {seed}: rel err {err:.2e}"
+        for pdl in (1, 2, 0):
+            _C.set_skinny_pdl(pdl)
+            outs[pdl] = chain(x)
+            assert rel_err(outs[pdl], chain_ref(x.float())) < 2e-2, f"pdl={pdl}"
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain(x)
+            for seed in range(3):
+                gen = torch.Generator(device="cuda").manual_seed(seed)
+                x.copy_(torch.randn(m, 5120, generator=gen, device="cuda").to(torch.bfloat16))
+                graph.replay()
+                torch.cuda.synchronize()
+                err = rel_err(out, chain_ref(x.float()))
+                assert err < 2e-2, f"pdl={pdl} replay {seed}: rel err {err:.2e}"
+            x.copy_(torch.randn(m, 5120, generator=torch.Generator(device="cuda").manual_seed(9), device="cuda")
+                    .to(torch.bfloat16))  # fmt: skip
+            outs[pdl] = chain(x)
     finally:
-        _stream_tuning()
-
-
-_BAD_STREAM_CALLS = """
-import torch, glm_awq
-from glm_awq import quant
-q = torch.randint(-8, 8, (320, 256), device="cuda", dtype=torch.int8)  # N = 320: not a multiple of 256
-p = glm_awq.prepare_linear(quant.pack_int4(q), torch.ones(320, 2, device="cuda", dtype=torch.bfloat16), backend="cuda")
-t = p.tensors
-for m in (2, 17):
-    try:
-        torch.ops.glm_awq.w4a16_gemm(torch.randn(m, 256, device="cuda").to(torch.bfloat16), t["weight"],
-                                     t["scale.bfloat16"], None, t["tickets"], 128, 0, 0, 4)
-    except RuntimeError as exc:
-        print("raised:", exc)
-"""
-
-
-def test_stream_errors_carry_the_numbers():
-    if not _stream_ok():
-        pytest.skip("the stream kernel runs on sm_90+ only")
-    packed, scale = _weight(320, 256, seed=9)
-    p = glm_awq.prepare_linear(packed, scale, backend="cuda")
-    x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
-    assert rel_err(glm_awq.w4a16_linear(x, p), w4a16_linear_ref(x.float(), packed, scale)) < 1e-2  # default: skinny
-    with pytest.raises(ValueError, match="stages=5"):
-        _stream_tuning(stages=5)
-    # In a child: see test_errors_carry_the_numbers.
-    res = subprocess.run([sys.executable, "-c", _BAD_STREAM_CALLS], capture_output=True, text=True, timeout=120,
-                         check=False)
-    if res.returncode == -11:
-        pytest.xfail("a TORCH_CHECK failure inside glm_awq._C segfaults on this toolchain (see "
-                     "test_errors_carry_the_numbers)")  # fmt: skip
-    assert res.returncode == 0 and "N=320" in res.stdout and "M=17" in res.stdout, (res.stdout[-2000:],
-                                                                                   res.stderr[-2000:])  # fmt: skip
+        _C.set_skinny_pdl(1)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
 def test_opcheck_compile_and_cuda_graph():
@@ -543,16 +459,6 @@ t = p.tensors
 for m, splits, variant in ((1, 3, 1), (17, 1, 1), (70, 2, 1), (1, 3, 3), (9, 2, 3), (5, 1, 3)):
     x = torch.randn(m, 384, device="cuda").to(torch.bfloat16)
     torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, splits, variant)
-# The stream kernel (sm_90+): 10 units on 3 CTAs, so tiles are split across CTAs and the 3-stage ring wraps.
-if glm_awq._C.stream_supported(torch.cuda.current_device()):
-    glm_awq._C.set_stream_tuning(0, 3, True, 3)
-    q = torch.randint(-8, 8, (512, 640), device="cuda", dtype=torch.int8)
-    s = (torch.rand(512, 5, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-    t = glm_awq.prepare_linear(quant.pack_int4(q), s, backend="cuda").tensors
-    for m in (1, 9):
-        x = torch.randn(m, 640, device="cuda").to(torch.bfloat16)
-        torch.ops.glm_awq.w4a16_gemm(x, t["weight"], t["scale.bfloat16"], None, t["tickets"], 128, 0, 0, 4)
-    glm_awq._C.set_stream_tuning(0, 0, True, 0)
 # MoE: the tile kernel, and on sm_90 the wgmma kernel with two warpgroups (w13: N = 512) and one (w2: N = 384);
 # 150 tokens x 2 over 4 experts: ~75 slots each, m64n96 wgmmas
 from glm_awq.kernels import moe
