@@ -133,9 +133,11 @@ def main() -> int:
                                      "TFLOPs": flops / t / 1e6}  # fmt: skip
             for mode, name in ((0, "cuda:nopdl"), (2, "cuda:pdl2")) if no_pdl and m <= 16 else ():  # skinny M
                 glm_awq._C.set_skinny_pdl(mode)  # read at launch, so while the graph is captured
-                fns = [lambda p=p: glm_awq.w4a16_linear(x, p) for p in prepared["cuda"]]
-                t = common.graph_time_us(_rotating(fns), calls=len(fns))
-                glm_awq._C.set_skinny_pdl(1)
+                try:
+                    fns = [lambda p=p: glm_awq.w4a16_linear(x, p) for p in prepared["cuda"]]
+                    t = common.graph_time_us(_rotating(fns), calls=len(fns))
+                finally:
+                    glm_awq._C.set_skinny_pdl(1)
                 row[name] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
                              "TFLOPs": flops / t / 1e6}  # fmt: skip
             fns = [lambda w=w: x @ w.T for w in dense]

@@ -246,7 +246,8 @@ static PyObject* py_set_wgmma_grid_cap(PyObject*, PyObject* arg) {
 }
 
 // glm_awq._C.set_skinny_pdl(mode): the dense skinny GEMM's programmatic dependent launch (sm_90+): 0 off, 1 on (the
-// default), 2 on with the first weight batch loaded before the wait for the previous kernel. Benchmarks and tests.
+// default), 2 on with the first weight batch loaded before the wait for the previous kernel (ops.h says when that is
+// safe). Read at each launch, so a CUDA graph keeps the mode of its capture. Benchmarks and tests.
 static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   const long mode = PyLong_AsLong(arg);
   if (mode == -1 && PyErr_Occurred()) return nullptr;
@@ -263,7 +264,8 @@ extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
-      {"set_skinny_pdl", py_set_skinny_pdl, METH_O, "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
+      {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
+       "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm_awq CUDA kernels (see torch.ops.glm_awq)", -1,
                                methods};

@@ -43,8 +43,9 @@ bool skinny_preferred(const GemmLaunch& args, int block_n);
 // sm_100 do; sm_80 / 86 / 89 / 120 do not, and take the tile kernel).
 bool skinny_supported(int device);
 // Programmatic dependent launch of the dense skinny GEMM on sm_90+: 0 off, 1 on (default; it waits for the previous
-// kernel before its first load), 2 on with the first weight batch loaded before that wait (a weight written by the
-// kernel just before would race). Benchmarks and tests compare them.
+// kernel before its first load), 2 on with the first weight batch loaded before that wait (safe only if no kernel
+// wrote the weights since the last non-PDL launch on the stream). Read at launch: a captured CUDA graph keeps the
+// mode it was captured with. Benchmarks and tests compare them.
 void set_skinny_pdl(int mode);
 
 struct MoeLaunch {

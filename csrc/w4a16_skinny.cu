@@ -29,8 +29,9 @@
 // CTA lets the next kernel of the stream launch as soon as the whole grid runs, and the dense GEMM is launched so that
 // it may start before the previous kernel ends. Its CTAs then get resident and set up during the previous kernel's
 // tail, and wait (`griddepcontrol.wait`: the previous grid has finished and its writes are visible) before their first
-// load. Mode 2 (set_skinny_pdl) issues the first weight batch before the wait, which is only safe if the kernel just
-// before did not write the weights.
+// load. Mode 2 (set_skinny_pdl) issues the first weight batch (not the scales) before the wait. Writes are promised
+// visible only after a wait, and every kernel of a PDL chain may start before its predecessor's writes are flushed, so
+// mode 2 is safe only if no kernel wrote the weights since the last ordinary (non-PDL) launch on the stream.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -110,10 +111,10 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   float* red = reinterpret_cast<float*>(xs + BM * xstride);
   float* xsum = red + Skinny<MB>::RED / 4;  // [BM][batches_per_split]
 
-  pdl_launch_dependents();
+  pdl_launch_dependents();  // MoE grids too: harmless, since only dense GEMMs are launched to start early
   int rows_here = min(BM, M - m0);
   if constexpr (MODE != kDense) {
-    pdl_wait();  // counts and sorted slots come from the previous kernel
+    pdl_wait();  // a no-op today (MoE launches never ask for PDL); it guards the lookup if they ever do
     if (warp == 0) find_expert_block<BM>(moe, m0, lane, s_slot, s_info);
     __syncthreads();
     if (s_info[0] < 0) return;  // the whole CTA: no barrier follows for anyone
@@ -127,20 +128,26 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   const int4* wbase = wq + static_cast<size_t>(b0) * 8 * kstep + static_cast<size_t>(nb) * 32 + lane;
   // Scales of my column g in the eight n8 blocks (features 8 b + g, b = 0..7), one 16-byte chunk per batch.
   const T* sbase = wsc + static_cast<size_t>(nb) * 64 + g * 8;
-  auto load_batch = [&](int j, int4 (&w)[8], int4& s) {
+  auto load_weights = [&](int j, int4 (&w)[8]) {
     const int4* p = wbase + static_cast<size_t>(j) * 8 * kstep;
 #pragma unroll
     for (int st = 0; st < 8; ++st) w[st] = load_stream(p + st * kstep);
+  };
+  auto load_scales = [&](int j, int4& s) {
     s = *reinterpret_cast<const int4*>(sbase + static_cast<size_t>((b0 + j) * kBK / group_size) * N);
   };
+  auto load_batch = [&](int j, int4 (&w)[8], int4& s) { load_weights(j, w), load_scales(j, s); };
 
   int4 wa[8], wb[8], sa, sb;  // two batches of weight chunks and scales: one computing, one in flight
   if constexpr (MODE == kDense) {
-    if (!weights_before_wait) pdl_wait();
-  }
-  if (wk < nbatch) load_batch(wk, wa, sa);  // in flight while x is staged
-  if constexpr (MODE == kDense) {
-    if (weights_before_wait) pdl_wait();  // x, out, partials and tickets: after the previous kernel
+    // Mode 2 only: the first weight batch before the wait (see the header); scales, which a dtype cast may have just
+    // written (CudaBackend's _cast), after it.
+    if (weights_before_wait && wk < nbatch) load_weights(wk, wa);
+    pdl_wait();  // x, scales, out, partials and tickets: after the previous kernel
+    if (weights_before_wait && wk < nbatch) load_scales(wk, sa);
+    if (!weights_before_wait && wk < nbatch) load_batch(wk, wa, sa);  // in flight while x is staged
+  } else if (wk < nbatch) {
+    load_batch(wk, wa, sa);
   }
 
   // Stage the CTA's x rows (zeros past the real rows) for its K range, and sum each row over each batch: the 16
@@ -381,7 +388,7 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  // Dense only: the MoE GEMMs need the previous kernel's output before their first load, and measured 3% slower
+  // Dense only: the MoE GEMMs need the previous kernel's output before their first load, and measured 2-3% slower
   // with it at T = 16 and 64 (H200, benchmarks/NOTES.md).
   const int pdl = g_pdl.load(std::memory_order_relaxed);
   cfg.numAttrs = MODE == kDense && pdl && pdl_device(device) ? 1 : 0;

@@ -133,58 +133,69 @@ def test_batched_input_fp32_and_empty():
     assert glm_awq.w4a16_linear(torch.randn(0, 256, device="cuda").half(), p).shape == (0, 128)
 
 
-def _chain_layers(dims, seed):
-    """Random int4 linears dims[j] -> dims[j + 1], with their packed weights for the reference."""
-    layers = []
-    for j in range(len(dims) - 1):
-        packed, scale = _weight(dims[j + 1], dims[j], seed=seed + j)
-        layers.append((packed, scale, glm_awq.prepare_linear(packed, scale, backend="cuda")))
-    return layers
+def _pdl_skinny() -> bool:
+    """Whether the dense skinny GEMM runs here with programmatic dependent launch: sm_90+ with the 200 KB of shared
+    memory per block the skinny kernel needs, i.e. sm_90 / sm_100 (sm_120 grants 99 KB)."""
+    return torch.cuda.get_device_capability()[0] in (9, 10)
 
 
-# Programmatic dependent launch (sm_90+): a skinny GEMM may start while the kernel before it still runs, and waits
-# before reading its input. A chain where each GEMM reads the previous one's output checks that wait: eager, and CUDA
-# graph replays with new inputs, with the launch off, on, and on with the first weights loaded before the wait (the
-# same bits in every mode).
-@pytest.mark.parametrize("m", [1, 4])
-def test_skinny_chain_with_programmatic_launch(m):
+# Programmatic dependent launch: a dense skinny GEMM may start while the kernel before it still runs, and waits before
+# its first load. A chain where each GEMM reads the previous one's output checks that wait, with the outputs' buffers
+# poisoned first: eager, and CUDA-graph replays with new inputs; in every mode (off, on, on with the first weights
+# before the wait), with the same bits in all three. The square layer runs twice in a row, so one GEMM's split-K
+# tickets are reused by the next one while it may already be starting. M = 1 and 4: one 8-token block, split-K;
+# M = 13: two blocks (one wave on these shapes); splits = 1: no split-K, direct stores; fp16 with a bias.
+@pytest.mark.parametrize("m, splits, dtype", [(1, 0, torch.bfloat16), (4, 0, torch.bfloat16), (13, 0, torch.bfloat16),
+                                              (4, 1, torch.bfloat16), (3, 0, torch.float16)])  # fmt: skip
+def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
+    if not _pdl_skinny():
+        pytest.skip("the dense skinny GEMM runs with programmatic dependent launch on sm_90 / sm_100 only")
     from glm_awq import _C
 
-    layers = _chain_layers([5120, 1536, 1280, 2048, 5120], seed=40)
+    dims = [(1536, 5120), (1536, 1536), (2048, 1536), (5120, 2048)]  # (N, K); the square one runs twice
+    layers = []
+    for j, (n, k) in enumerate(dims):
+        packed, scale = _weight(n, k, seed=40 + j)
+        bias = torch.randn(n, device="cuda").to(dtype) * 0.1 if dtype == torch.float16 else None
+        layers.append((packed, scale, bias, glm_awq.prepare_linear(packed, scale, bias, backend="cuda")))
+    order = [0, 1, 1, 2, 3]
 
     def chain(v):
-        for _, _, p in layers:
-            v = glm_awq.w4a16_linear(v, p)
+        for j in order:
+            v = _gemm(v, layers[j][3], 0, splits)
         return v
 
     def chain_ref(v):
-        for packed, scale, _ in layers:
-            v = w4a16_linear_ref(v, packed, scale).to(torch.bfloat16).float()  # the bf16 rounding between layers
+        for j in order:
+            packed, scale, bias, _ = layers[j]
+            v = w4a16_linear_ref(v, packed, scale, None if bias is None else bias.float()).to(dtype).float()
         return v
 
-    x = torch.randn(m, 5120, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, 5120, device="cuda").to(dtype)
     outs = {}
     try:
-        for pdl in (1, 2, 0):
-            _C.set_skinny_pdl(pdl)
-            outs[pdl] = chain(x)
-            assert rel_err(outs[pdl], chain_ref(x.float())) < 2e-2, f"pdl={pdl}"
+        for mode in (1, 2, 0):
+            _C.set_skinny_pdl(mode)
+            poison_allocator("cuda")
+            err = rel_err(chain(x), chain_ref(x.float()))
+            assert err < 2e-2, f"mode {mode}: rel err {err:.2e}"
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = chain(x)
             for seed in range(3):
                 gen = torch.Generator(device="cuda").manual_seed(seed)
-                x.copy_(torch.randn(m, 5120, generator=gen, device="cuda").to(torch.bfloat16))
+                x.copy_(torch.randn(m, 5120, generator=gen, device="cuda").to(dtype))
                 graph.replay()
                 torch.cuda.synchronize()
                 err = rel_err(out, chain_ref(x.float()))
-                assert err < 2e-2, f"pdl={pdl} replay {seed}: rel err {err:.2e}"
+                assert err < 2e-2, f"mode {mode}, replay {seed}: rel err {err:.2e}"
             x.copy_(torch.randn(m, 5120, generator=torch.Generator(device="cuda").manual_seed(9), device="cuda")
-                    .to(torch.bfloat16))  # fmt: skip
-            outs[pdl] = chain(x)
+                    .to(dtype))  # fmt: skip
+            outs[mode] = chain(x)
     finally:
         _C.set_skinny_pdl(1)
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
 def test_opcheck_compile_and_cuda_graph():
