@@ -140,7 +140,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a, weight, scale)), "moe_gemm: variant=4 (the "
               "wgmma kernel) needs block_m=64 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
               "), a and scale of < 2^31 elements and weight of < 2^31 16-byte chunks (got ", a.numel(), ", ",
-              scale.numel(), " and ", weight.numel() / 4, ") and an sm_90 GPU with a build that includes sm_90a (", a.device(), "); use variant=0");
+              scale.numel(), " and ", weight.numel() / 4, ") and an sm_90 GPU with a build that includes sm_90a (",
+              a.device(), "); use variant=0");
   const int64_t slots = mode == 1 ? a.size(0) * top_k : a.size(0);
   TORCH_CHECK(top_k >= 1 && sorted.scalar_type() == at::kInt && sorted.dim() == 1 && sorted.numel() % block_m == 0 &&
                   counts.scalar_type() == at::kInt && counts.numel() == e && topk_weights.scalar_type() == at::kFloat &&

@@ -261,14 +261,22 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes, uint64_t& done) 
   return err;
 }
 
-// SMs of a device, cached (the launchers size their grids by it).
-inline int sm_count(int device) {
+// A device attribute, cached per device; 0 where the query fails (not cached, nor are devices past 64).
+template <cudaDeviceAttr Attr>
+inline int device_attribute(int device) {
   static int cache[64] = {0};
-  if (device < 64 && cache[device]) return cache[device];
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-  if (device < 64) cache[device] = n;
-  return n;
+  const bool cacheable = device >= 0 && device < 64;
+  if (cacheable && cache[device]) return cache[device];
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, Attr, device) != cudaSuccess) value = 0;
+  if (cacheable && value > 0) cache[device] = value;
+  return value;
+}
+
+// SMs of a device (the launchers size their grids by it), at least 1.
+inline int sm_count(int device) {
+  const int n = device_attribute<cudaDevAttrMultiProcessorCount>(device);
+  return n > 0 ? n : 1;
 }
 
 }  // namespace

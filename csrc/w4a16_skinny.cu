@@ -136,7 +136,10 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   auto load_scales = [&](int j, int4& s) {
     s = *reinterpret_cast<const int4*>(sbase + static_cast<size_t>((b0 + j) * kBK / group_size) * N);
   };
-  auto load_batch = [&](int j, int4 (&w)[8], int4& s) { load_weights(j, w), load_scales(j, s); };
+  auto load_batch = [&](int j, int4 (&w)[8], int4& s) {
+    load_weights(j, w);
+    load_scales(j, s);
+  };
 
   int4 wa[8], wb[8], sa, sb;  // two batches of weight chunks and scales: one computing, one in flight
   if constexpr (MODE == kDense) {
@@ -144,8 +147,10 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     // written (CudaBackend's _cast), after it.
     if (weights_before_wait && wk < nbatch) load_weights(wk, wa);
     pdl_wait();  // x, scales, out, partials and tickets: after the previous kernel
-    if (weights_before_wait && wk < nbatch) load_scales(wk, sa);
-    if (!weights_before_wait && wk < nbatch) load_batch(wk, wa, sa);  // in flight while x is staged
+    if (wk < nbatch) {  // in flight while x is staged
+      if (!weights_before_wait) load_weights(wk, wa);
+      load_scales(wk, sa);
+    }
   } else if (wk < nbatch) {
     load_batch(wk, wa, sa);
   }
@@ -346,27 +351,11 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 // ------------------------------------------------------------------------------------------------ launch
 
 // Dynamic shared memory one block may opt into on `device` (227 KB on sm_90 / sm_100, 163 KB on sm_80 / sm_87,
-// 99 KB on sm_86 / sm_89 / sm_120), cached.
-int smem_optin(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device]) return cache[device];
-  int bytes = 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) bytes = 0;
-  if (device >= 0 && device < 64 && bytes > 0) cache[device] = bytes;
-  return bytes;
-}
+// 99 KB on sm_86 / sm_89 / sm_120).
+int smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
-// Whether `device` takes programmatic dependent launches (sm_90+), cached.
-bool pdl_device(int device) {
-  static int cache[64] = {0};  // 1: yes, -1: no
-  if (device < 0 || device >= 64) return false;
-  if (cache[device] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 0;
-    cache[device] = major >= 9 ? 1 : -1;
-  }
-  return cache[device] > 0;
-}
+// Whether `device` takes programmatic dependent launches (sm_90+).
+bool pdl_device(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9; }
 
 template <typename T, int MB, int WN, int MODE>
 cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq, const T* wsc, const T* bias,
