@@ -40,6 +40,9 @@ def main() -> int:
     for cfg in args.configs.split(","):
         block_m, variant = (int(v) for v in cfg.split(":"))
         sorted_slots, counts, local = moe._sort(ids.reshape(-1), None, E, block_m)[:3]
+        c = counts.cpu()
+        print(f"block_m={block_m}: {int((c > 0).sum())} experts touched, {int(((c + block_m - 1) // block_m).sum())} "
+              f"blocks (each reads its expert's weights once)")  # to compare with ncu's DRAM bytes
         for _ in range(2):
             hid = torch.ops.glm_awq.moe_gemm(x, t["w13"], t["w13_scale.bfloat16"], sorted_slots, counts, wf, A,
                                              block_m, 1, 128, variant)  # fmt: skip

@@ -5,7 +5,7 @@ kernel (block_m 64, sm_90), "rule" what CudaBackend.fused_moe picks. Prints time
 the grouped_mm baseline includes it), % of the floor (measured in this run) and the error against the first
 candidate's output; writes sweep_cuda_moe.json.
 
-    python benchmarks/sweep_cuda_moe.py [--ts 256,512,1024,2048,4096]
+    python benchmarks/sweep_cuda_moe.py [--ts 256,512,1024,2048,4096] [--candidates 32:1,64:1,64:4]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import common  # noqa: E402
 from bench_moe import A, E, H, I, _dense_bf16, _grouped_mm_baseline, _layer_weights, _prefill_case  # noqa: E402
 from bench_w4a16_gemm import _rotating  # noqa: E402
 
-CANDIDATES = [(32, 1), (64, 1), (64, 4)]
+CANDIDATES = "32:1,64:1,64:4"  # block_m:variant, ...
 
 
 def _cuda_layer(x, ids, w, p, block_m, variant):
@@ -41,6 +41,7 @@ def _cuda_layer(x, ids, w, p, block_m, variant):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ts", default="256,512,1024,2048,4096")
+    parser.add_argument("--candidates", default=CANDIDATES, metavar="BLOCK_M:VARIANT,...")
     args = parser.parse_args()
     ceilings = common.measure_ceilings()
     print(f"{common.card()}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s")
@@ -55,7 +56,7 @@ def main() -> int:
         x, ids, w, floor, base_us = _prefill_case(t, baseline, ceilings)
         s = t * A
         cands = [(f"cuda block_m={bm} variant={v}", lambda p, bm=bm, v=v: _cuda_layer(x, ids, w, p, bm, v), cuda_layers)
-                 for bm, v in CANDIDATES]  # fmt: skip
+                 for bm, v in (map(int, c.split(":")) for c in args.candidates.split(","))]  # fmt: skip
         cands.append(("cuda rule", lambda p: glm_awq.fused_moe(x, ids, w, p), cuda_layers))
         cands.append(("triton rule", lambda p: glm_awq.fused_moe(x, ids, w, p), triton_layers))
         first = None

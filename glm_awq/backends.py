@@ -124,6 +124,11 @@ class CudaBackend:
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
     SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
     _skinny_ok: dict = {}  # device index -> whether the device gives a block SKINNY_SMEM (set in prepare_experts)
+    _wgmma_ok: dict = {}  # device index -> whether moe_gemm's wgmma kernel runs there (set in prepare_experts)
+    # From this many slots per touched expert the MoE takes the wgmma kernel (blocks of 64) where it runs: H200,
+    # T = 512 (25.6 per expert): 1144 us vs 1341 for the tile kernel's blocks of 32; at T = 256 (12.8) the tile
+    # kernel's blocks of 16 stay faster (1043 vs 1099 us; benchmarks/NOTES.md, "Eighth session").
+    WGMMA_FROM_PER_EXPERT = 16
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
     DENSE_FROM_M = 256
@@ -238,6 +243,7 @@ class CudaBackend:
         t = p.tensors
         ops = _ext.ops()
         self.skinny_supported(t["w13_packed"].device)
+        self.wgmma_supported(t["w13_packed"].device)
         rows = self.gate_up_rows(2 * i, t["w13_packed"].device)
         p.tensors = {
             "w13": ops.repack_int4(t["w13_packed"][:, rows].contiguous()),  # [E, H/16, 2I/64, 32, 4]
@@ -270,13 +276,27 @@ class CudaBackend:
         return ok
 
     @classmethod
-    def moe_block_m(cls, slots: int, experts: int, k_max: int, skinny_ok: bool = True) -> int:
+    def wgmma_supported(cls, device) -> bool:
+        """Whether moe_gemm's wgmma kernel runs on `device` with this build (sm_90 and sm_90a code). Asked eagerly
+        by prepare_experts, like skinny_supported."""
+        ok = cls._wgmma_ok.get(device.index)
+        if ok is None:
+            from glm_awq import _C  # loaded: prepare_experts has called _ext.ops()
+
+            ok = cls._wgmma_ok[device.index] = bool(_C.wgmma_supported(device.index))
+        return ok
+
+    @classmethod
+    def moe_block_m(cls, slots: int, experts: int, k_max: int, skinny_ok: bool = True, wgmma_ok: bool = False) -> int:
         """Rows per expert block: 8 (the skinny kernel, where the device runs it) while the touched experts
-        average <= 8 slots, else that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under
-        VARIANT 3)."""
+        average <= 8 slots; 64 (the wgmma kernel, where the device runs it) above WGMMA_FROM_PER_EXPERT; else
+        that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3, 64 takes the
+        wgmma kernel where it runs)."""
         per_expert = slots / max(1, min(experts, slots))
         if per_expert <= 8 and skinny_ok and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
             return 8
+        if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT in (0, 4):
+            return 64
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
     def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):
@@ -291,7 +311,9 @@ class CudaBackend:
         if slots == 0:
             return torch.zeros_like(x)
         skinny_ok = self._skinny_ok.get(x.device.index, False)  # filled by prepare_experts on this device
-        block_m = self.moe_block_m(slots, p.num_experts, max(p.hidden_size, p.intermediate_size), skinny_ok)
+        wgmma_ok = self._wgmma_ok.get(x.device.index, False)
+        k_max = max(p.hidden_size, p.intermediate_size)
+        block_m = self.moe_block_m(slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
         if expert_map is not None:
             expert_map = expert_map.to(torch.int32)
         sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)

@@ -96,6 +96,11 @@ def _group_mask(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Te
     return torch.where(keep.repeat_interleave(e // n_group, dim=1) > 0, 0.0, float("-inf"))
 
 
+def route_config(t: int) -> tuple[int, int]:
+    """(tokens per program, warps) of _route_kernel for t tokens."""
+    return 4, 4
+
+
 def route(logits, bias, top_k, scaling, n_group, topk_group, renormalize):
     """GLM-4.6 routing on the GPU: [T, E] logits -> (ids int32 [T, A], weights fp32 [T, A])."""
     t, e = logits.shape
@@ -108,11 +113,11 @@ def route(logits, bias, top_k, scaling, n_group, topk_group, renormalize):
     if n_group > 1:  # a handful of small torch ops, still on the GPU and sync-free
         mask = _group_mask(torch.sigmoid(logits.float()) + bias, n_group, topk_group).contiguous()
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    block_t = 4
+    block_t, warps = route_config(t)
     _route_kernel[(triton.cdiv(t, block_t),)](
         logits, bias, mask if mask is not None else bias, ids, weights, t, e, logits.stride(0), float(scaling),
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(e), BLOCK_T=block_t,
-        RENORMALIZE=renormalize, HAS_MASK=mask is not None, num_warps=4,
+        RENORMALIZE=renormalize, HAS_MASK=mask is not None, num_warps=warps,
     )  # fmt: skip
     return ids, weights
 
@@ -172,6 +177,47 @@ def _scatter_kernel(
     # starts[e] by a register gather (a one-hot [BLOCK, E_PAD] sum took 11.8 us at T = 1 on an H200).
     start = tl.gather(ends - padded, tl.where(here, e, 0), axis=0)
     tl.store(sorted_ptr + start + rank, offs, mask=here)
+
+
+@triton.jit
+def _sort_one_kernel(
+    ids_ptr,  # [S] global expert id per slot (int32 or int64)
+    map_ptr,  # int32 [E_global] global -> local id, -1 = not here (HAS_MAP), else a dummy
+    counts_ptr,  # int32 [E] out
+    local_ptr,  # int32 [S] out: local expert id per slot (-1 = not here)
+    sorted_ptr,  # int32 [max rows] out, as _scatter_kernel's
+    S,
+    E,
+    S_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+):
+    """The whole sort in one program (S <= S_PAD slots): count, offsets and scatter with no atomics, so each expert's
+    slots land in ascending order (deterministic, unlike the atomic ranks of the multi-program sort)."""
+    offs = tl.arange(0, S_PAD)
+    mask = offs < S
+    e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+    if HAS_MAP:
+        e = tl.load(map_ptr + e, mask=mask, other=-1)
+    here = mask & (e >= 0)
+    tl.store(local_ptr + offs, tl.where(here, e, -1), mask=mask)
+    key = tl.where(here, e, E_PAD)  # slots not here sort last, into a bin past the experts
+    hist = tl.histogram(key, 2 * E_PAD)  # [2 E_PAD]; bins E_PAD.. hold the slots not here
+    offs_h = tl.arange(0, 2 * E_PAD)
+    counts = tl.where(offs_h < E_PAD, hist, 0)
+    tl.store(counts_ptr + offs_h, counts, mask=offs_h < E)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    first = tl.cumsum(counts, axis=0) - counts  # where each expert's slots start in the sorted keys
+    start = tl.cumsum(padded, axis=0) - padded  # where each expert's run starts in `sorted`
+    # Sorting (expert, slot) keys orders the slots by expert, then by slot; a slot's rank in its expert is its
+    # position in the sorted keys minus its expert's first position.
+    srt = tl.sort(key * S_PAD + offs)
+    se, slot = srt // S_PAD, srt % S_PAD
+    valid = se < E_PAD
+    se = tl.where(valid, se, 0)
+    dest = tl.gather(start, se, axis=0) + offs - tl.gather(first, se, axis=0)
+    tl.store(sorted_ptr + dest, slot, mask=valid)
 
 
 # ----------------------------------------------------------------------------------------- grouped GEMMs
@@ -411,17 +457,32 @@ def _smem_per_block(device_index: int) -> int:
     return nbytes
 
 
+# Up to this many token-slots (T = 128 at top-8) the sort is one program (_sort_one_kernel): one launch instead of
+# a memset and two kernels.
+SORT_ONE_MAX = 1024
+
+
 def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
-    """Slots grouped by local expert, each run padded to block_m -> (sorted, counts, local)."""
+    """Slots grouped by local expert, each run padded to block_m -> (sorted, counts, local). Rows of `sorted` past
+    an expert's count are left unwritten: the GEMMs read only the first counts[e] rows of each run."""
     s = topk_ids.numel()
     device = topk_ids.device
     max_blocks = triton.cdiv(s, block_m) + min(num_experts, s)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     local = torch.empty(s, dtype=torch.int32, device=device)
-    rank = torch.empty(s, dtype=torch.int32, device=device)
     sorted_slots = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    block = 256
     has_map = expert_map is not None
+    if s <= SORT_ONE_MAX:
+        counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+        s_pad = max(16, triton.next_power_of_2(s))
+        _sort_one_kernel[(1,)](
+            topk_ids, expert_map if has_map else counts, counts, local, sorted_slots, s, num_experts,
+            S_PAD=s_pad, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, HAS_MAP=has_map,
+            num_warps=4 if s_pad <= 256 else 8,
+        )  # fmt: skip
+        return sorted_slots, counts, local
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    rank = torch.empty(s, dtype=torch.int32, device=device)
+    block = 256
     _count_kernel[(triton.cdiv(s, block),)](
         topk_ids, expert_map if has_map else counts, counts, local, rank, s, BLOCK=block, HAS_MAP=has_map
     )

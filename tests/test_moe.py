@@ -184,6 +184,44 @@ def test_fused_moe_all_tokens_on_one_expert_and_expert_map(backend):
     _check_fused_moe(backend, x[:9], ids, torch.rand(9, 3, generator=gen), experts, DTYPES[-1], expert_map)
 
 
+# s <= SORT_ONE_MAX (1024) takes the one-program sort, larger s the count + scatter kernels; skewed ids leave most
+# experts empty and put one expert's slots over several blocks.
+@pytest.mark.parametrize("s", [1, 8, 37, 1024, 1025, 3000])
+@pytest.mark.parametrize("block_m", [8, 64])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_sort_groups_slots_by_expert(s, block_m, mapped):
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    from glm_awq.kernels import moe
+
+    gen = torch.Generator().manual_seed(s + block_m)
+    e_global, e = 40, 20
+    ids = torch.where(torch.rand(s, generator=gen) < 0.5, 3, torch.randint(0, e_global, (s,), generator=gen))
+    expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+    expert_map[1::2] = torch.arange(e, dtype=torch.int32)  # odd global ids live here
+    local_ref = expert_map[ids] if mapped else ids.to(torch.int32)
+    if not mapped:
+        e = e_global
+    sorted_slots, counts, local = moe._sort(
+        ids.to(torch.int32).to(DEVICE), expert_map.to(DEVICE) if mapped else None, e, block_m
+    )
+    sorted_slots, counts, local = sorted_slots.cpu(), counts.cpu(), local.cpu()
+    assert torch.equal(local, local_ref)
+    here = local_ref[local_ref >= 0]
+    assert torch.equal(counts, torch.bincount(here.long(), minlength=e).to(torch.int32))
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert sorted_slots.numel() >= padded.sum()
+    start = 0
+    for x in range(e):
+        run = sorted_slots[start : start + counts[x]]
+        expected = torch.nonzero(local_ref == x).flatten().to(torch.int32)
+        if s <= moe.SORT_ONE_MAX:  # the one-program sort keeps each expert's slots in ascending order
+            assert torch.equal(run, expected), x
+        else:
+            assert torch.equal(run.sort().values, expected), x
+        start += int(padded[x])
+
+
 @pytest.mark.parametrize("split", [(1, 1), (2, 1), (1, 2), (4, 2)])  # split-K of GEMM1 / GEMM2 (K blocks: 4 / 2)
 def test_triton_moe_split_k(split):
     if BACKENDS[0].marks:
