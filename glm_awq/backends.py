@@ -125,10 +125,11 @@ class CudaBackend:
     SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
     _skinny_ok: dict = {}  # device index -> whether the device gives a block SKINNY_SMEM (set in prepare_experts)
     _wgmma_ok: dict = {}  # device index -> whether moe_gemm's wgmma kernel runs there (set in prepare_experts)
-    # From this many slots per touched expert the MoE takes the wgmma kernel (blocks of 64) where it runs: H200,
-    # T = 512 (25.6 per expert): 1144 us vs 1341 for the tile kernel's blocks of 32; at T = 256 (12.8) the tile
-    # kernel's blocks of 16 stay faster (1043 vs 1099 us; benchmarks/NOTES.md, "Eighth session").
-    WGMMA_FROM_PER_EXPERT = 16
+    # Above this many slots per expert the MoE takes the wgmma kernel (blocks of 64) where it runs. H200, GLM-4.6
+    # layer: T = 320 (16 per expert) 1101 us vs 1155 for the tile kernel's best blocks (32), T = 512 (25.6) 1139 vs
+    # 1356; at T = 256 (12.8) the tile kernel's blocks of 16 stay faster (1043 vs 1099). The crossover lies between
+    # 12.8 and 16 (benchmarks/NOTES.md, "Eighth session").
+    WGMMA_FROM_PER_EXPERT = 14
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
     DENSE_FROM_M = 256

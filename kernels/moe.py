@@ -97,8 +97,10 @@ def _group_mask(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Te
 
 
 def route_config(t: int) -> tuple[int, int]:
-    """(tokens per program, warps) of _route_kernel for t tokens."""
-    return 4, 4
+    """(tokens per program, warps) of _route_kernel for t tokens. One token per one-warp program: the top-k's
+    reductions stay in shuffles (H200, CUDA graph of one launch: 6.0 us at T = 1 and 7.0 at T = 256, vs 7.9 and 8.5
+    for 4 tokens on 4 warps; benchmarks/bench_moe_routing.py)."""
+    return 1, 1
 
 
 def route(logits, bias, top_k, scaling, n_group, topk_group, renormalize):
@@ -457,9 +459,10 @@ def _smem_per_block(device_index: int) -> int:
     return nbytes
 
 
-# Up to this many token-slots (T = 128 at top-8) the sort is one program (_sort_one_kernel): one launch instead of
-# a memset and two kernels.
-SORT_ONE_MAX = 1024
+# Up to this many token-slots (T = 32 at top-8) the sort is one program (_sort_one_kernel): one launch instead of a
+# memset and two kernels. H200, CUDA graph of one sort: 6.5 vs 8.4 us at T = 1, 7.8 vs 9.0 at T = 32, 10.0 vs 9.5
+# at T = 64, 12.7 vs 9.7 at T = 128 (the one program's sort grows with the slots; benchmarks/bench_moe_routing.py).
+SORT_ONE_MAX = 256
 
 
 def _sort(topk_ids, expert_map, num_experts: int, block_m: int):

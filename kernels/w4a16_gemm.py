@@ -435,10 +435,11 @@ def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
 
 
 def auto_split(m: int, n: int, k: int, cfg: dict, device: torch.device) -> int:
-    """SPLIT_K = 0 in a config means this: ~4 programs per SM, dividing the K blocks evenly, at most 16."""
+    """SPLIT_K = 0 in a config means this: ~PROGRAMS_PER_SM (a config key, default 4) programs per SM, dividing the
+    K blocks evenly, at most 16."""
     blocks = k // KBLOCK
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    want = max(1, (4 * _sm_count(device.index or 0)) // max(tiles, 1))
+    want = max(1, (cfg.get("PROGRAMS_PER_SM", 4) * _sm_count(device.index or 0)) // max(tiles, 1))
     return max(s for s in range(1, min(want, blocks, 16) + 1) if blocks % s == 0)
 
 
@@ -467,6 +468,7 @@ def w4a16_gemm(
     cfg = dict(config) if config is not None else pick_config(m, n, k, group_size, x.device)
     if cfg.get("SPLIT_K") == 0:  # an explicit config may ask for the automatic split too
         cfg["SPLIT_K"] = auto_split(m, n, k, cfg, x.device)
+    cfg.pop("PROGRAMS_PER_SM", None)
     if cfg.get("DENSE"):  # large M: tensor-core bound, cuBLAS on the dequantized weight
         out = torch.matmul(x2, dequantize(weight, scale, group_size, x.dtype))
         if bias is not None:
