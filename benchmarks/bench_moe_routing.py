@@ -20,6 +20,13 @@ E, A = 160, 8
 ROUTE_CONFIGS = [(1, 1), (1, 2), (2, 2), (4, 4), (8, 4)]  # (tokens per program, warps)
 
 
+def _runs(sorted_slots, counts, block_m=8):
+    """Each expert's slots in a sort's output (runs padded to block_m)."""
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    return [sorted_slots[s : s + c] for s, c in zip(starts.tolist(), counts.tolist())]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ts", default="1,2,4,8,16,32,64,128,256")
@@ -41,10 +48,16 @@ def main() -> int:
                 rows.append(dict(T=t, kernel="route", config=f"block_t={block_t} warps={warps}", us=us))
             moe.route_config = default_route
             ids = ref[0].reshape(-1)
+            sorts = []
             for name, limit in (("one program", 1 << 30), ("count + scatter", 0)):
                 moe.SORT_ONE_MAX = limit
+                sorts.append(moe._sort(ids, None, E, 8))
                 us = common.graph_time_us(lambda: moe._sort(ids, None, E, 8))
                 rows.append(dict(T=t, kernel="sort", config=name, us=us))
+            (s1, c1, l1), (s2, c2, l2) = sorts
+            assert torch.equal(c1, c2) and torch.equal(l1, l2), t
+            for run1, run2 in zip(_runs(s1, c1), _runs(s2, c2)):  # the same slots per expert (in any order)
+                assert torch.equal(run1.sort().values, run2.sort().values), t
             moe.SORT_ONE_MAX = default_max
             for r in rows[-len(ROUTE_CONFIGS) - 2 :]:
                 print(f"T={t:4d} {r['kernel']:5} {r['config']:22} {r['us']:6.2f} us", flush=True)

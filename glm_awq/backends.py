@@ -119,7 +119,7 @@ class CudaBackend:
     MOE_FALLBACK = "triton"  # routing
     # 0: the kernels' default (skinny where it applies); 1: tile kernel, scales multiplied into B; 2: tile kernel,
     # scales folded per k tile (M <= 16); 3: skinny wherever it runs (dense M <= 16, MoE blocks of 8 and 16 slots;
-    # w4a16_skinny.cu)
+    # w4a16_skinny.cu); 4: the MoE on the wgmma kernel at every size (blocks of 64; sm_90a, w4a16_wgmma.cu)
     VARIANT = 0
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
     SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
@@ -210,7 +210,7 @@ class CudaBackend:
             y = torch.nn.functional.linear(x2, w, bias)
         else:
             y = torch.ops.glm_awq.w4a16_gemm(
-                x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0, self.VARIANT
+                x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0, self.VARIANT if self.VARIANT < 4 else 0
             )
         return y.reshape(*x.shape[:-1], p.out_features).to(dtype)
 
@@ -293,10 +293,12 @@ class CudaBackend:
         average <= 8 slots; 64 (the wgmma kernel, where the device runs it) above WGMMA_FROM_PER_EXPERT; else
         that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3, 64 takes the
         wgmma kernel where it runs)."""
+        if cls.VARIANT == 4:  # the wgmma kernel on request: it takes blocks of 64 only
+            return 64
         per_expert = slots / max(1, min(experts, slots))
         if per_expert <= 8 and skinny_ok and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
             return 8
-        if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT in (0, 4):
+        if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT == 0:
             return 64
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
@@ -311,10 +313,12 @@ class CudaBackend:
         slots = tokens * top_k
         if slots == 0:
             return torch.zeros_like(x)
+        # Under expert parallelism only this GPU's share of the slots lands here (expected: E_local / E_global).
+        local_slots = slots if expert_map is None else max(1, slots * p.num_experts // expert_map.numel())
         skinny_ok = self._skinny_ok.get(x.device.index, False)  # filled by prepare_experts on this device
         wgmma_ok = self._wgmma_ok.get(x.device.index, False)
         k_max = max(p.hidden_size, p.intermediate_size)
-        block_m = self.moe_block_m(slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
+        block_m = self.moe_block_m(local_slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
         if expert_map is not None:
             expert_map = expert_map.to(torch.int32)
         sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)

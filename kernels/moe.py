@@ -7,6 +7,7 @@ Pipeline (no host synchronisation anywhere: the whole layer can be captured in a
     route          [T, E] logits -> ids int32 [T, A], weights fp32 [T, A]          (one program per BLOCK_T tokens)
     _count         atomic histogram of the slots' local experts; each slot keeps its rank within its expert
     _scatter       sorted[offset[e] + rank] = slot, where offset[e] = sum of counts before e, each padded to BM
+                   (up to SORT_ONE_MAX slots, _sort_one_kernel does both in one program, without atomics)
     _moe_gemm      GEMM1 per (expert block, N tile, K split): h[s] = silu(x[s // A] @ gate^T) * (x[s // A] @ up^T)
                    (with split-K: fp32 gate/up partials, then _silu_mul_reduce sums them and applies SiLU*up)
     _moe_gemm      GEMM2: y[s] = weight[s] * (h[s] @ down^T)   (with split-K: fp32 partials per split)
@@ -201,7 +202,7 @@ def _sort_one_kernel(
     mask = offs < S
     e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
     if HAS_MAP:
-        e = tl.load(map_ptr + e, mask=mask, other=-1)
+        e = tl.load(map_ptr + e, mask=mask, other=-1).to(tl.int32)
     here = mask & (e >= 0)
     tl.store(local_ptr + offs, tl.where(here, e, -1), mask=mask)
     key = tl.where(here, e, E_PAD)  # slots not here sort last, into a bin past the experts
@@ -480,7 +481,7 @@ def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
         _sort_one_kernel[(1,)](
             topk_ids, expert_map if has_map else counts, counts, local, sorted_slots, s, num_experts,
             S_PAD=s_pad, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, HAS_MAP=has_map,
-            num_warps=4 if s_pad <= 256 else 8,
+            num_warps=4 if s_pad <= 256 else 8,  # 8: only where a benchmark raises SORT_ONE_MAX
         )  # fmt: skip
         return sorted_slots, counts, local
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)

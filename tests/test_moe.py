@@ -124,7 +124,7 @@ BACKENDS = fast_backends(DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("t", [1, 7, 33])  # 7 and 33: not multiples of the kernel's token block
+@pytest.mark.parametrize("t", [1, 7, 33])  # 7 and 33: odd token counts
 @pytest.mark.parametrize("n_group, topk_group", [(1, 1), (8, 4)])  # GLM-4.6's no-op grouping, and a real one
 def test_route_matches_reference(backend, t, n_group, topk_group):
     logits, bias = _logits_and_bias(t, 160, t + n_group)
@@ -184,26 +184,28 @@ def test_fused_moe_all_tokens_on_one_expert_and_expert_map(backend):
     _check_fused_moe(backend, x[:9], ids, torch.rand(9, 3, generator=gen), experts, DTYPES[-1], expert_map)
 
 
-# s <= SORT_ONE_MAX (256) takes the one-program sort, larger s the count + scatter kernels; skewed ids leave most
-# experts empty and put one expert's slots over several blocks.
+# s <= SORT_ONE_MAX (256) takes the one-program sort, larger s the count + scatter kernels. Cases: 40 experts with
+# half the slots on expert 3 (most experts empty, one over several blocks), with and without a map that keeps the
+# odd ids (-1 for the rest); 5 experts (fewer histogram bins than a warp has lanes) with every slot on expert 3 and
+# int64 ids, as torch.topk returns them.
 @pytest.mark.parametrize("s", [1, 8, 37, 256, 257, 3000])
 @pytest.mark.parametrize("block_m", [8, 64])
-@pytest.mark.parametrize("mapped", [False, True])
-def test_sort_groups_slots_by_expert(s, block_m, mapped):
+@pytest.mark.parametrize("e_global, mapped, ids_dtype", [(40, False, torch.int32), (40, True, torch.int32),
+                                                          (5, False, torch.int64)])  # fmt: skip
+def test_sort_groups_slots_by_expert(s, block_m, e_global, mapped, ids_dtype):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import moe
 
-    gen = torch.Generator().manual_seed(s + block_m)
-    e_global, e = 40, 20
-    ids = torch.where(torch.rand(s, generator=gen) < 0.5, 3, torch.randint(0, e_global, (s,), generator=gen))
+    gen = torch.Generator().manual_seed(s + block_m + e_global)
+    skew = 0.5 if e_global == 40 else 1.0
+    ids = torch.where(torch.rand(s, generator=gen) < skew, 3, torch.randint(0, e_global, (s,), generator=gen))
     expert_map = torch.full((e_global,), -1, dtype=torch.int32)
-    expert_map[1::2] = torch.arange(e, dtype=torch.int32)  # odd global ids live here
+    expert_map[1::2] = torch.arange(e_global // 2, dtype=torch.int32)  # odd global ids live here
     local_ref = expert_map[ids] if mapped else ids.to(torch.int32)
-    if not mapped:
-        e = e_global
+    e = e_global // 2 if mapped else e_global
     sorted_slots, counts, local = moe._sort(
-        ids.to(torch.int32).to(DEVICE), expert_map.to(DEVICE) if mapped else None, e, block_m
+        ids.to(ids_dtype).to(DEVICE), expert_map.to(DEVICE) if mapped else None, e, block_m
     )
     sorted_slots, counts, local = sorted_slots.cpu(), counts.cpu(), local.cpu()
     assert torch.equal(local, local_ref)

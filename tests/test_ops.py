@@ -150,8 +150,12 @@ def test_cuda_moe_block_choice(monkeypatch):
     assert cls.moe_block_m(512 * 8, **glm) == 32  # 25.6: the tile kernel where wgmma does not run
     assert cls.moe_block_m(512 * 8, **glm, wgmma_ok=True) == 64  # ... and the wgmma kernel where it does
     assert cls.moe_block_m(256 * 8, **glm, wgmma_ok=True) == 16  # 12.8: the tile kernel either way
-    assert cls.moe_block_m(320 * 8, **glm, wgmma_ok=True) == 64  # 16.0: past WGMMA_FROM_PER_EXPERT (14)
+    assert cls.moe_block_m(280 * 8, **glm, wgmma_ok=True) == 16  # 14.0: not past WGMMA_FROM_PER_EXPERT (14)
+    assert cls.moe_block_m(288 * 8, **glm, wgmma_ok=True) == 64  # 14.4: past it
     assert cls.moe_block_m(8, **glm, skinny_ok=False) == 16  # sm_80/86/89: no 200 KB of shared memory per block
     assert cls.moe_block_m(8, experts=160, k_max=cls.SKINNY_K_MAX + 128) == 16  # [8, K] rows do not fit
     monkeypatch.setattr(cls, "VARIANT", 1)  # the tile kernel on request
     assert cls.moe_block_m(8, **glm) == 16
+    assert cls.moe_block_m(512 * 8, **glm, wgmma_ok=True) == 32
+    monkeypatch.setattr(cls, "VARIANT", 4)  # the wgmma kernel on request: blocks of 64 at any size
+    assert cls.moe_block_m(8, **glm, wgmma_ok=True) == 64
