@@ -204,14 +204,13 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    AHEAD: tl.constexpr,  # weight blocks in flight during a block's math: 1 or 2
 ):
     """One row of x on CUDA cores: no padding of x to 16 tensor-core rows; each int4 weight costs three ALU
     instructions (_gemv_magic). Everything stays in the layout of the [16, BN] word tile (16-byte loads along
     N): the sum over a block's 16 words (across threads) happens once per program, not per block. The next
-    AHEAD blocks' words, and the next block's scales and x, are loaded before this block's math (registers as
-    the buffer). Split-K partials are summed by the last program of each N tile to arrive (a ticket), in split
-    order: deterministic, one launch."""
+    block's words, scales and x are loaded before this block's math (a register double buffer). Split-K partials
+    are summed by the last program of each N tile to arrive (a ticket), in split order: deterministic, one
+    launch."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -224,17 +223,12 @@ def _w4a16_gemv_kernel(
     s_ptrs = s_ptr + offs_n
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
-    if AHEAD == 2:
-        words_1 = tl.load(w_ptrs + tl.where(1 < blocks, 1, 0) * 16 * N, mask=mask_n[None, :], other=0)
     scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
     x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
     x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
     for i in range(blocks):
         ahead = tl.where(i + 1 < blocks, 1, 0)  # the last block re-reads itself: stays in bounds
-        if AHEAD == 2:
-            words_next = tl.load(w_ptrs + tl.where(i + 2 < blocks, 2, 0) * 16 * N, mask=mask_n[None, :], other=0)
-        else:
-            words_next = tl.load(w_ptrs + ahead * 16 * N, mask=mask_n[None, :], other=0)
+        words_next = tl.load(w_ptrs + ahead * 16 * N, mask=mask_n[None, :], other=0)
         scale_next = tl.load(s_ptrs + ((b0 + i + ahead) * 128 // GROUP) * N, mask=mask_n, other=0.0)
         xn = x_ptrs + ahead * 128
         n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
@@ -249,11 +243,7 @@ def _w4a16_gemv_kernel(
         part += _gemv_magic(high, 6) * x6
         part += _gemv_magic(high, 7) * x7
         acc += part * scale.to(tl.float32)[None, :]
-        if AHEAD == 2:
-            words, words_1 = words_1, words_next
-        else:
-            words = words_next
-        scale = scale_next
+        words, scale = words_next, scale_next
         x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
         w_ptrs += 16 * N
         x_ptrs += 128
@@ -420,7 +410,7 @@ def gemv_config() -> dict:
     """The GEMV kernel's launch: narrow tiles (more programs in flight) measured fastest (H200, M=1: q_proj
     20.6 us at BLOCK_N 64, 22.4 at 128, 24.1 at 256), and K split for ~6 programs per SM (H200, same run: q_proj
     20.4 us vs 22.1 at 4 and 20.7 at 8; o_proj 21.0 vs 21.8 and 20.7)."""
-    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=64, SPLIT_K=0, PROGRAMS_PER_SM=6, AHEAD=1, num_warps=4, num_stages=1)
+    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=64, SPLIT_K=0, PROGRAMS_PER_SM=6, num_warps=4, num_stages=1)
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
@@ -487,7 +477,6 @@ def w4a16_gemm(
         return out.reshape(*x.shape[:-1], n)
     if cfg.pop("GEMV", False):
         return _gemv(x2, weight, scale, bias, group_size, cfg, tickets).reshape(*x.shape[:-1], n)
-    cfg.pop("AHEAD", None)  # the GEMV's key
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg.setdefault("OFFSET_BY_DOT", True)
     cfg.setdefault("SWAP_AB", False)
@@ -543,7 +532,7 @@ def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     has_bias = bias is not None
     _w4a16_gemv_kernel[(n_tiles, split_k)](
         x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,
-        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, AHEAD=cfg.get("AHEAD", 1),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
