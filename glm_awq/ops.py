@@ -251,10 +251,10 @@ def fused_moe(
     """sum_a topk_weights[t, a] * expert_{topk_ids[t, a]}(x[t]) for x [T, H]; returns [T, H] in x's dtype.
 
     expert_map (int32 [E_global]) maps global expert ids to local ones, -1 for experts held elsewhere.
-    topk_ids must lie in [0, E_global) (E_global: the experts prepared, or expert_map's length); without an
-    expert_map a negative id contributes nothing. The GPU backends do not check the bound: that would need a host
-    sync per call, and the layer must stay capturable in a CUDA graph. `route` only returns ids in range; the torch
-    backend raises IndexError on ids >= E_global.
+    topk_ids must be below E_global (the experts prepared, or expert_map's length); a negative id contributes
+    nothing, like a -1 in expert_map. The GPU backends do not check the bound: that would need a host sync per call,
+    and the layer must stay capturable in a CUDA graph. `route` only returns ids in range; the torch backend raises
+    IndexError on ids >= E_global.
     """
     if not isinstance(prepared, PreparedExperts):
         raise TypeError(f"prepared must come from prepare_experts, got {type(prepared).__name__}")

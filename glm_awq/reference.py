@@ -78,7 +78,9 @@ def fused_moe_ref(
     dtype; experts without tokens are skipped.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    local_ids = topk_ids.long() if expert_map is None else expert_map.long()[topk_ids.long()]
+    ids = topk_ids.long()
+    # A negative id contributes nothing, with a map too (indexing would wrap it to the last global expert).
+    local_ids = ids if expert_map is None else torch.where(ids >= 0, expert_map.long()[ids.clamp(min=0)], -1)
     for e in local_ids.unique().tolist():
         if e < 0:
             continue

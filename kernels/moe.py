@@ -143,7 +143,7 @@ def _count_kernel(
     mask = offs < S
     e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
     if HAS_MAP:
-        e = tl.load(map_ptr + e, mask=mask, other=-1)
+        e = tl.load(map_ptr + e, mask=mask & (e >= 0), other=-1)  # a negative id maps nowhere (not map[-1])
     here = mask & (e >= 0)
     rank = tl.atomic_add(counts_ptr + e, 1, mask=here)
     tl.store(local_ptr + offs, tl.where(here, e, -1), mask=mask)
@@ -202,7 +202,7 @@ def _sort_one_kernel(
     mask = offs < S
     e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
     if HAS_MAP:
-        e = tl.load(map_ptr + e, mask=mask, other=-1).to(tl.int32)
+        e = tl.load(map_ptr + e, mask=mask & (e >= 0), other=-1).to(tl.int32)  # as in _count_kernel
     here = mask & (e >= 0)
     tl.store(local_ptr + offs, tl.where(here, e, -1), mask=mask)
     key = tl.where(here, e, E_PAD)  # slots not here sort last, into a bin past the experts

@@ -182,6 +182,16 @@ def test_fused_moe_all_tokens_on_one_expert_and_expert_map(backend):
     expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)
     ids = torch.randint(0, 8, (9, 3), generator=gen, dtype=torch.int32)
     _check_fused_moe(backend, x[:9], ids, torch.rand(9, 3, generator=gen), experts, DTYPES[-1], expert_map)
+    # A negative id contributes nothing, with a map (not map[-1], the last global expert) or without: the same as a
+    # real expert at weight 0.
+    ids[::2, 1] = -1
+    w = torch.rand(9, 3, generator=gen)
+    zeroed = torch.where(ids >= 0, w, 0.0)
+    for emap, ids_here in ((expert_map, ids), (None, torch.where(ids >= 0, ids % 4, -1))):
+        out, _ = _check_fused_moe(backend, x[:9], ids_here, w, experts, DTYPES[-1], emap)
+        stand_in = torch.where(ids_here >= 0, ids_here, 4 if emap is not None else 0)
+        expected = fused_moe_ref(x[:9].to(DTYPES[-1]).float(), stand_in, zeroed, *experts, expert_map=emap)
+        assert rel_err(out.cpu(), expected) < 1e-2
 
 
 # s <= SORT_ONE_MAX (256) takes the one-program sort, larger s the count + scatter kernels. Cases: 40 experts with
