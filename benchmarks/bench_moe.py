@@ -11,7 +11,6 @@ hits in L2. Writes moe.json + moe.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 
@@ -96,19 +95,11 @@ def main() -> int:
                              "card's power cap moves its clock between consecutive measurements)")
     parser.add_argument("--cuda-variants", default="", metavar="N,...",
                         help="also time the cuda backend with CudaBackend.VARIANT = N (1 tile kernel, 3 skinny)")
-    parser.add_argument("--skinny-prefetch", default="", metavar="D:B,...",
-                        help="also time the cuda backend with the skinny MoE GEMMs' L2 prefetch D batches ahead, "
-                             "B = 1 for the copy engine's bulk prefetch (glm_awq._C.set_skinny_prefetch)")
     args = parser.parse_args()
     ts = [int(t) for t in args.ts.split(",")]
     reasons = glm_awq.available_backends("cuda")
     backends = [b for b in args.backends.split(",") if reasons.get(b) is None]
     variants = {f"cuda:v{v}": int(v) for v in args.cuda_variants.split(",") if v and "cuda" in backends}
-    prefetch = {}
-    for spec in (v for v in args.skinny_prefetch.split(",") if v and "cuda" in backends):
-        d, b = (int(u) for u in spec.split(":"))
-        prefetch[f"cuda:pf{d}{'b' if b else ''}"] = (d, b)
-    variants.update({c: None for c in prefetch})
 
     ceilings = common.measure_ceilings()
     print(f"{common.card()}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s")
@@ -135,29 +126,33 @@ def main() -> int:
             ref = fused_moe_ref(x, ids_ref, w_ref, *layers[0]).float()
         for column in [*backends, *variants]:
             b = column.partition(":")[0]
-            settings = _settings(variants.get(column), prefetch.get(column))
+            cuda_cls = glm_awq.backends.CudaBackend
+            default_variant = cuda_cls.VARIANT
+            cuda_cls.VARIANT = variants.get(column, default_variant)  # read while the graph is captured
 
             def run_layer(p, b=b):
                 ids, w = glm_awq.route(logits, bias, backend=b)
                 return glm_awq.fused_moe(x, ids, w, p)
 
             fns = [lambda p=p: run_layer(p) for p in prepared[b]]
+            err = None if ref is None else ((run_layer(prepared[b][0]).float() - ref).norm() / ref.norm()).item()
 
             def cycle(fns=fns):
                 for fn in fns:
                     fn()
 
-            def timer(cycle=cycle, n=len(fns), settings=settings):  # this and later rounds
-                with settings():  # read while the graph is captured
+            def timer(cycle=cycle, n=len(fns), variant=cuda_cls.VARIANT, cls=cuda_cls):  # this and later rounds
+                saved, cls.VARIANT = cls.VARIANT, variant
+                try:
                     return common.graph_time_us(cycle, calls=n)
+                finally:
+                    cls.VARIANT = saved
 
             timers[column] = timer
-            with settings():
-                err = None if ref is None else ((run_layer(prepared[b][0]).float() - ref).norm() / ref.norm()).item()
-                eager_us = common.time_us(cycle) / len(fns)
             graph_us = timer()
-            row[column] = {"graph_us": graph_us, "eager_us": eager_us, "pct_floor": 100 * floor / graph_us,
-                           "GBps": nbytes / graph_us / 1e3, "rel_err": err}  # fmt: skip
+            row[column] = {"graph_us": graph_us, "eager_us": common.time_us(cycle) / len(fns),
+                           "pct_floor": 100 * floor / graph_us, "GBps": nbytes / graph_us / 1e3, "rel_err": err}  # fmt: skip
+            cuda_cls.VARIANT = default_variant
         if baseline is not None:
             timers["torch_grouped_mm"] = lambda x=x, lg=logits: common.graph_time_us(lambda: baseline(x, lg))
             row["torch_grouped_mm_us"] = timers["torch_grouped_mm"]()
@@ -188,29 +183,6 @@ def main() -> int:
     for row in rows:
         print(_line(row, columns))
     return 0
-
-
-def _settings(variant, prefetch):
-    """A context manager that sets CudaBackend.VARIANT and the skinny MoE GEMMs' L2 prefetch (distance, bulk) where
-    given, and restores them after."""
-
-    @contextlib.contextmanager
-    def apply():
-        cls = glm_awq.backends.CudaBackend
-        saved_variant, saved_prefetch = cls.VARIANT, None
-        if variant is not None:
-            cls.VARIANT = variant
-        if prefetch is not None:
-            saved_prefetch = glm_awq._C.set_skinny_prefetch((0, 0, 0))
-            glm_awq._C.set_skinny_prefetch((saved_prefetch[0], *prefetch))
-        try:
-            yield
-        finally:
-            cls.VARIANT = saved_variant
-            if saved_prefetch is not None:
-                glm_awq._C.set_skinny_prefetch(saved_prefetch)
-
-    return apply
 
 
 def _line(row, backends):

@@ -71,9 +71,6 @@ def main() -> int:
     parser.add_argument("--no-pdl-column", action="store_true",
                         help="also time the cuda backend with the skinny kernel's programmatic dependent launch off "
                              "(nopdl) and with the first weights loaded before its wait (pdl2)")
-    parser.add_argument("--skinny-prefetch", default="", metavar="D:B,...",
-                        help="also time the cuda backend with the dense skinny GEMM's L2 prefetch D batches ahead, "
-                             "B = 1 for the copy engine's bulk prefetch (glm_awq._C.set_skinny_prefetch)")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     reasons = glm_awq.available_backends("cuda")
@@ -82,11 +79,6 @@ def main() -> int:
     columns = backends + [f"triton:{v.partition(':')[0]}" for v in args.variant] + [f"cuda:v{v}" for v in cuda_variants]
     no_pdl = args.no_pdl_column and "cuda" in backends
     columns += ["cuda:nopdl", "cuda:pdl2"] if no_pdl else []
-    prefetch = {}
-    for spec in (v for v in args.skinny_prefetch.split(",") if v and "cuda" in backends):
-        d, b = (int(u) for u in spec.split(":"))
-        prefetch[f"cuda:pf{d}{'b' if b else ''}"] = (d, b)
-    columns += list(prefetch)
     for b in args.backends.split(","):
         if reasons.get(b):
             print(f"skipping backend {b}: {reasons[b]}")
@@ -148,17 +140,6 @@ def main() -> int:
                     glm_awq._C.set_skinny_pdl(1)
                 row[name] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
                              "TFLOPs": flops / t / 1e6}  # fmt: skip
-            for name, (d, b) in prefetch.items() if m <= 16 else ():  # skinny M
-                saved = glm_awq._C.set_skinny_prefetch((0, 0, 0))
-                glm_awq._C.set_skinny_prefetch((d, saved[1], b))  # read at launch, so while the graph is captured
-                try:
-                    fns = [lambda p=p: glm_awq.w4a16_linear(x, p) for p in prepared["cuda"]]
-                    err = (fns[0]().float() - ref.float()).norm() / ref.float().norm()
-                    t = common.graph_time_us(_rotating(fns), calls=len(fns))
-                finally:
-                    glm_awq._C.set_skinny_prefetch(saved)
-                row[name] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
-                             "TFLOPs": flops / t / 1e6, "rel_err": err.item()}  # fmt: skip
             fns = [lambda w=w: x @ w.T for w in dense]
             row["torch_bf16_us"] = common.graph_time_us(_rotating(fns), calls=len(fns))
             if int4mm is not None:

@@ -260,22 +260,6 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// glm_awq._C.set_skinny_prefetch((dense, moe, bulk)) -> the previous (dense, moe, bulk): the skinny kernel's L2
-// prefetch distance in batches (0 off) for the dense and the MoE GEMMs, and 1 for the copy engine's bulk prefetch.
-// Read at each launch. Benchmarks and tests.
-static PyObject* py_set_skinny_prefetch(PyObject*, PyObject* arg) {
-  int dense = 0, moe = 0, bulk = 0;
-  if (!PyArg_ParseTuple(arg, "iii", &dense, &moe, &bulk)) return nullptr;
-  if (dense < 0 || moe < 0 || bulk < 0 || bulk > 1) {
-    PyErr_Format(PyExc_ValueError, "set_skinny_prefetch: (dense=%d, moe=%d, bulk=%d): distances must be >= 0 and "
-                 "bulk 0 or 1", dense, moe, bulk);
-    return nullptr;
-  }
-  int before[3];
-  glm_awq::set_skinny_prefetch(dense, moe, bulk, before);
-  return Py_BuildValue("(iii)", before[0], before[1], before[2]);
-}
-
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
@@ -283,9 +267,6 @@ extern "C" PyObject* PyInit__C(void) {
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
-      {"set_skinny_prefetch", py_set_skinny_prefetch, METH_O,
-       "set_skinny_prefetch((dense: int, moe: int, bulk: int)) -> the previous triple (L2 prefetch distances in batches, "
-       "0 off; bulk 1: the copy engine's prefetch)"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm_awq CUDA kernels (see torch.ops.glm_awq)", -1,
                                methods};

@@ -47,10 +47,6 @@ bool skinny_supported(int device);
 // wrote the weights since the last non-PDL launch on the stream). Read at launch: a captured CUDA graph keeps the
 // mode it was captured with. Benchmarks and tests compare them.
 void set_skinny_pdl(int mode);
-// L2 prefetch in the skinny kernel: how many of a warp's 128-deep batches ahead of its loads (0: none; the dense and
-// the MoE GEMMs apart), and whether the copy engine's bulk prefetch (sm_90+) is used instead of line prefetches.
-// Read at launch, like the PDL mode. `before` receives the previous three values.
-void set_skinny_prefetch(int dense, int moe, int bulk, int (&before)[3]);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned

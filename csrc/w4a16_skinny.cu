@@ -67,23 +67,6 @@ __device__ __forceinline__ void pdl_wait() {
 // before the wait.
 std::atomic<int> g_pdl{1};
 
-// set_skinny_prefetch: L2 prefetch distance in batches of a warp (0 off) for the dense and the MoE GEMMs, and whether
-// a bulk copy-engine prefetch (sm_90+) is used instead of one prefetch instruction per lane.
-std::atomic<int> g_prefetch_dense{0}, g_prefetch_moe{0}, g_prefetch_bulk{0};
-
-// Ask L2 to fetch one 128-byte line: a hint, with no register and no completion to wait for.
-__device__ __forceinline__ void prefetch_line_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-// The copy engine's L2 prefetch of `bytes` (a multiple of 16) from a 16-byte aligned address (sm_90+; else lines).
-__device__ __forceinline__ void prefetch_bulk_l2(const void* p, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#else
-  for (int b = 0; b < bytes; b += 128) prefetch_line_l2(static_cast<const char*>(p) + b);
-#endif
-}
-
 template <int MB>
 struct Skinny {
   static constexpr int BM = 8 * MB;                               // token rows per CTA
@@ -107,9 +90,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [gridDim.x * gridDim.y] zeros, left zero
     int M, int N, int K, int group_size, int batches_per_split, MoeArgs moe,
-    int weights_before_wait,  // dense: load the first weight batch before griddepcontrol.wait
-    int prefetch,             // L2 prefetch distance in this warp's batches (0: none)
-    int prefetch_bulk) {      // 1: one copy-engine prefetch per k16 step, 0: one line prefetch per lane
+    int weights_before_wait) {  // dense: load the first weight batch before griddepcontrol.wait
   using V = Num<T>;
   constexpr int WK = kSkinnyWarps / WN, BM = Skinny<MB>::BM, BN = 64 * WN;
   extern __shared__ int4 smem[];
@@ -155,43 +136,22 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   auto load_scales = [&](int j, int4& s) {
     s = *reinterpret_cast<const int4*>(sbase + static_cast<size_t>((b0 + j) * kBK / group_size) * N);
   };
-  // L2 prefetch of this warp's chunks of batch j: 8 k16 steps of 512 contiguous bytes (32 lines, one per lane).
-  const char* wwarp = reinterpret_cast<const char*>(wbase - lane);
-  auto prefetch_batch = [&](int j) {
-    if (j >= nbatch) return;
-    const char* p = wwarp + (static_cast<size_t>(j) * 8 * kstep) * 16;
-    if (prefetch_bulk) {
-      if (lane < 8) prefetch_bulk_l2(p + lane * kstep * 16, 512);
-    } else {
-      prefetch_line_l2(p + (lane >> 2) * kstep * 16 + (lane & 3) * 128);
-    }
-  };
-  // Loading batch j prefetches the batch `prefetch` of this warp's batches after it.
   auto load_batch = [&](int j, int4 (&w)[8], int4& s) {
     load_weights(j, w);
     load_scales(j, s);
-    if (prefetch > 0) prefetch_batch(j + prefetch * WK);
-  };
-  // The batches before that distance are prefetched up front (the dense GEMM: before its wait for the previous kernel,
-  // its first batch included; a prefetch only warms L2, which later writes keep coherent, so it is safe there).
-  auto prefetch_head = [&](int first) {
-    for (int i = first; i < prefetch; ++i) prefetch_batch(wk + i * WK);
   };
 
   int4 wa[8], wb[8], sa, sb;  // two batches of weight chunks and scales: one computing, one in flight
   if constexpr (MODE == kDense) {
     // Mode 2 only: the first weight batch before the wait (see the header); scales, which a dtype cast may have just
     // written (CudaBackend's _cast), after it.
-    prefetch_head(0);
     if (weights_before_wait && wk < nbatch) load_weights(wk, wa);
     pdl_wait();  // x, scales, out, partials and tickets: after the previous kernel
     if (wk < nbatch) {  // in flight while x is staged
       if (!weights_before_wait) load_weights(wk, wa);
       load_scales(wk, sa);
-      if (prefetch > 0) prefetch_batch(wk + prefetch * WK);
     }
   } else if (wk < nbatch) {
-    prefetch_head(1);
     load_batch(wk, wa, sa);
   }
 
@@ -421,10 +381,8 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   // with it at T = 16 and 64 (H200, benchmarks/NOTES.md).
   const int pdl = g_pdl.load(std::memory_order_relaxed);
   cfg.numAttrs = MODE == kDense && pdl && pdl_device(device) ? 1 : 0;
-  const int prefetch = (MODE == kDense ? g_prefetch_dense : g_prefetch_moe).load(std::memory_order_relaxed);
   err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
-                           batches_per_split, moe, pdl == 2 ? 1 : 0, prefetch,
-                           g_prefetch_bulk.load(std::memory_order_relaxed));
+                           batches_per_split, moe, pdl == 2 ? 1 : 0);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
@@ -501,12 +459,6 @@ int skinny_default_wn(int m, int n) {
 bool skinny_supported(int device) { return smem_optin(device) >= kSkinnySmemMax; }
 
 void set_skinny_pdl(int mode) { g_pdl.store(mode, std::memory_order_relaxed); }
-
-void set_skinny_prefetch(int dense, int moe, int bulk, int (&before)[3]) {
-  before[0] = g_prefetch_dense.exchange(dense, std::memory_order_relaxed);
-  before[1] = g_prefetch_moe.exchange(moe, std::memory_order_relaxed);
-  before[2] = g_prefetch_bulk.exchange(bulk, std::memory_order_relaxed);
-}
 
 bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;

@@ -198,52 +198,6 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
     assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
-@pytest.mark.parametrize("bulk", [0, 1])
-def test_skinny_prefetch_keeps_the_bits(bulk):
-    """The L2 prefetch is a hint: every distance (none, one batch, past the end) gives the same output bits as none,
-    dense (M = 1 / 8 / 13, split-K and not, in a CUDA graph too) and MoE (T = 1 and 9, blocks of 8); bad settings
-    raise with the values."""
-    if not _pdl_skinny():
-        pytest.skip("the skinny kernel runs on sm_90 / sm_100 only")
-    from glm_awq import _C
-
-    packed, scale = _weight(3072, 5120, seed=61)
-    p = glm_awq.prepare_linear(packed, scale, backend="cuda")
-    e, h, i, top_k = 16, 512, 384, 8
-    w13, s13, w2, s2 = _experts(e, h, i, seed=62)
-    pe = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
-    xs = [torch.randn(m, 5120, device="cuda").to(torch.bfloat16) for m in (1, 8, 13)]
-    moe_in = [(torch.randn(t, h, device="cuda").to(torch.bfloat16), *_routing(t, e, top_k, seed=t)) for t in (1, 9)]
-
-    def run():
-        dense = [_gemm(x, p, 0, splits) for x in xs for splits in (1, 0)]
-        return dense + [glm_awq.fused_moe(x, ids, w, pe) for x, ids, w in moe_in]
-
-    saved = _C.set_skinny_prefetch((0, 0, 0))
-    try:
-        poison_allocator("cuda")
-        base = run()
-        for out, ref in zip(base[::2], [w4a16_linear_ref(x.float(), packed, scale) for x in xs]):
-            assert rel_err(out, ref) < 1e-2
-        for d in (1, 3, 64):
-            _C.set_skinny_prefetch((d, d, bulk))
-            poison_allocator("cuda")
-            assert all(torch.equal(a, b) for a, b in zip(run(), base)), f"distance {d}, bulk {bulk}"
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = run()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert all(torch.equal(a, b) for a, b in zip(outs, base)), f"graph, distance {d}, bulk {bulk}"
-        assert _C.set_skinny_prefetch((0, 0, 0)) == (64, 64, bulk)
-    finally:
-        _C.set_skinny_prefetch(saved)
-    with pytest.raises(ValueError, match="dense=-1"):
-        _C.set_skinny_prefetch((-1, 0, 0))
-    with pytest.raises(ValueError, match="bulk=2"):
-        _C.set_skinny_prefetch((0, 0, 2))
-
-
 def test_opcheck_compile_and_cuda_graph():
     packed, scale = _weight(1024, 5120, seed=3)
     bias = torch.randn(1024, device="cuda").to(torch.bfloat16)
