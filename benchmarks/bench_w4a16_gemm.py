@@ -71,9 +71,6 @@ def main() -> int:
     parser.add_argument("--no-pdl-column", action="store_true",
                         help="also time the cuda backend with the skinny kernel's programmatic dependent launch off "
                              "(nopdl) and with the first weights loaded before its wait (pdl2)")
-    parser.add_argument("--no-cluster-column", action="store_true",
-                        help="also time the cuda backend with the skinny kernel's split-K through tickets instead of "
-                             "thread-block clusters (noclu)")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     reasons = glm_awq.available_backends("cuda")
@@ -82,8 +79,6 @@ def main() -> int:
     columns = backends + [f"triton:{v.partition(':')[0]}" for v in args.variant] + [f"cuda:v{v}" for v in cuda_variants]
     no_pdl = args.no_pdl_column and "cuda" in backends
     columns += ["cuda:nopdl", "cuda:pdl2"] if no_pdl else []
-    no_cluster = args.no_cluster_column and "cuda" in backends
-    columns += ["cuda:noclu"] if no_cluster else []
     for b in args.backends.split(","):
         if reasons.get(b):
             print(f"skipping backend {b}: {reasons[b]}")
@@ -145,15 +140,6 @@ def main() -> int:
                     glm_awq._C.set_skinny_pdl(1)
                 row[name] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
                              "TFLOPs": flops / t / 1e6}  # fmt: skip
-            if no_cluster and m <= 16:  # skinny M
-                saved = glm_awq._C.set_skinny_cluster(0)  # read at launch, so while the graph is captured
-                try:
-                    fns = [lambda p=p: glm_awq.w4a16_linear(x, p) for p in prepared["cuda"]]
-                    t = common.graph_time_us(_rotating(fns), calls=len(fns))
-                finally:
-                    glm_awq._C.set_skinny_cluster(saved)
-                row["cuda:noclu"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
-                                     "TFLOPs": flops / t / 1e6}  # fmt: skip
             fns = [lambda w=w: x @ w.T for w in dense]
             row["torch_bf16_us"] = common.graph_time_us(_rotating(fns), calls=len(fns))
             if int4mm is not None:

@@ -260,18 +260,6 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// glm_awq._C.set_skinny_cluster(on) -> the previous setting: the dense skinny GEMM's split-K through thread-block
-// clusters on sm_90+ (1, the default) or through a workspace and tickets (0). Read at each launch. Benchmarks, tests.
-static PyObject* py_set_skinny_cluster(PyObject*, PyObject* arg) {
-  const long on = PyLong_AsLong(arg);
-  if (on == -1 && PyErr_Occurred()) return nullptr;
-  if (on != 0 && on != 1) {
-    PyErr_Format(PyExc_ValueError, "set_skinny_cluster: on=%ld must be 0 (workspace and tickets) or 1 (clusters)", on);
-    return nullptr;
-  }
-  return PyLong_FromLong(glm_awq::set_skinny_cluster(static_cast<int>(on)));
-}
-
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
@@ -279,8 +267,6 @@ extern "C" PyObject* PyInit__C(void) {
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
-      {"set_skinny_cluster", py_set_skinny_cluster, METH_O,
-       "set_skinny_cluster(on: int) -> int, the previous setting (1: split-K through clusters, the default; 0: tickets)"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glm_awq CUDA kernels (see torch.ops.glm_awq)", -1,
                                methods};

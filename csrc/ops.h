@@ -47,11 +47,6 @@ bool skinny_supported(int device);
 // wrote the weights since the last non-PDL launch on the stream). Read at launch: a captured CUDA graph keeps the
 // mode it was captured with. Benchmarks and tests compare them.
 void set_skinny_pdl(int mode);
-// Split-K of the dense skinny GEMM through thread-block clusters (sm_90+, at most 8 splits; the splits' partial
-// tiles summed in distributed shared memory, no workspace, no tickets): 1 on (default), 0 off (workspace + tickets,
-// as on older GPUs). Same output bits either way for the same tile width and splits. Read at launch; returns the
-// previous setting. Benchmarks and tests.
-int set_skinny_cluster(int on);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned

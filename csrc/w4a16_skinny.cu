@@ -21,12 +21,9 @@
 //
 // Work split: a CTA is 8 warps = WN along N (64 features each, BN = 64 WN) x WK = 8 / WN along K; the CTA covers
 // a range of K batches (split-K over gridDim.z for the dense GEMM) and its WK warps take every WK-th batch. The
-// WK partial tiles are summed in shared memory in warp order. Split-K on sm_90+ (up to kMaxClusterSplits splits):
-// the splits of one N tile run as one thread-block cluster, each CTA leaves its partial tile in its shared memory,
-// and after a cluster barrier CTA r sums slice r of the tile over all splits' shared memory (DSMEM) in split order.
-// Otherwise (older GPUs, more splits, set_skinny_cluster(0)) partials go to an fp32 workspace and the CTA that takes
-// a tile's last ticket sums them in split order. Every sum has a fixed order, the same in both paths: the output
-// bits do not depend on scheduling, nor on the path.
+// WK partial tiles are summed in shared memory in warp order; split-K partials go to an fp32 workspace and the
+// CTA that takes a tile's last ticket sums them in split order. Every sum has a fixed order: the output bits do not
+// depend on scheduling.
 //
 // Programmatic dependent launch (sm_90+, the dense GEMM only: the MoE GEMMs gained nothing, see launch_skinny): every
 // CTA lets the next kernel of the stream launch as soon as the whole grid runs, and the dense GEMM is launched so that
@@ -37,8 +34,6 @@
 // mode 2 is safe only if no kernel wrote the weights since the last ordinary (non-PDL) launch on the stream.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <cooperative_groups.h>
 
 #include <atomic>
 
@@ -72,10 +67,6 @@ __device__ __forceinline__ void pdl_wait() {
 // before the wait.
 std::atomic<int> g_pdl{1};
 
-// Split-K through a thread-block cluster (sm_90+): at most the portable cluster size of splits.
-constexpr int kMaxClusterSplits = 8;
-std::atomic<int> g_cluster{1};  // set_skinny_cluster: 1 on (default), 0 the workspace and tickets
-
 template <int MB>
 struct Skinny {
   static constexpr int BM = 8 * MB;                               // token rows per CTA
@@ -99,8 +90,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [gridDim.x * gridDim.y] zeros, left zero
     int M, int N, int K, int group_size, int batches_per_split, MoeArgs moe,
-    int weights_before_wait,  // dense: load the first weight batch before griddepcontrol.wait
-    int cluster_splits) {     // dense split-K: 1 when the grid's splits of a tile form one cluster (sm_90+)
+    int weights_before_wait) {  // dense: load the first weight batch before griddepcontrol.wait
   using V = Num<T>;
   constexpr int WK = kSkinnyWarps / WN, BM = Skinny<MB>::BM, BN = 64 * WN;
   extern __shared__ int4 smem[];
@@ -340,50 +330,6 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     return;
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cluster_splits) {
-    // The tile's splits are one cluster (1, 1, gridDim.z): cluster rank = split. Each CTA leaves its partial tile
-    // [BM][BN] (fp32) in its own shared memory, where the K reduction above is done; CTA r then sums slice r of the
-    // tile over every split in split order (the order of the ticket path below: the same bits).
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    float* tile = red;
-    if constexpr (WK > 1) __syncthreads();  // the K reduction's reads of red are done
-    if (wk == 0) {
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = mb * 8 + 2 * t + (e & 1);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) tile[r * BN + wn * 64 + 16 * i + g + 8 * (e >> 1)] = acc[mb][i][e];
-        }
-    }
-    cluster.sync();  // every split's tile is written (release / acquire at cluster scope)
-    const int splits = static_cast<int>(gridDim.z), quads = rows_here * (BN / 4);
-    const int per = (quads + splits - 1) / splits, end = min(quads, (split + 1) * per);
-    for (int q = split * per + tid; q < end; q += kSkinnyThreads) {
-      const int r = q / (BN / 4), c = (q % (BN / 4)) * 4;
-      float4 sum = *cluster.map_shared_rank(reinterpret_cast<float4*>(tile + r * BN + c), 0);
-      for (int sp = 1; sp < splits; ++sp) {
-        const float4 v = *cluster.map_shared_rank(reinterpret_cast<float4*>(tile + r * BN + c), sp);
-        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-      }
-      const int col = nt * BN + c;
-      if (bias) {
-        sum.x += V::to_float(bias[col]), sum.y += V::to_float(bias[col + 1]);
-        sum.z += V::to_float(bias[col + 2]), sum.w += V::to_float(bias[col + 3]);
-      }
-      uint2 o;
-      o.x = V::pack(sum.x, sum.y);
-      o.y = V::pack(sum.z, sum.w);
-      *reinterpret_cast<uint2*>(&out[static_cast<size_t>(m0 + r) * N + col]) = o;
-    }
-    cluster.sync();  // no CTA exits while another still reads its tile
-    return;
-  }
-#endif
-
   // Split-K: publish this split's partial tile, then the last CTA of the tile sums all splits in split order.
   const size_t plane = static_cast<size_t>(M) * N;
   if (wk == 0) {
@@ -411,13 +357,10 @@ int smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryP
 // Whether `device` takes programmatic dependent launches (sm_90+).
 bool pdl_device(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9; }
 
-// Whether `device` launches thread-block clusters (sm_90+).
-bool cluster_device(int device) { return device_attribute<cudaDevAttrClusterLaunch>(device) != 0; }
-
 template <typename T, int MB, int WN, int MODE>
 cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq, const T* wsc, const T* bias,
                           T* out, float* partial, int* tickets, int m, int n, int k, int group_size,
-                          int batches_per_split, const MoeArgs& moe, bool cluster = false) {
+                          int batches_per_split, const MoeArgs& moe) {
   auto kernel = w4a16_skinny_kernel<T, MB, WN, MODE>;
   static uint64_t configured = 0;  // devices whose shared-memory attribute is set
   cudaError_t err = allow_dynamic_smem(kernel, kSkinnySmemMax, configured);
@@ -430,103 +373,50 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   cfg.blockDim = dim3(kSkinnyThreads);
   cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
   cfg.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[2];
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   // Dense only: the MoE GEMMs need the previous kernel's output before their first load, and measured 2-3% slower
   // with it at T = 16 and 64 (H200, benchmarks/NOTES.md).
   const int pdl = g_pdl.load(std::memory_order_relaxed);
-  if (MODE == kDense && pdl && pdl_device(device)) {
-    attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster) {  // the splits of a tile: one cluster
-    attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
-    attr[cfg.numAttrs].val.clusterDim.x = 1;
-    attr[cfg.numAttrs].val.clusterDim.y = 1;
-    attr[cfg.numAttrs++].val.clusterDim.z = grid.z;
-  }
+  cfg.numAttrs = MODE == kDense && pdl && pdl_device(device) ? 1 : 0;
   err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
-                           batches_per_split, moe, pdl == 2 ? 1 : 0, cluster ? 1 : 0);
+                           batches_per_split, moe, pdl == 2 ? 1 : 0);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
-// The split count of a dense skinny launch: `requested` (0: auto) clamped to [K / KC_MAX, batches], with no empty
-// split. Auto aims at one wave of equal work: MIN_BLOCKS CTAs per SM over every SM, K split no finer than one batch,
-// no coarser than KC_MAX (the x rows must fit in shared memory); `cap` bounds it (0: none).
-int skinny_splits(int mb, int n_tiles, int batches, int device, int64_t requested, int cap) {
-  const int min_blocks = mb == 1 ? Skinny<1>::MIN_BLOCKS : Skinny<2>::MIN_BLOCKS;
-  const int kc_max = mb == 1 ? Skinny<1>::KC_MAX : Skinny<2>::KC_MAX;
-  int s = static_cast<int>(std::min<int64_t>(requested, batches));
-  if (s <= 0) s = std::max(1, min_blocks * sm_count(device) / n_tiles);
-  if (requested <= 0 && cap > 0) s = std::min(s, cap);
-  s = std::max(s, (batches * kBK + kc_max - 1) / kc_max);
-  s = std::min(s, batches);
-  const int per_split = (batches + s - 1) / s;
-  return (batches + per_split - 1) / per_split;  // no empty splits
-}
-
-// Default tile width: 256 at M <= 8 (H200, M = 1, auto split: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs
-// 15.7; benchmarks/NOTES.md), 128 for two token blocks (twice the accumulators: one CTA per SM).
-int skinny_default_wn(int m, int n) {
-  if (m <= 8 && n % 256 == 0) return 4;
-  return n % 128 == 0 ? 2 : 1;
-}
-
-struct SkinnyPlan {
-  int wn, splits;
-  bool cluster;  // the splits of a tile sum through a cluster (no workspace, no tickets)
-};
-
-// Whether this device and the global setting sum splits through clusters.
-bool clusters_on(int device) { return g_cluster.load(std::memory_order_relaxed) && cluster_device(device); }
-
-// Tile width, splits and reduction of a dense launch; block_n (0: auto) and a.splits (0: auto) as the caller gave.
-// Auto width: where clusters sum the splits, the widest default-or-narrower width whose auto split fits a cluster
-// (narrower tiles, more of them, fewer splits: o_proj 40 x 6 instead of 20 x 12), or the narrowest with its split
-// capped at the cluster size; else skinny_default_wn. More splits than a cluster holds take the tickets, and if the
-// caller passed fewer tickets than tiles, one split (K must then fit one CTA).
-SkinnyPlan skinny_plan(const GemmLaunch& a, int block_n) {
-  const int device = a.x.get_device(), mb = a.m <= 8 ? 1 : 2, batches = a.k / kBK;
-  const bool clusters = clusters_on(device);
-  int wn = block_n ? block_n / 64 : skinny_default_wn(a.m, a.n);
-  if (!block_n && a.splits <= 0 && clusters) {
-    int w = wn;
-    while (w > 1 && !(a.n % (64 * w) == 0 &&
-                      skinny_splits(mb, a.n / (64 * w), batches, device, 0, 0) <= kMaxClusterSplits))
-      w /= 2;
-    wn = w;
-  }
-  const int n_tiles = a.n / (64 * wn);
-  int s = skinny_splits(mb, n_tiles, batches, device, a.splits, clusters ? kMaxClusterSplits : 0);
-  const bool cluster = clusters && s > 1 && s <= kMaxClusterSplits;
-  if (!cluster && n_tiles > a.tickets.numel()) s = 1;
-  return {wn, s, cluster};
-}
-
 template <typename T, int MB>
-cudaError_t dense_skinny(const GemmLaunch& a, const SkinnyPlan& plan) {
+cudaError_t dense_skinny(const GemmLaunch& a, int wn) {
   using S = Skinny<MB>;
-  const int wn = plan.wn, n_tiles = a.n / (64 * wn), batches = a.k / kBK;
-  const bool cluster = plan.cluster;
-  const int s = plan.splits;
+  const int n_tiles = a.n / (64 * wn), batches = a.k / kBK;
+  // One wave of equal work: MIN_BLOCKS CTAs per SM over every SM, K split no finer than one batch per warp row
+  // and no coarser than KC_MAX (the x rows must fit in shared memory).
+  const int slots = S::MIN_BLOCKS * sm_count(a.x.get_device());
+  int s = static_cast<int>(a.splits);
+  if (s <= 0) s = std::max(1, slots / n_tiles);
+  s = std::max(s, (batches * kBK + S::KC_MAX - 1) / S::KC_MAX);
+  s = std::min(s, batches);
+  if (n_tiles > a.tickets.numel()) s = 1;
   const int per_split = (batches + s - 1) / s;
+  s = (batches + per_split - 1) / per_split;  // no empty splits
   const int smem = S::smem(per_split * kBK);
   if (per_split * kBK > S::KC_MAX || smem > kSkinnySmemMax) return cudaErrorInvalidConfiguration;
   at::Tensor partial;
-  if (s > 1 && !cluster) partial = at::empty({s, a.m, a.n}, a.x.options().dtype(at::kFloat));
+  if (s > 1) partial = at::empty({s, a.m, a.n}, a.x.options().dtype(at::kFloat));
   const dim3 grid(1, static_cast<unsigned>(n_tiles), static_cast<unsigned>(s));
   const T* x = reinterpret_cast<const T*>(a.x.data_ptr());
   const auto* wq = reinterpret_cast<const int4*>(a.weight.data_ptr());
   const T* wsc = reinterpret_cast<const T*>(a.scale.data_ptr());
   const T* bias = a.bias ? reinterpret_cast<const T*>(a.bias->data_ptr()) : nullptr;
   T* out = reinterpret_cast<T*>(a.out.data_ptr());
-  float* part = s > 1 && !cluster ? partial.data_ptr<float>() : nullptr;
+  float* part = s > 1 ? partial.data_ptr<float>() : nullptr;
   int* tickets = a.tickets.data_ptr<int>();
 #define GLM_AWQ_SKINNY_CASE(W)                                                                                   \
   if (wn == W)                                                                                                   \
     return launch_skinny<T, MB, W, kDense>(grid, smem, x, wq, wsc, bias, out, part, tickets, a.m, a.n, a.k,      \
-                                           a.group_size, per_split, MoeArgs{}, cluster);
+                                           a.group_size, per_split, MoeArgs{});
   GLM_AWQ_SKINNY_CASE(1) GLM_AWQ_SKINNY_CASE(2) GLM_AWQ_SKINNY_CASE(4)
 #undef GLM_AWQ_SKINNY_CASE
   return cudaErrorInvalidValue;
@@ -557,7 +447,12 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
                                        k / kBK, moe);
 }
 
-
+// Default tile width: 256 at M <= 8 (H200, M = 1, auto split: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs
+// 15.7; benchmarks/NOTES.md), 128 for two token blocks (twice the accumulators: one CTA per SM).
+int skinny_default_wn(int m, int n) {
+  if (m <= 8 && n % 256 == 0) return 4;
+  return n % 128 == 0 ? 2 : 1;
+}
 
 }  // namespace
 
@@ -565,20 +460,18 @@ bool skinny_supported(int device) { return smem_optin(device) >= kSkinnySmemMax;
 
 void set_skinny_pdl(int mode) { g_pdl.store(mode, std::memory_order_relaxed); }
 
-int set_skinny_cluster(int on) { return g_cluster.exchange(on, std::memory_order_relaxed); }
-
 bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;
-  // K beyond one CTA's x rows needs split-K, and split-K outside a cluster a ticket per N tile (direct op callers
-  // may pass fewer).
+  // K beyond one CTA's x rows needs split-K, and split-K a ticket per N tile (direct op callers may pass fewer).
   const int kc_max = a.m <= 8 ? Skinny<1>::KC_MAX : Skinny<2>::KC_MAX;
-  const SkinnyPlan plan = skinny_plan(a, block_n);
-  if (plan.splits == 1 && a.k > kc_max) return false;
+  const int wn_default = skinny_default_wn(a.m, a.n), wn_used = block_n ? block_n / 64 : wn_default;
+  if (a.k > kc_max && a.n / (64 * wn_used) > a.tickets.numel()) return false;
   if (a.m <= 8) return true;
   // Two token blocks run one CTA per SM: take them only while the grid (auto split) is a single wave; q_proj and
   // o_proj at M = 16 would need two, where the tile kernel measured faster (H200, benchmarks/NOTES.md).
+  const int wn = wn_used;
   const int64_t min_splits = (static_cast<int64_t>(a.k) + Skinny<2>::KC_MAX - 1) / Skinny<2>::KC_MAX;
-  return a.n / (64 * plan.wn) * min_splits <= sm_count(a.x.get_device());
+  return a.n / (64 * wn) * min_splits <= sm_count(a.x.get_device());
 }
 
 bool moe_skinny_fits(int64_t k, int block_m, int device) {
@@ -589,11 +482,12 @@ bool moe_skinny_fits(int64_t k, int block_m, int device) {
 
 int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
   if (a.m > 16) return cudaErrorInvalidValue;
-  if (block_n != 0 && block_n != 64 && block_n != 128 && block_n != 256) return cudaErrorInvalidValue;
-  const SkinnyPlan plan = skinny_plan(a, block_n);
+  int wn = block_n / 64;
+  if (wn == 0) wn = skinny_default_wn(a.m, a.n);
+  if (wn != 1 && wn != 2 && wn != 4) return cudaErrorInvalidValue;
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, plan) : dense_skinny<__half, 1>(a, plan);
-  return bf16 ? dense_skinny<__nv_bfloat16, 2>(a, plan) : dense_skinny<__half, 2>(a, plan);
+  if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn) : dense_skinny<__half, 1>(a, wn);
+  return bf16 ? dense_skinny<__nv_bfloat16, 2>(a, wn) : dense_skinny<__half, 2>(a, wn);
 }
 
 int launch_moe_skinny(const MoeLaunch& a) {

@@ -198,41 +198,6 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
     assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
-@pytest.mark.parametrize("n, k", [(3072, 5120), (1024, 5120), (5120, 1536), (768, 2560)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_skinny_cluster_split_k_same_bits_as_tickets(n, k, dtype):
-    """Split-K summed through a thread-block cluster (sm_90+) against the workspace + tickets path: the same bits for
-    the same tile width and splits (both sum in split order), within the reference's tolerance, every output written
-    (poisoned buffers), tickets left zero; splits past the cluster size take the tickets either way; the auto plan."""
-    if not _pdl_skinny():
-        pytest.skip("the skinny kernel runs on sm_90 / sm_100 only")
-    from glm_awq import _C
-
-    packed, scale = _weight(n, k, seed=n + k)
-    bias = torch.randn(n, device="cuda").to(dtype) * 0.1 if dtype == torch.float16 else None
-    p = glm_awq.prepare_linear(packed, scale, bias, backend="cuda")
-    saved = _C.set_skinny_cluster(1)
-    try:
-        for m in (1, 5, 8, 13, 16):
-            x = torch.randn(m, k, device="cuda").to(dtype)
-            ref = w4a16_linear_ref(x.float(), packed, scale, None if bias is None else bias.float())
-            for block_n, splits in ((256, 2), (64, 5), (128, 8), (256, 12), (0, 0)):
-                outs = []
-                for on in (1, 0):
-                    _C.set_skinny_cluster(on)
-                    poison_allocator("cuda")
-                    outs.append(_gemm(x, p, block_n, splits, variant=3))
-                    err = rel_err(outs[-1], ref)
-                    assert err < 1e-2, f"M={m} block_n={block_n} splits={splits} cluster={on}: rel err {err:.2e}"
-                if block_n:  # auto picks its own width and splits with clusters on
-                    assert torch.equal(outs[0], outs[1]), f"M={m} block_n={block_n} splits={splits}"
-        assert not p.tensors["tickets"].any(), "tickets must be left at zero"
-    finally:
-        _C.set_skinny_cluster(saved)
-    with pytest.raises(ValueError, match="on=2"):
-        _C.set_skinny_cluster(2)
-
-
 def test_opcheck_compile_and_cuda_graph():
     packed, scale = _weight(1024, 5120, seed=3)
     bias = torch.randn(1024, device="cuda").to(torch.bfloat16)
