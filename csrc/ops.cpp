@@ -77,7 +77,7 @@ at::Tensor dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
-                      int64_t block_n, int64_t splits, int64_t variant) {
+                      int64_t block_n, int64_t splits, int64_t variant, bool weight_settled) {
   TORCH_CHECK(x.is_cuda() && tickets.is_cuda(), "w4a16_gemm: x and tickets must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "w4a16_gemm: x must be [M, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -111,7 +111,7 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // cp.async reads 16-byte chunks
   const GemmLaunch args{xc, weight, scale, bias.has_value() ? &*bias : nullptr, out, tickets,
                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-                        splits, static_cast<int>(variant)};
+                        splits, static_cast<int>(variant), weight_settled};
   check_launch("w4a16_gemm", launch_w4a16_gemm(args, static_cast<int>(block_n)));
   return out;
 }
@@ -200,9 +200,12 @@ TORCH_LIBRARY(glm_awq, m) {
   // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default: skinny at
   // M <= 16, else 1) | 1 (scales multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators
   // after each k tile) | 3 (skinny: weights as the mma A operand streamed to registers, M <= 16, w4a16_skinny.cu).
+  // weight_settled: the caller promises that no work still queued or running on the stream writes `weight` (it was
+  // written before a synchronize, as prepare_linear does); the skinny kernel on sm_90+ then reads its first weights
+  // before waiting for the previous kernel to finish (programmatic dependent launch). Leave it False otherwise.
   m.def(
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
-      "int splits, int variant=0) -> Tensor");
+      "int splits, int variant=0, bool weight_settled=False) -> Tensor");
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
   // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, 64 the
   // wgmma kernel on sm_90 (variant 0 or 4), else the tile kernel).

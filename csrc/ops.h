@@ -14,7 +14,7 @@ at::Tensor repack_int4(const at::Tensor& weight_packed);
 at::Tensor dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, int64_t group_size);
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& bias, const at::Tensor& tickets, int64_t group_size,
-                      int64_t block_n, int64_t splits, int64_t variant);
+                      int64_t block_n, int64_t splits, int64_t variant, bool weight_settled);
 at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& sorted,
                     const at::Tensor& counts, const at::Tensor& topk_weights, int64_t top_k, int64_t block_m,
                     int64_t mode, int64_t group_size, int64_t variant);
@@ -33,6 +33,7 @@ struct GemmLaunch {
   int m, n, k, group_size;
   int64_t splits;             // 0: auto
   int variant;                // 0: default, 1: scales into B, 2: scales folded after each stage, 3: skinny
+  bool weight_settled;        // nothing queued or running on the stream writes `weight` (the op's schema says more)
 };
 int launch_w4a16_gemm(const GemmLaunch& args, int block_n);
 // The skinny kernel (w4a16_skinny.cu): M <= 16, block_n 0 (auto) | 64 | 128 | 256; skinny_preferred says whether
@@ -43,9 +44,10 @@ bool skinny_preferred(const GemmLaunch& args, int block_n);
 // sm_100 do; sm_80 / 86 / 89 / 120 do not, and take the tile kernel).
 bool skinny_supported(int device);
 // Programmatic dependent launch of the dense skinny GEMM on sm_90+: 0 off, 1 on (default; it waits for the previous
-// kernel before its first load), 2 on with the first weight batch loaded before that wait (safe only if no kernel
-// wrote the weights since the last non-PDL launch on the stream). Read at launch: a captured CUDA graph keeps the
-// mode it was captured with. Benchmarks and tests compare them.
+// kernel before its first load, except that a settled weight's first batch (GemmLaunch::weight_settled) is loaded
+// before that wait), 2 on with the first weight batch loaded before that wait whether settled or not (safe only if
+// no kernel wrote the weights since the last non-PDL launch on the stream). Read at launch: a captured CUDA graph
+// keeps the mode it was captured with. Benchmarks and tests compare them.
 void set_skinny_pdl(int mode);
 
 struct MoeLaunch {

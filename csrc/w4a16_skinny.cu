@@ -29,9 +29,11 @@
 // CTA lets the next kernel of the stream launch as soon as the whole grid runs, and the dense GEMM is launched so that
 // it may start before the previous kernel ends. Its CTAs then get resident and set up during the previous kernel's
 // tail, and wait (`griddepcontrol.wait`: the previous grid has finished and its writes are visible) before their first
-// load. Mode 2 (set_skinny_pdl) issues the first weight batch (not the scales) before the wait. Writes are promised
-// visible only after a wait, and every kernel of a PDL chain may start before its predecessor's writes are flushed, so
-// mode 2 is safe only if no kernel wrote the weights since the last ordinary (non-PDL) launch on the stream.
+// load, except the first weight batch (not the scales) of a settled weight (the caller's promise that no work still
+// queued or running writes it: w4a16_gemm's weight_settled; prepare_linear synchronizes after writing its weights),
+// which is loaded before the wait. Writes are promised visible only after a wait, and every kernel of a PDL chain may
+// start before its predecessor's writes are flushed, so a weight written by any unfinished kernel cannot be read early.
+// Mode 2 (set_skinny_pdl, benchmarks) loads the first batch before the wait whether the weight is settled or not.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -360,7 +362,7 @@ bool pdl_device(int device) { return device_attribute<cudaDevAttrComputeCapabili
 template <typename T, int MB, int WN, int MODE>
 cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq, const T* wsc, const T* bias,
                           T* out, float* partial, int* tickets, int m, int n, int k, int group_size,
-                          int batches_per_split, const MoeArgs& moe) {
+                          int batches_per_split, const MoeArgs& moe, bool weight_settled = false) {
   auto kernel = w4a16_skinny_kernel<T, MB, WN, MODE>;
   static uint64_t configured = 0;  // devices whose shared-memory attribute is set
   cudaError_t err = allow_dynamic_smem(kernel, kSkinnySmemMax, configured);
@@ -382,7 +384,7 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   const int pdl = g_pdl.load(std::memory_order_relaxed);
   cfg.numAttrs = MODE == kDense && pdl && pdl_device(device) ? 1 : 0;
   err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
-                           batches_per_split, moe, pdl == 2 ? 1 : 0);
+                           batches_per_split, moe, pdl == 2 || (pdl == 1 && weight_settled) ? 1 : 0);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
@@ -416,7 +418,7 @@ cudaError_t dense_skinny(const GemmLaunch& a, int wn) {
 #define GLM_AWQ_SKINNY_CASE(W)                                                                                   \
   if (wn == W)                                                                                                   \
     return launch_skinny<T, MB, W, kDense>(grid, smem, x, wq, wsc, bias, out, part, tickets, a.m, a.n, a.k,      \
-                                           a.group_size, per_split, MoeArgs{});
+                                           a.group_size, per_split, MoeArgs{}, a.weight_settled);
   GLM_AWQ_SKINNY_CASE(1) GLM_AWQ_SKINNY_CASE(2) GLM_AWQ_SKINNY_CASE(4)
 #undef GLM_AWQ_SKINNY_CASE
   return cudaErrorInvalidValue;

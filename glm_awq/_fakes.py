@@ -27,7 +27,7 @@ def register() -> None:
         return scale.new_empty((weight.shape[1] * 64, weight.shape[0] * 16))
 
     @torch.library.register_fake("glm_awq::w4a16_gemm")
-    def _(x, weight, scale, bias, tickets, group_size, block_n, splits, variant=0):
+    def _(x, weight, scale, bias, tickets, group_size, block_n, splits, variant=0, weight_settled=False):
         return x.new_empty((x.shape[0], weight.shape[1] * 64))
 
     @torch.library.register_fake("glm_awq::moe_gemm")

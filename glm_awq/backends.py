@@ -176,6 +176,10 @@ class CudaBackend:
         self._cast(p, "scale", torch.bfloat16)
         if p.bias is not None:
             self._cast_bias(p, torch.bfloat16)
+        # The repacked weight is now settled: once this stream has finished the repack, no queued or running work
+        # writes it, so `linear` may tell the skinny GEMM to read it before the previous kernel finishes
+        # (weight_settled; a one-time wait per layer at load).
+        torch.cuda.current_stream(weight.device).synchronize()
         return p
 
     @staticmethod
@@ -210,7 +214,8 @@ class CudaBackend:
             y = torch.nn.functional.linear(x2, w, bias)
         else:
             y = torch.ops.glm_awq.w4a16_gemm(
-                x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0, self.VARIANT if self.VARIANT < 4 else 0
+                x2, t["weight"], scale, bias, t["tickets"], p.group_size, 0, 0, self.VARIANT if self.VARIANT < 4 else 0,
+                weight_settled=True,  # prepare_linear synchronized after writing it
             )
         return y.reshape(*x.shape[:-1], p.out_features).to(dtype)
 

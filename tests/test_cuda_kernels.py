@@ -26,13 +26,13 @@ def _weight(n, k, seed, group_size=128):
     return packed, scale  # random words: every nibble value, -8 included
 
 
-def _gemm(x, p, block_n=0, splits=0, variant=0):
+def _gemm(x, p, block_n=0, splits=0, variant=0, settled=False):
     """The raw op on a cuda-prepared linear, with an explicit tile width, split count and kernel variant."""
     t = p.tensors
     scale = t["scale"].to(x.dtype).contiguous()
     bias = None if p.bias is None else p.bias.to(x.dtype).contiguous()
     return torch.ops.glm_awq.w4a16_gemm(
-        x, t["weight"], scale, bias, t["tickets"], p.group_size, block_n, splits, variant
+        x, t["weight"], scale, bias, t["tickets"], p.group_size, block_n, splits, variant, settled
     )
 
 
@@ -160,9 +160,9 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
         layers.append((packed, scale, bias, glm_awq.prepare_linear(packed, scale, bias, backend="cuda")))
     order = [0, 1, 1, 2, 3]
 
-    def chain(v):
+    def chain(v, settled):
         for j in order:
-            v = _gemm(v, layers[j][3], 0, splits)
+            v = _gemm(v, layers[j][3], 0, splits, settled=settled)
         return v
 
     def chain_ref(v):
@@ -174,14 +174,14 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
     x = torch.randn(m, 5120, device="cuda").to(dtype)
     outs = {}
     try:
-        for mode in (1, 2, 0):
+        for mode, settled in ((1, False), (1, True), (2, False), (0, False)):  # (1, True): prepared weights' mode
             _C.set_skinny_pdl(mode)
             poison_allocator("cuda")
-            err = rel_err(chain(x), chain_ref(x.float()))
+            err = rel_err(chain(x, settled), chain_ref(x.float()))
             assert err < 2e-2, f"mode {mode}: rel err {err:.2e}"
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = chain(x)
+                out = chain(x, settled)
             for seed in range(3):
                 gen = torch.Generator(device="cuda").manual_seed(seed)
                 x.copy_(torch.randn(m, 5120, generator=gen, device="cuda").to(dtype))
@@ -191,10 +191,10 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
                 assert err < 2e-2, f"mode {mode}, replay {seed}: rel err {err:.2e}"
             x.copy_(torch.randn(m, 5120, generator=torch.Generator(device="cuda").manual_seed(9), device="cuda")
                     .to(dtype))  # fmt: skip
-            outs[mode] = chain(x)
+            outs[mode, settled] = chain(x, settled)
     finally:
         _C.set_skinny_pdl(1)
-    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert all(torch.equal(out, outs[0, False]) for out in outs.values())
     assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
@@ -207,6 +207,7 @@ def test_opcheck_compile_and_cuda_graph():
     for splits in (1, 3, 0):
         args = (x, t["weight"], t["scale.bfloat16"], t["bias.bfloat16"], t["tickets"], 128, 0, splits)
         torch.library.opcheck(torch.ops.glm_awq.w4a16_gemm.default, args)
+        torch.library.opcheck(torch.ops.glm_awq.w4a16_gemm.default, (*args, 0, True))
     ref = w4a16_linear_ref(x.float(), packed, scale, bias.float())
     compiled = torch.compile(lambda v: glm_awq.w4a16_linear(v, p), fullgraph=True)
     assert rel_err(compiled(x), ref) < 1e-2
