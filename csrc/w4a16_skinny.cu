@@ -389,20 +389,32 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   return cudaGetLastError();
 }
 
+// At most this many splits when both the tile width and the split are auto (M <= 8): each split adds a partial tile
+// to the last CTA's sum, read after its ticket (skinny_default_wn).
+constexpr int kMaxAutoSplits = 12;
+
+// The split count: `requested` (0: auto, one wave of equal work: MIN_BLOCKS CTAs per SM over every SM, at most
+// `cap` if > 0), then at least K / KC_MAX (the x rows must fit in shared memory), at most the batches, no empty split.
+template <int MB>
+int skinny_splits(int n_tiles, int batches, int device, int64_t requested, int cap) {
+  int s = static_cast<int>(std::min<int64_t>(requested, batches));
+  if (s <= 0) {
+    s = std::max(1, Skinny<MB>::MIN_BLOCKS * sm_count(device) / n_tiles);
+    if (cap > 0) s = std::min(s, cap);
+  }
+  s = std::max(s, (batches * kBK + Skinny<MB>::KC_MAX - 1) / Skinny<MB>::KC_MAX);
+  s = std::min(s, batches);
+  const int per_split = (batches + s - 1) / s;
+  return (batches + per_split - 1) / per_split;
+}
+
 template <typename T, int MB>
-cudaError_t dense_skinny(const GemmLaunch& a, int wn) {
+cudaError_t dense_skinny(const GemmLaunch& a, int wn, bool auto_wn) {
   using S = Skinny<MB>;
   const int n_tiles = a.n / (64 * wn), batches = a.k / kBK;
-  // One wave of equal work: MIN_BLOCKS CTAs per SM over every SM, K split no finer than one batch per warp row
-  // and no coarser than KC_MAX (the x rows must fit in shared memory).
-  const int slots = S::MIN_BLOCKS * sm_count(a.x.get_device());
-  int s = static_cast<int>(a.splits);
-  if (s <= 0) s = std::max(1, slots / n_tiles);
-  s = std::max(s, (batches * kBK + S::KC_MAX - 1) / S::KC_MAX);
-  s = std::min(s, batches);
-  if (n_tiles > a.tickets.numel()) s = 1;
+  int s = skinny_splits<MB>(n_tiles, batches, a.x.get_device(), a.splits, auto_wn && MB == 1 ? kMaxAutoSplits : 0);
+  if (n_tiles > a.tickets.numel()) s = 1;  // too few tickets (direct op callers): K must then fit one CTA
   const int per_split = (batches + s - 1) / s;
-  s = (batches + per_split - 1) / per_split;  // no empty splits
   const int smem = S::smem(per_split * kBK);
   if (per_split * kBK > S::KC_MAX || smem > kSkinnySmemMax) return cudaErrorInvalidConfiguration;
   at::Tensor partial;
@@ -449,11 +461,23 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
                                        k / kBK, moe);
 }
 
-// Default tile width: 256 at M <= 8 (H200, M = 1, auto split: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs
-// 15.7; benchmarks/NOTES.md), 128 for two token blocks (twice the accumulators: one CTA per SM).
-int skinny_default_wn(int m, int n) {
-  if (m <= 8 && n % 256 == 0) return 4;
-  return n % 128 == 0 ? 2 : 1;
+// Default tile width, in 64-feature warps. M <= 8: the widest of 256, 128 and 64 whose auto split is at most
+// kMaxAutoSplits with at least two batches per split, else 64 (its split then capped at kMaxAutoSplits). H200, M = 1 / 4 / 8
+// (benchmarks/NOTES.md, ninth session; second session for q/o_proj):
+//   q_proj, o_proj: 256 (5 and 12 splits; M = 1: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs 15.7);
+//   shared expert gate_up 3072 x 5120: 128 (10 splits) 7.3 / 7.6 / 7.9 us, against 7.3 / 7.8 / 9.2 at 256 (20);
+//   expert down 5120 x 1536: 128 (6) 5.5 / 5.8 / 5.9, against 5.7 / 6.1 / 7.5 at 256 (12, one batch each);
+//   kv_proj 1024 x 5120: 64 (10) 5.5 / 5.7 / 5.9, against 6.2 / 6.9 / 9.5 at 256 (40).
+// Two token blocks: 128 (twice the accumulators: one CTA per SM).
+int skinny_default_wn(int m, int n, int k, int device) {
+  if (m > 8) return n % 128 == 0 ? 2 : 1;
+  const int batches = k / kBK;
+  for (int w = 4; w > 1; w /= 2) {
+    if (n % (64 * w)) continue;
+    const int s = skinny_splits<1>(n / (64 * w), batches, device, 0, 0);
+    if (s <= kMaxAutoSplits && batches >= 2 * s) return w;
+  }
+  return 1;
 }
 
 }  // namespace
@@ -466,7 +490,7 @@ bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;
   // K beyond one CTA's x rows needs split-K, and split-K a ticket per N tile (direct op callers may pass fewer).
   const int kc_max = a.m <= 8 ? Skinny<1>::KC_MAX : Skinny<2>::KC_MAX;
-  const int wn_default = skinny_default_wn(a.m, a.n), wn_used = block_n ? block_n / 64 : wn_default;
+  const int wn_used = block_n ? block_n / 64 : skinny_default_wn(a.m, a.n, a.k, a.x.get_device());
   if (a.k > kc_max && a.n / (64 * wn_used) > a.tickets.numel()) return false;
   if (a.m <= 8) return true;
   // Two token blocks run one CTA per SM: take them only while the grid (auto split) is a single wave; q_proj and
@@ -485,11 +509,12 @@ bool moe_skinny_fits(int64_t k, int block_m, int device) {
 int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
   if (a.m > 16) return cudaErrorInvalidValue;
   int wn = block_n / 64;
-  if (wn == 0) wn = skinny_default_wn(a.m, a.n);
+  const bool auto_wn = wn == 0;
+  if (auto_wn) wn = skinny_default_wn(a.m, a.n, a.k, a.x.get_device());
   if (wn != 1 && wn != 2 && wn != 4) return cudaErrorInvalidValue;
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn) : dense_skinny<__half, 1>(a, wn);
-  return bf16 ? dense_skinny<__nv_bfloat16, 2>(a, wn) : dense_skinny<__half, 2>(a, wn);
+  if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn, auto_wn) : dense_skinny<__half, 1>(a, wn, auto_wn);
+  return bf16 ? dense_skinny<__nv_bfloat16, 2>(a, wn, auto_wn) : dense_skinny<__half, 2>(a, wn, auto_wn);
 }
 
 int launch_moe_skinny(const MoeLaunch& a) {
