@@ -70,7 +70,7 @@ def main() -> int:
                         help="also time the raw CUDA op with these variants (1 classic, 2 fold, 3 skinny: M <= 16)")
     parser.add_argument("--no-pdl-column", action="store_true",
                         help="also time the cuda backend with the skinny kernel's programmatic dependent launch off "
-                             "(nopdl) and with the first weights loaded before its wait (pdl2)")
+                             "(nopdl); --cuda-variants 3 times the same kernel without the settled-weight promise")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     reasons = glm_awq.available_backends("cuda")
@@ -78,7 +78,7 @@ def main() -> int:
     cuda_variants = [int(v) for v in args.cuda_variants.split(",") if v] if "cuda" in backends else []
     columns = backends + [f"triton:{v.partition(':')[0]}" for v in args.variant] + [f"cuda:v{v}" for v in cuda_variants]
     no_pdl = args.no_pdl_column and "cuda" in backends
-    columns += ["cuda:nopdl", "cuda:pdl2"] if no_pdl else []
+    columns += ["cuda:nopdl"] if no_pdl else []
     for b in args.backends.split(","):
         if reasons.get(b):
             print(f"skipping backend {b}: {reasons[b]}")
@@ -131,7 +131,7 @@ def main() -> int:
                 t = common.graph_time_us(_rotating(fns), calls=len(fns))
                 row[f"cuda:v{v}"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,
                                      "TFLOPs": flops / t / 1e6}  # fmt: skip
-            for mode, name in ((0, "cuda:nopdl"), (2, "cuda:pdl2")) if no_pdl and m <= 16 else ():  # skinny M
+            for mode, name in ((0, "cuda:nopdl"),) if no_pdl and m <= 16 else ():  # skinny M
                 glm_awq._C.set_skinny_pdl(mode)  # read at launch, so while the graph is captured
                 try:
                     fns = [lambda p=p: glm_awq.w4a16_linear(x, p) for p in prepared["cuda"]]

@@ -84,6 +84,7 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
               "w4a16_gemm: x must be bf16 or fp16, got ", x.scalar_type());
   TORCH_CHECK(weight.dim() == 4, "w4a16_gemm: weight must be [K/16, N/64, 32, 4], got ", weight.sizes());
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(1) * 64;
+  TORCH_CHECK(k > 0, "w4a16_gemm: K=0 (x ", x.sizes(), "): a layer needs at least one input feature");
   check_cuda_layout("w4a16_gemm", weight, scale, k, group_size, x.scalar_type());
   TORCH_CHECK(x.device() == weight.device() && tickets.device() == weight.device(),
               "w4a16_gemm: x, weight and tickets must be on one device, got ", x.device(), ", ", weight.device(),
@@ -196,10 +197,12 @@ TORCH_LIBRARY(glm_awq, m) {
   // weights the GEMM's mma path uses (the large-M path runs a dense matmul on it).
   m.def("dequantize_cuda_layout(Tensor weight, Tensor scale, int group_size) -> Tensor");
   // x [M, K] bf16/fp16 @ W^T + bias -> [M, N]. weight: repack_int4's [K/16, N/64, 32, 4]; scale: [G, N] repacked
-  // (glm_awq.quant.repack_scales_for_cuda) in x's dtype; tickets: int32 zeros the kernel uses for split-K and
-  // leaves zero; block_n 0 (auto) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default: skinny at
-  // M <= 16, else 1) | 1 (scales multiplied into the dequantized B) | 2 (scales folded into the fp32 accumulators
-  // after each k tile) | 3 (skinny: weights as the mma A operand streamed to registers, M <= 16, w4a16_skinny.cu).
+  // (glm_awq.quant.repack_scales_for_cuda) in x's dtype; tickets: int32 zeros the kernel uses for split-K (the
+  // skinny kernel takes one per N tile) and leaves zero; block_n 0 (auto; the skinny kernel picks the width for its
+  // auto split, also when splits is given) | 64 | 128 | 256 | 512, splits 0 (auto) or >= 1, variant 0 (default:
+  // skinny at M <= 16, else 1) | 1 (scales multiplied into the dequantized B) | 2 (scales folded into the fp32
+  // accumulators after each k tile) | 3 (skinny: weights as the mma A operand streamed to registers, M <= 16,
+  // w4a16_skinny.cu).
   // weight_settled: the caller promises that no work still queued or running on the stream writes `weight` (it was
   // written before a synchronize, as prepare_linear does); the skinny kernel on sm_90+ then reads its first weights
   // before waiting for the previous kernel to finish (programmatic dependent launch). Leave it False otherwise.

@@ -45,9 +45,8 @@ bool skinny_preferred(const GemmLaunch& args, int block_n);
 bool skinny_supported(int device);
 // Programmatic dependent launch of the dense skinny GEMM on sm_90+: 0 off, 1 on (default; it waits for the previous
 // kernel before its first load, except that a settled weight's first batch (GemmLaunch::weight_settled) is loaded
-// before that wait), 2 on with the first weight batch loaded before that wait whether settled or not (safe only if
-// no kernel wrote the weights since the last non-PDL launch on the stream). Read at launch: a captured CUDA graph
-// keeps the mode it was captured with. Benchmarks and tests compare them.
+// before that wait), 2 on with the first weight batch loaded before that wait, settled or not (benchmarks and tests
+// only). Read at launch: a captured CUDA graph keeps the mode it was captured with.
 void set_skinny_pdl(int mode);
 
 struct MoeLaunch {

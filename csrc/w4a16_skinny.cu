@@ -65,8 +65,8 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// set_skinny_pdl: 0 off, 1 on (the dense GEMM waits before its first load), 2 on with the first weight batch loaded
-// before the wait.
+// set_skinny_pdl: 0 off, 1 on (the dense GEMM waits before its first load, but for a settled weight's first batch),
+// 2 on with the first weight batch loaded before the wait, settled or not.
 std::atomic<int> g_pdl{1};
 
 template <int MB>
@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 
   int4 wa[8], wb[8], sa, sb;  // two batches of weight chunks and scales: one computing, one in flight
   if constexpr (MODE == kDense) {
-    // Mode 2 only: the first weight batch before the wait (see the header); scales, which a dtype cast may have just
-    // written (CudaBackend's _cast), after it.
+    // A settled weight (or mode 2): the first weight batch before the wait (see the header); scales, which a dtype
+    // cast may have just written (CudaBackend's _cast), after it.
     if (weights_before_wait && wk < nbatch) load_weights(wk, wa);
     pdl_wait();  // x, scales, out, partials and tickets: after the previous kernel
     if (wk < nbatch) {  // in flight while x is staged
@@ -461,23 +461,27 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
                                        k / kBK, moe);
 }
 
-// Default tile width, in 64-feature warps. M <= 8: the widest of 256, 128 and 64 whose auto split is at most
-// kMaxAutoSplits with at least two batches per split, else 64 (its split then capped at kMaxAutoSplits). H200, M = 1 / 4 / 8
-// (benchmarks/NOTES.md, ninth session; second session for q/o_proj):
+// Default tile width, in 64-feature warps. M <= 8: the widest of 256, 128 and 64 whose auto split is 1, or at most
+// kMaxAutoSplits with twice as many batches as splits, and whose tiles have a ticket each if they split; else 64
+// (its split then capped at kMaxAutoSplits) if its tickets suffice, else the widest. The auto split grows with the SM
+// count; on the H200's 132 SMs, at M = 1 / 4 / 8 (benchmarks/NOTES.md, ninth session; second session for q/o_proj):
 //   q_proj, o_proj: 256 (5 and 12 splits; M = 1: q_proj 14.7 us vs 17.0 at 128, o_proj 15.3 vs 15.7);
 //   shared expert gate_up 3072 x 5120: 128 (10 splits) 7.3 / 7.6 / 7.9 us, against 7.3 / 7.8 / 9.2 at 256 (20);
 //   expert down 5120 x 1536: 128 (6) 5.5 / 5.8 / 5.9, against 5.7 / 6.1 / 7.5 at 256 (12, one batch each);
 //   kv_proj 1024 x 5120: 64 (10) 5.5 / 5.7 / 5.9, against 6.2 / 6.9 / 9.5 at 256 (40).
 // Two token blocks: 128 (twice the accumulators: one CTA per SM).
-int skinny_default_wn(int m, int n, int k, int device) {
+int skinny_default_wn(int m, int n, int k, int64_t tickets, int device) {
   if (m > 8) return n % 128 == 0 ? 2 : 1;
   const int batches = k / kBK;
+  // Split-K takes a ticket per tile (direct op callers may pass fewer than N / 64).
+  auto has_tickets = [&](int w, int s) { return s == 1 || n / (64 * w) <= tickets; };
   for (int w = 4; w > 1; w /= 2) {
     if (n % (64 * w)) continue;
     const int s = skinny_splits<1>(n / (64 * w), batches, device, 0, 0);
-    if (s <= kMaxAutoSplits && batches >= 2 * s) return w;
+    if ((s == 1 || (s <= kMaxAutoSplits && batches >= 2 * s)) && has_tickets(w, s)) return w;
   }
-  return 1;
+  if (has_tickets(1, skinny_splits<1>(n / 64, batches, device, 0, kMaxAutoSplits))) return 1;
+  return n % 256 == 0 ? 4 : n % 128 == 0 ? 2 : 1;  // the fewest tiles
 }
 
 }  // namespace
@@ -490,12 +494,11 @@ bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;
   // K beyond one CTA's x rows needs split-K, and split-K a ticket per N tile (direct op callers may pass fewer).
   const int kc_max = a.m <= 8 ? Skinny<1>::KC_MAX : Skinny<2>::KC_MAX;
-  const int wn_used = block_n ? block_n / 64 : skinny_default_wn(a.m, a.n, a.k, a.x.get_device());
-  if (a.k > kc_max && a.n / (64 * wn_used) > a.tickets.numel()) return false;
+  const int wn = block_n ? block_n / 64 : skinny_default_wn(a.m, a.n, a.k, a.tickets.numel(), a.x.get_device());
+  if (a.k > kc_max && a.n / (64 * wn) > a.tickets.numel()) return false;
   if (a.m <= 8) return true;
   // Two token blocks run one CTA per SM: take them only while the grid (auto split) is a single wave; q_proj and
   // o_proj at M = 16 would need two, where the tile kernel measured faster (H200, benchmarks/NOTES.md).
-  const int wn = wn_used;
   const int64_t min_splits = (static_cast<int64_t>(a.k) + Skinny<2>::KC_MAX - 1) / Skinny<2>::KC_MAX;
   return a.n / (64 * wn) * min_splits <= sm_count(a.x.get_device());
 }
@@ -510,7 +513,7 @@ int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
   if (a.m > 16) return cudaErrorInvalidValue;
   int wn = block_n / 64;
   const bool auto_wn = wn == 0;
-  if (auto_wn) wn = skinny_default_wn(a.m, a.n, a.k, a.x.get_device());
+  if (auto_wn) wn = skinny_default_wn(a.m, a.n, a.k, a.tickets.numel(), a.x.get_device());
   if (wn != 1 && wn != 2 && wn != 4) return cudaErrorInvalidValue;
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
   if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn, auto_wn) : dense_skinny<__half, 1>(a, wn, auto_wn);

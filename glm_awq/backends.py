@@ -106,7 +106,9 @@ class CudaBackend:
     """glm_awq._C: Marlin-style CUDA C++ kernels (csrc/).
 
     Linear: weights repacked once on the GPU (glm_awq::repack_int4, scales by quant.repack_scales_for_cuda);
-    needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0, else prepare_linear raises ValueError. Below
+    needs N % 64 == 0, K % 128 == 0 and group_size % 128 == 0, else prepare_linear raises ValueError. The repacked
+    weight is settled (prepare_linear synchronizes after writing it, and nothing writes it after), so the skinny
+    GEMM may load it before the previous kernel on the stream has finished (w4a16_gemm's weight_settled). Below
     DENSE_FROM_M rows (DENSE_SMALL_FROM_M on small layers; `goes_dense`) the fused GEMM runs; from there the
     weight is dequantized (from the same layout, bit for bit the same weights, rounded once to the activation
     dtype) and a dense bf16/fp16 matmul runs.

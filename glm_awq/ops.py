@@ -23,7 +23,9 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 @dataclass(eq=False)
 class PreparedLinear:
-    """A W4A16 linear in one backend's layout. `tensors` belong to the backend (torch keeps the checkpoint's)."""
+    """A W4A16 linear in one backend's layout. `tensors` belong to the backend (torch keeps the checkpoint's) and are
+    read-only once prepared: the cuda backend's GEMM may read its weight before the kernel queued just ahead of it
+    has finished (CudaBackend.prepare_linear), so prepare a new linear rather than write into one."""
 
     backend: str
     out_features: int  # N
@@ -88,6 +90,10 @@ def _check_packed(prefix: str, packed, scale, group_size: int, ndim: int) -> tup
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 16:
         raise ValueError(f"group_size={group_size!r} must be a positive multiple of 16 (GLM-4.6-AWQ uses 128)")
     k = packed.shape[-1] * 8
+    if k == 0:
+        raise ValueError(
+            f"{prefix}weight_packed {tuple(packed.shape)} has K=0 input features; a layer needs at least one group"
+        )
     if k % group_size:
         raise ValueError(
             f"{prefix}K={k} (weight_packed {tuple(packed.shape)}) is not a multiple of group_size={group_size}; "

@@ -141,8 +141,9 @@ def _pdl_skinny() -> bool:
 
 # Programmatic dependent launch: a dense skinny GEMM may start while the kernel before it still runs, and waits before
 # its first load. A chain where each GEMM reads the previous one's output checks that wait, with the outputs' buffers
-# poisoned first: eager, and CUDA-graph replays with new inputs; in every mode (off, on, on with the first weights
-# before the wait), with the same bits in all three. The square layer runs twice in a row, so one GEMM's split-K
+# poisoned first: eager, and CUDA-graph replays with new inputs; in every mode (off; on; on with the weights settled,
+# as prepare_linear's are, so that their first batch loads before the wait; on with the first weights before the wait
+# unconditionally), with the same bits in all four. The square layer runs twice in a row, so one GEMM's split-K
 # tickets are reused by the next one while it may already be starting. M = 1 and 4: one 8-token block, split-K;
 # M = 13: two blocks (one wave on these shapes); splits = 1: no split-K, direct stores; fp16 with a bias.
 @pytest.mark.parametrize("m, splits, dtype", [(1, 0, torch.bfloat16), (4, 0, torch.bfloat16), (13, 0, torch.bfloat16),
@@ -198,6 +199,22 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
     assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
+def test_prepare_linear_settles_the_weight(monkeypatch):
+    """linear promises the skinny GEMM a settled weight (it reads the first batch before the previous kernel ends):
+    prepare_linear must synchronize the weight's stream after the repack (CudaBackend.prepare_linear)."""
+    packed, scale = _weight(256, 512, seed=9)
+    synced = []
+    original = torch.cuda.Stream.synchronize
+
+    def sync(stream):
+        synced.append(stream.device)
+        return original(stream)
+
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", sync)
+    glm_awq.prepare_linear(packed, scale, backend="cuda")
+    assert packed.device in synced, f"prepare_linear synchronized {synced}, not {packed.device}"
+
+
 def test_opcheck_compile_and_cuda_graph():
     packed, scale = _weight(1024, 5120, seed=3)
     bias = torch.randn(1024, device="cuda").to(torch.bfloat16)
@@ -206,8 +223,9 @@ def test_opcheck_compile_and_cuda_graph():
     t = p.tensors
     for splits in (1, 3, 0):
         args = (x, t["weight"], t["scale.bfloat16"], t["bias.bfloat16"], t["tickets"], 128, 0, splits)
-        torch.library.opcheck(torch.ops.glm_awq.w4a16_gemm.default, args)
-        torch.library.opcheck(torch.ops.glm_awq.w4a16_gemm.default, (*args, 0, True))
+        torch.library.opcheck(torch.ops.glm_awq.w4a16_gemm.default, args)  # clones its inputs: not settled
+        settled = torch.ops.glm_awq.w4a16_gemm(*args, 0, True)  # prepare_linear synchronized after the repack
+        assert torch.equal(settled, torch.ops.glm_awq.w4a16_gemm(*args)), f"splits={splits}: settled changed bits"
     ref = w4a16_linear_ref(x.float(), packed, scale, bias.float())
     compiled = torch.compile(lambda v: glm_awq.w4a16_linear(v, p), fullgraph=True)
     assert rel_err(compiled(x), ref) < 1e-2

@@ -54,6 +54,7 @@ def test_linear_weight_validation(linear):
         (dict(weight_scale=scale[:, :1]), ValueError, r"weight_scale has shape \(16, 1\).*must be \(16, 2\)"),
         (dict(weight_packed=packed[:, :20], weight_scale=scale), ValueError, "K=160 .* not a multiple of group_size=128"),
         (dict(group_size=100), ValueError, "group_size=100"),
+        (dict(weight_packed=packed[:, :0], weight_scale=scale[:, :0]), ValueError, r"\(16, 0\) has K=0 input features"),
         (dict(bias=torch.zeros(15)), ValueError, "bias has 15 elements; the layer has N=16"),
         (dict(bias=torch.zeros(16, dtype=torch.int32)), TypeError, "bias has dtype torch.int32"),
         (dict(weight_zero_point=torch.zeros(16, 2)), ValueError, "asymmetric int4 is not supported"),
