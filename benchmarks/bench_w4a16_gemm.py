@@ -117,7 +117,7 @@ def main() -> int:
                     continue
                 cfg.update({kk: int(v) for kk, v in (o.split("=") for o in overrides.split(","))})
                 fns = [lambda t=p.tensors: w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, 128, cfg,
-                                                                  tickets=t["tickets"], weight_settled=True)
+                                                                  tickets=t["tickets"])
                        for p in prepared["triton"]]  # fmt: skip
                 t = common.graph_time_us(_rotating(fns), calls=len(fns))
                 row[f"triton:{name}"] = {"us": t, "GBps": nbytes / t / 1e3, "pct_floor": 100 * floor / t,

@@ -11,16 +11,6 @@ from glm_awq import _ext, env, reference
 NAMES = ("cuda", "triton", "torch")
 
 
-def _settle(weight) -> None:
-    """Make a freshly prepared weight settled: once the stream that wrote it has finished, no queued or running
-    work writes it, so `linear` may tell a GEMM to read it before the previous kernel on the stream finishes
-    (weight_settled, under programmatic dependent launch). A one-time wait per layer, at load."""
-    import torch
-
-    if weight.is_cuda:
-        torch.cuda.current_stream(weight.device).synchronize()
-
-
 class UnsupportedShape(ValueError):
     """A backend's kernels do not tile this layer's shape. Explicit backend: the error reaches the user, with
     the numbers; backend='auto': the next backend in line prepares the layer instead."""
@@ -76,17 +66,13 @@ class TritonBackend:
         if problem is not None:
             raise UnsupportedShape(f"{problem}: use backend='torch' for this layer")
         p.tensors = w4a16_gemm.prepare(p.tensors["weight_packed"], p.tensors["weight_scale"])
-        _settle(p.tensors["weight"])
         return p
 
     def linear(self, x, p):
         from glm_awq.kernels import w4a16_gemm
 
         t = p.tensors
-        return w4a16_gemm.w4a16_gemm(
-            x, t["weight"], t["scale"], p.bias, p.group_size, tickets=t["tickets"],
-            weight_settled=True,  # prepare_linear synchronized after writing them
-        )  # fmt: skip
+        return w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], p.bias, p.group_size, tickets=t["tickets"])
 
     def prepare_experts(self, p):
         from glm_awq.kernels import w4a16_gemm
@@ -192,7 +178,10 @@ class CudaBackend:
         self._cast(p, "scale", torch.bfloat16)
         if p.bias is not None:
             self._cast_bias(p, torch.bfloat16)
-        _settle(weight)
+        # The repacked weight is now settled: once this stream has finished the repack, no queued or running work
+        # writes it, so `linear` may tell the skinny GEMM to read it before the previous kernel finishes
+        # (weight_settled; a one-time wait per layer at load).
+        torch.cuda.current_stream(weight.device).synchronize()
         return p
 
     @staticmethod

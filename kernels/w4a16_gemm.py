@@ -190,21 +190,6 @@ def _gemv_x(x_ptrs, j: tl.constexpr):
 
 
 @triton.jit
-def _gemv_block(acc, words, scale, x0, x1, x2, x3, x4, x5, x6, x7):
-    """acc [16, BN] += one 128-row block: the 16 words' 8 nibbles times x, scaled by the block's group scale."""
-    high = words >> 16
-    part = _gemv_magic(words, 0) * x0
-    part += _gemv_magic(words, 1) * x1
-    part += _gemv_magic(words, 2) * x2
-    part += _gemv_magic(words, 3) * x3
-    part += _gemv_magic(high, 4) * x4
-    part += _gemv_magic(high, 5) * x5
-    part += _gemv_magic(high, 6) * x6
-    part += _gemv_magic(high, 7) * x7
-    return acc + part * scale.to(tl.float32)[None, :]
-
-
-@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,  # [K] activations: one row
     w_ptr,  # int32 [K/8, N], the block-interleaved layout
@@ -219,9 +204,6 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    STAGES: tl.constexpr = 1,  # > 1: the word and scale loads go through Triton's cp.async pipeline, STAGES - 1 ahead
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (sm_90+, STAGES > 1)
-    SETTLED: tl.constexpr = False,  # under PDL: weight and scale are settled, block 0 may be read before the wait
 ):
     """One row of x on CUDA cores: no padding of x to 16 tensor-core rows; each int4 weight costs three ALU
     instructions (_gemv_magic). Everything stays in the layout of the [16, BN] word tile (16-byte loads along
@@ -240,58 +222,31 @@ def _w4a16_gemv_kernel(
     x_ptrs = x_ptr + b0 * 128 + offs_w
     s_ptrs = s_ptr + offs_n
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    if STAGES > 1:
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch now; it waits for this one's end
-            if not SETTLED:
-                tl.extra.cuda.gdc_wait()  # everything this reads or writes may belong to the kernels before it
-        words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
-        scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
-        if PDL and SETTLED:
-            tl.extra.cuda.gdc_wait()  # x (and the buffers this writes) belong to the kernels before this one
-        x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
-        x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
-        xn = x_ptrs + tl.where(blocks > 1, 128, 0)
+    words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+    scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
+    x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
+    x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
+    for i in range(blocks):
+        ahead = tl.where(i + 1 < blocks, 1, 0)  # the last block re-reads itself: stays in bounds
+        words_next = tl.load(w_ptrs + ahead * 16 * N, mask=mask_n[None, :], other=0)
+        scale_next = tl.load(s_ptrs + ((b0 + i + ahead) * 128 // GROUP) * N, mask=mask_n, other=0.0)
+        xn = x_ptrs + ahead * 128
         n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
         n4, n5, n6, n7 = _gemv_x(xn, 4), _gemv_x(xn, 5), _gemv_x(xn, 6), _gemv_x(xn, 7)
-        acc = _gemv_block(acc, words, scale, x0, x1, x2, x3, x4, x5, x6, x7)
+        high = words >> 16
+        part = _gemv_magic(words, 0) * x0
+        part += _gemv_magic(words, 1) * x1
+        part += _gemv_magic(words, 2) * x2
+        part += _gemv_magic(words, 3) * x3
+        part += _gemv_magic(high, 4) * x4
+        part += _gemv_magic(high, 5) * x5
+        part += _gemv_magic(high, 6) * x6
+        part += _gemv_magic(high, 7) * x7
+        acc += part * scale.to(tl.float32)[None, :]
+        words, scale = words_next, scale_next
         x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
-        for i in tl.range(1, blocks, num_stages=STAGES):
-            # block i's words and scale come through the cp.async pipeline (used in this iteration, or the
-            # pipeliner leaves them alone); x is a register buffer one block ahead (2-byte loads: no cp.async)
-            words = tl.load(w_ptrs + i * 16 * N, mask=mask_n[None, :], other=0)
-            scale = tl.load(s_ptrs + ((b0 + i) * 128 // GROUP) * N, mask=mask_n, other=0.0)
-            xn = x_ptrs + tl.where(i + 1 < blocks, i + 1, i) * 128
-            n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
-            n4, n5, n6, n7 = _gemv_x(xn, 4), _gemv_x(xn, 5), _gemv_x(xn, 6), _gemv_x(xn, 7)
-            acc = _gemv_block(acc, words, scale, x0, x1, x2, x3, x4, x5, x6, x7)
-            x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
-    else:
-        words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
-        scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
-        x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
-        x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
-        for i in range(blocks):
-            ahead = tl.where(i + 1 < blocks, 1, 0)  # the last block re-reads itself: stays in bounds
-            words_next = tl.load(w_ptrs + ahead * 16 * N, mask=mask_n[None, :], other=0)
-            scale_next = tl.load(s_ptrs + ((b0 + i + ahead) * 128 // GROUP) * N, mask=mask_n, other=0.0)
-            xn = x_ptrs + ahead * 128
-            n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
-            n4, n5, n6, n7 = _gemv_x(xn, 4), _gemv_x(xn, 5), _gemv_x(xn, 6), _gemv_x(xn, 7)
-            high = words >> 16
-            part = _gemv_magic(words, 0) * x0
-            part += _gemv_magic(words, 1) * x1
-            part += _gemv_magic(words, 2) * x2
-            part += _gemv_magic(words, 3) * x3
-            part += _gemv_magic(high, 4) * x4
-            part += _gemv_magic(high, 5) * x5
-            part += _gemv_magic(high, 6) * x6
-            part += _gemv_magic(high, 7) * x7
-            acc += part * scale.to(tl.float32)[None, :]
-            words, scale = words_next, scale_next
-            x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
-            w_ptrs += 16 * N
-            x_ptrs += 128
+        w_ptrs += 16 * N
+        x_ptrs += 128
     y = tl.sum(acc, axis=0)  # [BN]
 
     if SPLIT_K > 1:
@@ -497,15 +452,11 @@ def w4a16_gemm(
     group_size: int = 128,
     config: dict | None = None,
     tickets: torch.Tensor | None = None,
-    weight_settled: bool = False,
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16) @ W^T with W prepared by `prepare` -> [..., N] in x's dtype.
 
     tickets: `prepare`'s int32 zeros, which the GEMV kernel's split-K uses (and leaves zero); without them a
-    call allocates its own. Two calls must not share tickets concurrently (on two streams).
-    weight_settled: a promise that no queued or running work writes weight or scale (the caller synchronized
-    after preparing them); under programmatic dependent launch the GEMV then reads them before the previous
-    kernel on the stream has finished."""
+    call allocates its own. Two calls must not share tickets concurrently (on two streams)."""
     _check_activation(x)
     check_group(group_size)
     k, n = weight.shape[0] * 8, weight.shape[1]
@@ -525,7 +476,7 @@ def w4a16_gemm(
             out += bias
         return out.reshape(*x.shape[:-1], n)
     if cfg.pop("GEMV", False):
-        return _gemv(x2, weight, scale, bias, group_size, cfg, tickets, weight_settled).reshape(*x.shape[:-1], n)
+        return _gemv(x2, weight, scale, bias, group_size, cfg, tickets).reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg.setdefault("OFFSET_BY_DOT", True)
     cfg.setdefault("SWAP_AB", False)
@@ -554,21 +505,7 @@ def w4a16_gemm(
     return out.reshape(*x.shape[:-1], n)
 
 
-_PDL_CAPABLE: dict[int, bool] = {}
-
-
-def _pdl_capable(device: torch.device) -> bool:
-    """Programmatic dependent launch needs sm_90+ (and a GPU: the interpreter has no launch attributes)."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capable = _PDL_CAPABLE.get(index)
-    if capable is None:
-        capable = _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9 and torch.version.hip is None
-    return capable
-
-
-def _gemv(x2, weight, scale, bias, group_size, cfg, tickets, weight_settled):
+def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     m, k = x2.shape
     n = weight.shape[1]
     if m != 1 or group_size % KBLOCK:
@@ -593,14 +530,9 @@ def _gemv(x2, weight, scale, bias, group_size, cfg, tickets, weight_settled):
                 "prepare()'s tickets or None"
             )
     has_bias = bias is not None
-    stages = cfg.get("STAGES", 1)
-    # PDL (sm_90+): launched while the previous kernel drains; a settled weight's first block is read before the
-    # wait. Not under torch.compile, whose Triton wrapper takes no launch_pdl.
-    pdl = bool(cfg.get("PDL", 0)) and stages > 1 and _pdl_capable(x2.device) and not torch.compiler.is_compiling()
-    launch = {"launch_pdl": True} if pdl else {}
     _w4a16_gemv_kernel[(n_tiles, split_k)](
         x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,
-        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, STAGES=stages, PDL=pdl,
-        SETTLED=weight_settled, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
+        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

@@ -199,6 +199,22 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
     assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
+def test_prepare_linear_settles_the_weight(monkeypatch):
+    """linear promises the skinny GEMM a settled weight (it reads the first batch before the previous kernel ends):
+    prepare_linear must synchronize the weight's stream after the repack (CudaBackend.prepare_linear)."""
+    packed, scale = _weight(256, 512, seed=9)
+    synced = []
+    original = torch.cuda.Stream.synchronize
+
+    def sync(stream):
+        synced.append(stream.device)
+        return original(stream)
+
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", sync)
+    glm_awq.prepare_linear(packed, scale, backend="cuda")
+    assert packed.device in synced, f"prepare_linear synchronized {synced}, not {packed.device}"
+
+
 def test_opcheck_compile_and_cuda_graph():
     packed, scale = _weight(1024, 5120, seed=3)
     bias = torch.randn(1024, device="cuda").to(torch.bfloat16)

@@ -133,12 +133,9 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_b
 
 
 # The CUDA-core GEMV path (one row of x): N = 40 leaves a ragged BLOCK_N = 32 tile; K = 1152 is 9 blocks, split 3
-# or 9 ways (the last split's program sums the partials through the tickets; at 9 each split is one block, which
-# the pipelined loop peels); group 384 spans three blocks. STAGES 1: the register double buffer; 3: Triton's
-# cp.async pipeline; PDL (GPU, sm_90+): launched early, a settled weight's first block read before the wait.
-@pytest.mark.parametrize("stages, pdl", [(1, 0), (3, 0), (3, 1)])
+# or 9 ways (the last split's program sums the partials through the tickets); group 384 spans three blocks.
 @pytest.mark.parametrize("group_size, split_k", [(128, 1), (128, 3), (384, 9), (128, 9)])
-def test_triton_gemv_split_k_matches_reference_and_repeats_bits(group_size, split_k, stages, pdl):
+def test_triton_gemv_split_k_matches_reference_and_repeats_bits(group_size, split_k):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
@@ -148,11 +145,9 @@ def test_triton_gemv_split_k_matches_reference_and_repeats_bits(group_size, spli
     x = torch.randn(1, 1152, generator=gen).to(DTYPES[-1])
     bias = (torch.randn(40, generator=gen) * 0.1).to(DTYPES[-1])
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
-    if ON_GPU:
-        torch.cuda.synchronize()  # settled: nothing queued writes the weight
-    cfg = dict(GEMV=True, BLOCK_M=1, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=1, STAGES=stages, PDL=pdl)
+    cfg = dict(GEMV=True, BLOCK_M=1, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run = functools.partial(w4a16_gemm.w4a16_gemm, x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE),
-                            group_size, config=cfg, tickets=t["tickets"], weight_settled=bool(pdl))  # fmt: skip
+                            group_size, config=cfg, tickets=t["tickets"])  # fmt: skip
     poison_allocator(DEVICE)
     out = run()
     assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, bias.float(), group_size)) < 1e-2
@@ -170,25 +165,6 @@ def test_triton_gemv_split_k_matches_reference_and_repeats_bits(group_size, spli
     with pytest.raises(ValueError, match="takes one row of x"):
         w4a16_gemm.w4a16_gemm(torch.randn(2, 1152).to(DTYPES[-1]).to(DEVICE), t["weight"], t["scale"], None,
                               group_size, config=cfg)  # fmt: skip
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_prepare_linear_settles_the_weight(backend, monkeypatch):
-    """linear promises its GEMM a settled weight (under PDL the GEMM reads it before the previous kernel ends):
-    prepare_linear must synchronize the weight's stream after writing the prepared layout (backends._settle)."""
-    gen = torch.Generator().manual_seed(9)
-    packed, scale = (t.cuda() for t in random_int4_weight(256, 512, gen=gen))
-    synced = []
-    original = torch.cuda.Stream.synchronize
-
-    def sync(stream):
-        synced.append(stream.device)
-        return original(stream)
-
-    monkeypatch.setattr(torch.cuda.Stream, "synchronize", sync)
-    glm_awq.prepare_linear(packed, scale, backend=backend)
-    assert packed.device in synced, f"prepare_linear synchronized {synced}, not {packed.device}"
 
 
 def test_triton_layout_twin_and_limits():
