@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build glm_awq._C, run the GPU tests, run the benchmarks, print a short table last.
 # Results (JSON + PNG, the card's name in each) and the full log go to $OUT (default ./out).
-#   STAGES=build,test,tune,gemm,moe,attention,decode,profile (default: all but tune and profile)
-#   GEMM_ARGS / MOE_ARGS / TEST_ARGS / TUNE_ARGS
+#   STAGES=build,test,tune,gemm,dense,moe,attention,decode,profile (default: all but tune and profile)
+#   GEMM_ARGS / DENSE_ARGS / MOE_ARGS / TEST_ARGS / TUNE_ARGS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -10,7 +10,7 @@ OUT=${OUT:-out}
 export OUT
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
-STAGES=${STAGES:-build,test,gemm,moe,attention,decode}
+STAGES=${STAGES:-build,test,gemm,dense,moe,attention,decode}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 status=0
 
@@ -33,6 +33,8 @@ fi
 has tune && { python benchmarks/tune_triton.py ${TUNE_ARGS:-} 2>&1 | tee -a "$LOG" | tail -30 || status=1; }
 # shellcheck disable=SC2086
 has gemm && { python benchmarks/bench_w4a16_gemm.py ${GEMM_ARGS:-} 2>&1 | tee -a "$LOG" | tail -60 || status=1; }
+# shellcheck disable=SC2086
+has dense && { python benchmarks/bench_dense.py ${DENSE_ARGS:-} 2>&1 | tee -a "$LOG" | tail -50 || status=1; }
 # shellcheck disable=SC2086
 has moe && { python benchmarks/bench_moe.py ${MOE_ARGS:-} 2>&1 | tee -a "$LOG" | tail -16 || status=1; }
 has attention && { python benchmarks/bench_attention.py 2>&1 | tee -a "$LOG" | tail -6 || status=1; }

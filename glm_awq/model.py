@@ -29,6 +29,8 @@ class Linear(nn.Module):
     """y = x @ W^T (+ b), W either a float `weight` [N, K] or an int4 `prepared` (ops.PreparedLinear).
 
     Built with a float `weight`; the loader calls `set_prepared` when the checkpoint stores `weight_packed`.
+    `fused` (GlmForCausalLM.use_fused_kernels) runs a float weight at decode sizes on the Triton skinny kernel
+    (glm_awq.kernels.dense), with split-K `tickets` kept here.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
@@ -37,6 +39,8 @@ class Linear(nn.Module):
         self.weight = _empty(out_features, in_features, dtype=dtype)
         self.bias = _empty(out_features, dtype=dtype) if bias else None
         self.prepared: ops.PreparedLinear | None = None
+        self.fused = False
+        self.tickets: torch.Tensor | None = None
 
     def set_prepared(self, prepared: ops.PreparedLinear) -> None:
         """Switch to the int4 path; the bias now lives in `prepared`."""
@@ -47,7 +51,14 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepared is not None:
             return ops.w4a16_linear(x, self.prepared)
+        if self.fused and (dense := _dense_kernels()).takes(x, self.weight):
+            return dense.linear(x, self.weight, self.bias, self.tickets)
         return F.linear(x, self.weight, self.bias)
+
+    def set_fused(self, enabled: bool) -> None:
+        self.fused = enabled and self.weight is not None and _dense_kernels().runs_on(self.weight.device)
+        if self.fused and self.tickets is None:
+            self.tickets = _dense_kernels().tickets_for(self.out_features, self.weight.device)
 
     def extra_repr(self) -> str:
         kind = f"int4 {self.prepared.backend}" if self.prepared is not None else "float"
@@ -113,6 +124,13 @@ def _norm_kernels():
     from glm_awq.kernels import norm
 
     return norm
+
+
+def _dense_kernels():
+    """glm_awq.kernels.dense, imported on first use, like _norm_kernels."""
+    from glm_awq.kernels import dense
+
+    return dense
 
 
 def _attention_kernels():
@@ -227,10 +245,40 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, False, dtype)
         self.down_proj = Linear(intermediate, hidden, False, dtype)
         self.gate_up_proj: MergedLinear | None = None
+        # float gate and up under use_fused_kernels: one [2 I, H] tensor whose halves are their weights (views),
+        # for the skinny kernel's fused SiLU(gate) * up (glm_awq.kernels.dense.swiglu)
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_tickets: torch.Tensor | None = None
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x)
+        elif self.gate_up_weight is not None and (dense := _dense_kernels()).takes(x, self.gate_up_weight):
+            return self.down_proj(dense.swiglu(x, self.gate_up_weight, self.gate_up_tickets))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
+
+    def set_fused(self, enabled: bool) -> None:
+        """Merge float gate/up weights once (the halves become views: no extra memory), or stop using them."""
+        if not enabled or self.gate_up_proj is not None:
+            self.gate_up_weight = None
+            return
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        if gate is None or up is None or not _dense_kernels().runs_on(gate.device):  # int4 (not merged), or no
+            return  # Triton here
+        rows, k = gate.shape
+        end = gate.data_ptr() + gate.numel() * gate.element_size()
+        same_storage = up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()
+        if gate.is_contiguous() and up.is_contiguous() and up.data_ptr() == end and same_storage:
+            merged = gate.detach().as_strided((2 * rows, k), (k, 1))  # merged before: the storage they share
+        else:
+            merged = torch.cat([gate.detach(), up.detach()])
+            self.gate_proj.weight = nn.Parameter(merged[:rows], requires_grad=False)
+            self.up_proj.weight = nn.Parameter(merged[rows:], requires_grad=False)
+        self.gate_up_weight = merged
+        if self.gate_up_tickets is None:
+            self.gate_up_tickets = _dense_kernels().tickets_for(gate.shape[0], gate.device)
 
 
 class Router(nn.Module):
@@ -240,6 +288,20 @@ class Router(nn.Module):
         super().__init__()
         self.weight = _empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32)
         self.e_score_correction_bias = _empty(config.n_routed_experts, dtype=torch.float32)
+        self.fused = False
+        self.tickets: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The routing logits, fp32 [T, E] (fp32 math: the top-k choice is sensitive to rounding)."""
+        xf = x.float()
+        if self.fused and (dense := _dense_kernels()).takes(xf, self.weight):
+            return dense.linear(xf, self.weight, None, self.tickets)
+        return F.linear(xf, self.weight)
+
+    def set_fused(self, enabled: bool) -> None:
+        self.fused = enabled and _dense_kernels().runs_on(self.weight.device)
+        if self.fused and self.tickets is None:
+            self.tickets = _dense_kernels().tickets_for(self.weight.shape[0], self.weight.device)
 
 
 class Experts(nn.Module):
@@ -269,7 +331,7 @@ class MoE(nn.Module):
     def forward(self, x):
         c = self.config
         xt = x.reshape(-1, x.shape[-1])  # [T, H]
-        logits = F.linear(xt.float(), self.gate.weight)  # [T, E] fp32
+        logits = self.gate(xt)  # [T, E] fp32
         ids, weights = ops.route(
             logits, self.gate.e_score_correction_bias, c.num_experts_per_tok, c.routed_scaling_factor,
             c.n_group, c.topk_group, renormalize=c.norm_topk_prob, backend=self.experts.prepared.backend,
@@ -368,6 +430,8 @@ class GlmForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention)):
                 m.fused = enabled
+            elif isinstance(m, (Linear, MLP, Router)):
+                m.set_fused(enabled)
         self._decoders.clear()  # captured graphs hold the old kernels
 
     def backends(self) -> list[str]:

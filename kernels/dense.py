@@ -1,0 +1,246 @@
+"""Float (unquantized) linears at decode sizes, in Triton: y = x @ W^T (+ bias), and the SwiGLU pair
+silu(x @ W_gate^T) * (x @ W_up^T) from one merged weight [W_gate; W_up].
+
+GLM-4.6-AWQ keeps these in bf16 (DESIGN.md §3): the shared expert of every MoE layer, the MLP of layers 0-2
+and the router (fp32). At one token cuBLAS runs them at 1.2-2.4 TB/s (H200 profile, ninth session: the shared
+expert took ~42 us in six launches where its 47 MB stream in 11 us), so this kernel takes rows M <= MAX_M:
+
+    grid (N tiles, K splits); program (n, s) streams W[n tile, K split] through Triton's cp.async pipeline and
+    multiplies it on tensor cores with x padded to 16 rows (SWAP: the weight tile is the dot's A operand, x^T
+    its B); the splits' fp32 partials are summed by the last program of each N tile to arrive (a ticket), in
+    split order (deterministic, one launch), which also applies the bias or SiLU(gate) * up and casts.
+
+fp32 operands (the router) multiply in IEEE fp32, not TF32. Legend: M rows of x, N output features, K input
+features, I = N of each half of a merged gate/up weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glm_awq import env
+
+_INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
+
+MAX_M = 16  # the most rows of x the kernel takes (x is padded to 16 rows for the tensor cores)
+FASTER_UP_TO_M = 8  # where `takes` sends the model's calls: up to here the kernel beats cuBLAS (bench_dense.py)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _dense_skinny_kernel(
+    x_ptr,  # [M, K], unit column stride, row stride stride_xm
+    w_ptr,  # [N_W, K] contiguous: N_W = N, or 2 I for GATE_UP (gate rows, then up rows)
+    bias_ptr,  # [N] or a dummy
+    out_ptr,  # [M, N] contiguous (N = I for GATE_UP), x's dtype
+    part_ptr,  # fp32 [SPLIT_K, 2 if GATE_UP else 1, M, N] partials when SPLIT_K > 1 (else a dummy)
+    ticket_ptr,  # int32 [N tiles] zeros when SPLIT_K > 1; left at zero
+    M,
+    N,
+    K,
+    stride_xm,
+    K_SPLIT,  # K per split, a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
+    GATE_UP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SWAP: tl.constexpr,  # the weight tile as the dot's A operand ([BN, BK] @ x^T [BK, BM]): wgmma on Hopper
+):
+    PRECISION: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32"  # tf32: unused for 16-bit
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k0 = pid_k * K_SPLIT
+    k_end = tl.minimum(k0 + K_SPLIT, K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]  # [BN, BK]
+    up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * K + offs_k[None, :]  # GATE_UP: each gate row's up row
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)
+    for k in tl.range(k0, k_end, BLOCK_K, num_stages=STAGES):
+        mask_k = (k + offs_k) < k_end
+        x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if GATE_UP:
+            u = tl.load(up_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if SWAP:
+                acc_up = tl.dot(u, tl.trans(x), acc_up, input_precision=PRECISION)
+            else:
+                acc_up = tl.dot(x, tl.trans(u), acc_up, input_precision=PRECISION)
+    if SWAP:  # back to [BM, BN]
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
+
+    tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN] offsets into an [M, N] array
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        halves: tl.constexpr = 2 if GATE_UP else 1
+        plane = M * N
+        tl.store(part_ptr + pid_k * halves * plane + tile, acc, mask=mask)
+        if GATE_UP:
+            tl.store(part_ptr + (pid_k * 2 + 1) * plane + tile, acc_up, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (acq_rel, gpu scope)
+        arrived = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last split of this N tile: sum them all, in split order
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptr + s * halves * plane + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                if GATE_UP:
+                    acc_up += tl.load(part_ptr + (s * 2 + 1) * plane + tile, mask=mask, other=0.0,
+                                      cache_modifier=".cg")  # fmt: skip
+            _epilogue(acc, acc_up, bias_ptr, out_ptr, tile, offs_n, mask, mask_n, GATE_UP, HAS_BIAS)
+            tl.atomic_xchg(ticket_ptr + pid_n, 0)  # ready for the next call (and CUDA graph replays)
+    else:
+        _epilogue(acc, acc_up, bias_ptr, out_ptr, tile, offs_n, mask, mask_n, GATE_UP, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, bias_ptr, out_ptr, tile, offs_n, mask, mask_n, GATE_UP: tl.constexpr,
+              HAS_BIAS: tl.constexpr):  # fmt: skip
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up in fp32, one rounding
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+_SM_COUNTS: dict[int, int] = {}  # plain dicts (not functools.cache): dynamo reads them without tracing the driver
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else 0
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = torch.cuda.get_device_properties(index).multi_processor_count if device.type == "cuda" else 8
+        _SM_COUNTS[index] = count
+    return count
+
+
+def default_config(m: int, n: int, k: int, gate_up: bool, device: torch.device) -> dict:
+    """Launch for one call: narrow N tiles, K split so that ~PROGRAMS_PER_SM programs run per SM."""
+    cfg = dict(BLOCK_N=64, BLOCK_K=128, STAGES=4, SWAP=1, PROGRAMS_PER_SM=4, num_warps=4)
+    return cfg
+
+
+def split_for(m: int, n: int, k: int, cfg: dict, device: torch.device) -> int:
+    """How many K splits: ~PROGRAMS_PER_SM programs per SM, each split at least two BLOCK_K steps, at most 16."""
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    steps = triton.cdiv(k, cfg["BLOCK_K"])
+    want = max(1, cfg.get("PROGRAMS_PER_SM", 4) * _sm_count(device) // tiles)
+    return max(1, min(want, steps // 2, 16))
+
+
+def tickets_for(n: int, device: torch.device, block_n_min: int = 16) -> torch.Tensor:
+    """Zeroed split-K tickets for a weight of n output features (any config with BLOCK_N >= block_n_min)."""
+    return torch.zeros(triton.cdiv(n, block_n_min), dtype=torch.int32, device=device)
+
+
+def runs_on(device: torch.device) -> bool:
+    """A GPU, or the CPU under TRITON_INTERPRET=1 (tests)."""
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRETER)
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the model should run x @ weight^T here rather than in torch: a decode-sized x (at most
+    FASTER_UP_TO_M rows) where the kernel runs, matching float dtypes and a contiguous [N, K] weight."""
+    k = x.shape[-1]
+    return (
+        runs_on(x.device) and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2 and k > 0
+        and weight.shape[1] == k and weight.is_contiguous() and x.numel() <= FASTER_UP_TO_M * k
+    )  # fmt: skip
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{what}: x must be bf16, fp16 or fp32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{what}: weight dtype {weight.dtype} differs from x's {x.dtype}; cast one of them")
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"{what}: weight must be a contiguous [N, K] matrix, got {tuple(weight.shape)} "
+                         f"with strides {weight.stride()}")  # fmt: skip
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{what}: x has K={x.shape[-1]} features but the weight {tuple(weight.shape)} expects "
+                         f"{weight.shape[1]}")  # fmt: skip
+    if weight.device != x.device:
+        raise ValueError(f"{what}: weight on {weight.device}, x on {x.device}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != x.device):
+        raise ValueError(f"{what}: bias must be [{weight.shape[0]}] on {x.device}, got {tuple(bias.shape)} on "
+                         f"{bias.device}")  # fmt: skip
+
+
+def _launch(x, weight, bias, n, gate_up, tickets, config):
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"the skinny kernel takes at most {MAX_M} rows of x, got M={m}: use torch for more")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    if k == 0:
+        raise ValueError("K = 0: an empty reduction has nothing to stream; use torch")
+    cfg = dict(config) if config is not None else default_config(m, n, k, gate_up, x.device)
+    split = cfg.pop("SPLIT_K", 0) or split_for(m, n, k, cfg, x.device)
+    cfg.pop("PROGRAMS_PER_SM", None)
+    block_k = cfg["BLOCK_K"]
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_split)  # every split non-empty
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    part = out
+    if split > 1:
+        part = torch.empty((split, 2 if gate_up else 1, m, n), dtype=torch.float32, device=x.device)
+        if tickets is None:
+            tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+        elif tickets.dtype != torch.int32 or tickets.device != x.device or tickets.numel() < tiles:
+            raise ValueError(
+                f"tickets must be int32 zeros on {x.device} with at least {tiles} entries (one per "
+                f"{cfg['BLOCK_N']}-feature tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}: "
+                "pass tickets_for(n, device) or None"
+            )
+    warps = cfg.pop("num_warps")
+    _dense_skinny_kernel[(tiles, split)](
+        x2, weight, bias if bias is not None else weight, out, part, tickets if split > 1 else out, m, n, k,
+        x2.stride(0), k_split, BLOCK_M=16, SPLIT_K=split, GATE_UP=gate_up, HAS_BIAS=bias is not None,
+        num_warps=warps, num_stages=1, **cfg,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           tickets: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """x [..., K] @ weight[N, K]^T (+ bias) for at most MAX_M rows of x, in x's dtype (bf16, fp16 or fp32).
+
+    tickets: int32 zeros (tickets_for) kept with the weight, which the split-K sum uses and leaves at zero;
+    without them a call allocates its own. Two calls must not share tickets concurrently (on two streams)."""
+    _check(x, weight, bias, "dense.linear")
+    return _launch(x, weight, bias, weight.shape[0], False, tickets, config)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, tickets: torch.Tensor | None = None,
+           config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """silu(x @ W_gate^T) * (x @ W_up^T) -> [..., I], for gate_up = [W_gate; W_up] of shape [2 I, K]."""
+    _check(x, gate_up, None, "dense.swiglu")
+    if gate_up.shape[0] % 2:
+        raise ValueError(f"dense.swiglu: gate_up must stack two [I, K] halves, got {gate_up.shape[0]} rows")
+    return _launch(x, gate_up, None, gate_up.shape[0] // 2, True, tickets, config)

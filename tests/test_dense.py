@@ -1,0 +1,135 @@
+"""The float skinny kernels (glm_awq.kernels.dense): linear and merged SwiGLU against fp32 torch, at odd shapes,
+every split, fp32 (the router) and the GLM-4.6 shapes on a GPU."""
+
+import functools
+
+import pytest
+import torch
+from helpers import device_and_dtypes, poison_allocator, rel_err
+
+from glm_awq import ops
+
+DEVICE, DTYPES = device_and_dtypes()
+ON_GPU = DEVICE == "cuda"
+if not ops.available_backends(DEVICE).get("triton") is None:
+    pytest.skip("triton unavailable here", allow_module_level=True)
+
+from glm_awq.kernels import dense  # noqa: E402
+
+
+def _data(m, n, k, dtype, seed, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    b = (torch.randn(n, generator=gen) * 0.1).to(dtype) if bias else None
+    return x, w, b
+
+
+def _ref_linear(x, w, b):
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+def _ref_swiglu(x, gate_up):
+    i = gate_up.shape[0] // 2
+    g, u = (x.double() @ gate_up.double().T).split(i, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def _bound(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+# M = 1, 3, 16 (the most rows); N = 40 and 130 leave ragged 64-feature tiles; K = 200 ends inside a 128-deep
+# step, K = 1152 is nine steps (split 1, 3, 9 or the automatic split).
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("m, n, k", [(1, 40, 1152), (3, 130, 200), (16, 64, 1152), (1, 130, 128)])
+@pytest.mark.parametrize("split", [1, 3, 9, 0])
+@pytest.mark.parametrize("swap", [0, 1])
+def test_linear_matches_fp32_and_repeats_bits(m, n, k, dtype, split, swap):
+    x, w, b = (t.to(DEVICE) if t is not None else None for t in _data(m, n, k, dtype, m + n + k, bias=m % 2 == 1))
+    tickets = dense.tickets_for(n, DEVICE)
+    cfg = dict(BLOCK_N=64, BLOCK_K=128, STAGES=3, SWAP=swap, SPLIT_K=split, num_warps=4)
+    run = functools.partial(dense.linear, x, w, b, tickets=tickets, config=cfg)
+    poison_allocator(DEVICE)
+    out = run()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out.cpu(), _ref_linear(x.cpu(), w.cpu(), b.cpu() if b is not None else None)) < _bound(dtype)
+    assert not tickets.any(), "the split-K tickets must be left at zero"
+    assert torch.equal(out, run())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, i, k", [(1, 40, 1152), (5, 96, 384), (16, 64, 256)])
+@pytest.mark.parametrize("split", [1, 3, 0])
+def test_swiglu_matches_fp32(m, i, k, dtype, split):
+    x, w, _ = (t.to(DEVICE) if t is not None else None for t in _data(m, 2 * i, k, dtype, m * i + k))
+    cfg = dict(BLOCK_N=32, BLOCK_K=128, STAGES=3, SWAP=1, SPLIT_K=split, num_warps=4)
+    poison_allocator(DEVICE)
+    out = dense.swiglu(x, w, dense.tickets_for(i, DEVICE), config=cfg)
+    assert out.shape == (m, i) and out.dtype == dtype
+    assert rel_err(out.cpu(), _ref_swiglu(x.cpu(), w.cpu())) < 1e-2
+    assert torch.equal(out, dense.swiglu(x, w, config=cfg))  # tickets of its own
+
+
+def test_default_config_and_leading_dims():
+    x, w, b = (t.to(DEVICE) for t in _data(6, 48, 512, DTYPES[0], 7, bias=True))
+    out = dense.linear(x.reshape(2, 3, 512), w, b)
+    assert out.shape == (2, 3, 48)
+    assert rel_err(out.reshape(6, 48).cpu(), _ref_linear(x.cpu(), w.cpu(), b.cpu())) < 1e-2
+    assert dense.linear(x[:0], w).shape == (0, 48)
+
+
+def test_bad_inputs_name_the_problem():
+    x, w, b = (t.to(DEVICE) for t in _data(2, 48, 256, DTYPES[0], 1, bias=True))
+    with pytest.raises(TypeError, match="differs from x's"):
+        dense.linear(x, w.float())
+    with pytest.raises(ValueError, match="expects 256"):
+        dense.linear(x[:, :128], w)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        dense.linear(x.repeat(9, 1), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        dense.linear(x, w.T.contiguous().T)
+    with pytest.raises(ValueError, match="bias must be"):
+        dense.linear(x, w, b[:10])
+    with pytest.raises(ValueError, match="two .* halves"):
+        dense.swiglu(x, w[:47])
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
+        dense.linear(x.double(), w.double())
+    with pytest.raises(ValueError, match="tickets must be int32"):
+        dense.linear(x, w, tickets=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+                     config=dict(BLOCK_N=16, BLOCK_K=128, STAGES=2, SWAP=0, SPLIT_K=2, num_warps=4))  # fmt: skip
+
+
+# GLM-4.6's float linears at decode: the shared expert (gate_up merged, down), layers 0-2's MLP, the router (fp32).
+GLM = {"shared_gate_up": (3072, 5120), "shared_down": (5120, 1536), "dense_gate_up": (24576, 5120),
+       "dense_down": (5120, 12288), "router": (160, 5120)}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GLM))
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_glm_shapes(shape, m):
+    n, k = GLM[shape]
+    dtype = torch.float32 if shape == "router" else torch.bfloat16
+    x, w, _ = (t.cuda() if t is not None else None for t in _data(m, n, k, dtype, m))
+    poison_allocator("cuda")
+    if shape.endswith("gate_up"):
+        out, ref = dense.swiglu(x, w, dense.tickets_for(n // 2, "cuda")), _ref_swiglu(x.cpu(), w.cpu())
+    else:
+        out, ref = dense.linear(x, w, None, dense.tickets_for(n, "cuda")), _ref_linear(x.cpu(), w.cpu(), None)
+    assert rel_err(out.cpu(), ref) < _bound(dtype), shape
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays():
+    x, w, b = (t.cuda() for t in _data(1, 5120, 1536, torch.bfloat16, 4, bias=True))
+    tickets = dense.tickets_for(5120, "cuda")
+    dense.linear(x, w, b, tickets)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dense.linear(x, w, b, tickets)
+    for seed in range(2):  # twice: the second replay relies on the first leaving the tickets at zero
+        x.copy_(torch.randn(1, 1536, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).cuda())
+        graph.replay()
+        assert rel_err(out.cpu(), _ref_linear(x.cpu(), w.cpu(), b.cpu())) < 1e-2
