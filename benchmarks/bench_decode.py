@@ -193,6 +193,18 @@ def main() -> int:
                     entry["us_eager_norms"], _ = time_fn(layer_fn(model.model.layers[entry["layer"]]), graph)
                     print(f"layer {entry['layer']} ({kind}) with eager norms and RoPE: {entry['us_eager_norms']:.1f} us")
                 model.use_fused_kernels(True)
+                # and with the float linears (shared expert, router, layers 0-2) on torch instead of the skinny
+                # kernel (glm_awq.kernels.dense): its baseline, in this run
+                from glm_awq.kernels import dense
+
+                saved, dense.FASTER_UP_TO_M = dense.FASTER_UP_TO_M, 0
+                try:
+                    for kind, entry in per_layer.items():
+                        entry["us_torch_float"], _ = time_fn(layer_fn(model.model.layers[entry["layer"]]), graph)
+                        print(f"layer {entry['layer']} ({kind}) with the float linears on torch: "
+                              f"{entry['us_torch_float']:.1f} us")
+                finally:
+                    dense.FASTER_UP_TO_M = saved
 
             # ------------------------------------------------------------- whole decode step, projection
             decoder = generate.Decoder(model, 1, cuda_graph=graph, strict=False)  # warns and runs eagerly if needed
@@ -233,9 +245,11 @@ def main() -> int:
         ("logits rel err vs torch backend", f"{results['parity']['rel_err_vs_torch']:.2e}",
          f"argmax agreement {results['parity']['argmax_agreement']:.3f}"),
         ("dense layer, batch 1", f"{d['us']:.1f} us", f"{d['pct_of_floor']:.0f}% of floor, {d['mode']}"
-         + (f"; eager norms {d['us_eager_norms']:.1f} us" if "us_eager_norms" in d else "")),
+         + (f"; eager norms {d['us_eager_norms']:.1f} us" if "us_eager_norms" in d else "")
+         + (f"; float on torch {d['us_torch_float']:.1f} us" if "us_torch_float" in d else "")),
         ("MoE layer, batch 1", f"{m['us']:.1f} us", f"{m['pct_of_floor']:.0f}% of floor, {m['mode']}"
-         + (f"; eager norms {m['us_eager_norms']:.1f} us" if "us_eager_norms" in m else "")),
+         + (f"; eager norms {m['us_eager_norms']:.1f} us" if "us_eager_norms" in m else "")
+         + (f"; float on torch {m['us_torch_float']:.1f} us" if "us_torch_float" in m else "")),
         ("embed + norm + lm_head", f"{s['embed_norm_lm_head_us']:.0f} us", "step minus layers"),
         ("92 layers projected", f"{s['projected_92_layer_us'] / 1e3:.2f} ms", f"{s['projected_tokens_per_s']:.1f} tokens/s"),
         (f"generate ({layers} layers)", f"{results['generate']['tokens_per_s']:.1f} tok/s", "end to end, batch 1"),
