@@ -288,20 +288,6 @@ class Router(nn.Module):
         super().__init__()
         self.weight = _empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32)
         self.e_score_correction_bias = _empty(config.n_routed_experts, dtype=torch.float32)
-        self.fused = False
-        self.tickets: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The routing logits, fp32 [T, E] (fp32 math: the top-k choice is sensitive to rounding)."""
-        xf = x.float()
-        if self.fused and (dense := _dense_kernels()).takes(xf, self.weight):
-            return dense.linear(xf, self.weight, None, self.tickets)
-        return F.linear(xf, self.weight)
-
-    def set_fused(self, enabled: bool) -> None:
-        self.fused = enabled and _dense_kernels().runs_on(self.weight.device)
-        if self.fused and self.tickets is None:
-            self.tickets = _dense_kernels().tickets_for(self.weight.shape[0], self.weight.device)
 
 
 class Experts(nn.Module):
@@ -331,7 +317,7 @@ class MoE(nn.Module):
     def forward(self, x):
         c = self.config
         xt = x.reshape(-1, x.shape[-1])  # [T, H]
-        logits = self.gate(xt)  # [T, E] fp32
+        logits = F.linear(xt.float(), self.gate.weight)  # [T, E] fp32
         ids, weights = ops.route(
             logits, self.gate.e_score_correction_bias, c.num_experts_per_tok, c.routed_scaling_factor,
             c.n_group, c.topk_group, renormalize=c.norm_topk_prob, backend=self.experts.prepared.backend,
@@ -430,7 +416,7 @@ class GlmForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention)):
                 m.fused = enabled
-            elif isinstance(m, (Linear, MLP, Router)):
+            elif isinstance(m, (Linear, MLP)):
                 m.set_fused(enabled)
         self._decoders.clear()  # captured graphs hold the old kernels
 

@@ -1,17 +1,18 @@
 """Float (unquantized) linears at decode sizes, in Triton: y = x @ W^T (+ bias), and the SwiGLU pair
 silu(x @ W_gate^T) * (x @ W_up^T) from one merged weight [W_gate; W_up].
 
-GLM-4.6-AWQ keeps these in bf16 (DESIGN.md §3): the shared expert of every MoE layer, the MLP of layers 0-2
-and the router (fp32). At one token cuBLAS runs them at 1.2-2.4 TB/s (H200 profile, ninth session: the shared
-expert took ~42 us in six launches where its 47 MB stream in 11 us), so this kernel takes rows M <= MAX_M:
+GLM-4.6-AWQ keeps these in bf16 (DESIGN.md §3): the shared expert of every MoE layer, all of layers 0-2 and
+lm_head. At one token the shared expert took ~42 us in six launches (H200 profile, ninth session) where its 47 MB
+stream in 11 us. This kernel takes up to MAX_M rows:
 
     grid (N tiles, K splits); program (n, s) streams W[n tile, K split] through Triton's cp.async pipeline and
     multiplies it on tensor cores with x padded to 16 rows (SWAP: the weight tile is the dot's A operand, x^T
     its B); the splits' fp32 partials are summed by the last program of each N tile to arrive (a ticket), in
     split order (deterministic, one launch), which also applies the bias or SiLU(gate) * up and casts.
 
-fp32 operands (the router) multiply in IEEE fp32, not TF32. Legend: M rows of x, N output features, K input
-features, I = N of each half of a merged gate/up weight.
+Small GEMMs like these are bound by how the work fills the card: the K split makes the grid one wave of as many
+programs as fit an SM (H200: one wave measured 8-16% faster than two; benchmarks/NOTES.md, tenth session).
+Legend: M rows of x, N output features, K input features, I = N of each half of a merged gate/up weight.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from glm_awq import env
 _INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
 
 MAX_M = 16  # the most rows of x the kernel takes (x is padded to 16 rows for the tensor cores)
-FASTER_UP_TO_M = 8  # where `takes` sends the model's calls: up to here the kernel beats cuBLAS (bench_dense.py)
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Where `takes` sends the model's calls (H200, bench_dense.py, tenth session): up to FASTER_UP_TO_M rows, and K from
+# MIN_K (the shared expert's down, K = 1536: cuBLAS 7.3 us, this kernel 8.1 at best).
+FASTER_UP_TO_M = 8
+MIN_K = 2048
+_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -51,7 +55,6 @@ def _dense_skinny_kernel(
     HAS_BIAS: tl.constexpr,
     SWAP: tl.constexpr,  # the weight tile as the dot's A operand ([BN, BK] @ x^T [BK, BM]): wgmma on Hopper
 ):
-    PRECISION: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32"  # tf32: unused for 16-bit
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -74,15 +77,15 @@ def _dense_skinny_kernel(
         x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if SWAP:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            acc = tl.dot(w, tl.trans(x), acc)
         else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            acc = tl.dot(x, tl.trans(w), acc)
         if GATE_UP:
             u = tl.load(up_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if SWAP:
-                acc_up = tl.dot(u, tl.trans(x), acc_up, input_precision=PRECISION)
+                acc_up = tl.dot(u, tl.trans(x), acc_up)
             else:
-                acc_up = tl.dot(x, tl.trans(u), acc_up, input_precision=PRECISION)
+                acc_up = tl.dot(x, tl.trans(u), acc_up)
     if SWAP:  # back to [BM, BN]
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -136,17 +139,34 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(m: int, n: int, k: int, gate_up: bool, device: torch.device) -> dict:
-    """Launch for one call: narrow N tiles, K split so that ~PROGRAMS_PER_SM programs run per SM."""
-    cfg = dict(BLOCK_N=64, BLOCK_K=128, STAGES=4, SWAP=1, PROGRAMS_PER_SM=4, num_warps=4)
-    return cfg
+    """Launch for one call: 64-feature tiles, 128-deep steps, the weight as wgmma's A operand; 4 stages (3 for
+    gate_up, whose stage holds two weight tiles) so that two programs fit an SM; the split from split_for."""
+    return dict(BLOCK_N=64, BLOCK_K=128, STAGES=3 if gate_up else 4, SWAP=1, num_warps=4)
 
 
-def split_for(m: int, n: int, k: int, cfg: dict, device: torch.device) -> int:
-    """How many K splits: ~PROGRAMS_PER_SM programs per SM, each split at least two BLOCK_K steps, at most 16."""
+_SMEM_PER_SM: dict[int, int] = {}
+
+
+def _resident(cfg: dict, gate_up: bool, device: torch.device) -> int:
+    """Programs of this config that fit one SM's shared memory (the pipeline's stages of x and weight tiles)."""
+    index = device.index if device.index is not None else 0
+    per_sm = _SMEM_PER_SM.get(index)
+    if per_sm is None:
+        cuda = device.type == "cuda"
+        per_sm = _SMEM_PER_SM[index] = torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor \
+            if cuda else 228 * 1024  # fmt: skip
+    tiles = 16 * cfg["BLOCK_K"] + cfg["BLOCK_N"] * cfg["BLOCK_K"] * (2 if gate_up else 1)
+    per_program = cfg["STAGES"] * tiles * 2 + 1024  # 16-bit elements; 1 KB reserved per block
+    return max(1, min(8, per_sm // per_program))
+
+
+def split_for(m: int, n: int, k: int, cfg: dict, gate_up: bool, device: torch.device) -> int:
+    """How many K splits: enough programs for one wave (PROGRAMS_PER_SM per SM if the config says, else as many
+    as fit, _resident), at most one split per BLOCK_K step and 16."""
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
     steps = triton.cdiv(k, cfg["BLOCK_K"])
-    want = max(1, cfg.get("PROGRAMS_PER_SM", 4) * _sm_count(device) // tiles)
-    return max(1, min(want, steps // 2, 16))
+    per_sm = cfg.get("PROGRAMS_PER_SM") or _resident(cfg, gate_up, device)
+    return max(1, min(per_sm * _sm_count(device) // tiles, steps, 16))
 
 
 def tickets_for(n: int, device: torch.device, block_n_min: int = 16) -> torch.Tensor:
@@ -161,17 +181,17 @@ def runs_on(device: torch.device) -> bool:
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the model should run x @ weight^T here rather than in torch: a decode-sized x (at most
-    FASTER_UP_TO_M rows) where the kernel runs, matching float dtypes and a contiguous [N, K] weight."""
+    FASTER_UP_TO_M rows, K >= MIN_K) where the kernel runs, matching 16-bit dtypes, a contiguous [N, K] weight."""
     k = x.shape[-1]
     return (
-        runs_on(x.device) and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2 and k > 0
+        runs_on(x.device) and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2 and k >= MIN_K
         and weight.shape[1] == k and weight.is_contiguous() and x.numel() <= FASTER_UP_TO_M * k
     )  # fmt: skip
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
     if x.dtype not in _DTYPES:
-        raise TypeError(f"{what}: x must be bf16, fp16 or fp32, got {x.dtype}")
+        raise TypeError(f"{what}: x must be bf16 or fp16, got {x.dtype}; cast it (fp32: use torch)")
     if weight.dtype != x.dtype:
         raise TypeError(f"{what}: weight dtype {weight.dtype} differs from x's {x.dtype}; cast one of them")
     if weight.dim() != 2 or not weight.is_contiguous():
@@ -201,7 +221,7 @@ def _launch(x, weight, bias, n, gate_up, tickets, config):
     if k == 0:
         raise ValueError("K = 0: an empty reduction has nothing to stream; use torch")
     cfg = dict(config) if config is not None else default_config(m, n, k, gate_up, x.device)
-    split = cfg.pop("SPLIT_K", 0) or split_for(m, n, k, cfg, x.device)
+    split = cfg.pop("SPLIT_K", 0) or split_for(m, n, k, cfg, gate_up, x.device)
     cfg.pop("PROGRAMS_PER_SM", None)
     block_k = cfg["BLOCK_K"]
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
@@ -229,7 +249,7 @@ def _launch(x, weight, bias, n, gate_up, tickets, config):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            tickets: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:  # fmt: skip
-    """x [..., K] @ weight[N, K]^T (+ bias) for at most MAX_M rows of x, in x's dtype (bf16, fp16 or fp32).
+    """x [..., K] @ weight[N, K]^T (+ bias) for at most MAX_M rows of x, in x's dtype (bf16 or fp16).
 
     tickets: int32 zeros (tickets_for) kept with the weight, which the split-K sum uses and leaves at zero;
     without them a call allocates its own. Two calls must not share tickets concurrently (on two streams)."""

@@ -80,12 +80,15 @@ def test_norm_rope_matches_eager_norm_and_rope(b, t, heads, with_norm, dtype):
 
 
 @pytest.mark.parametrize("head_dim", [64, 48])  # 48: not a power of two, so q/k norm + RoPE stay eager
-def test_model_with_fused_kernels_matches_the_eager_model(head_dim, tmp_path):
-    """A tiny GLM on the triton backend turns the fused kernels (norms, q/k norm + RoPE, decode attention) on at
-    load; switched off, the same model runs the eager modules. Both agree (fp16 on the CPU interpreter, bf16 on a
-    GPU), at prefill and through the cache."""
+def test_model_with_fused_kernels_matches_the_eager_model(head_dim, tmp_path, monkeypatch):
+    """A tiny GLM on the triton backend turns the fused kernels (norms, q/k norm + RoPE, decode attention, the float
+    linears at decode) on at load; switched off, the same model runs the eager modules. Both agree (fp16 on the CPU
+    interpreter, bf16 on a GPU), at prefill and through the cache."""
     import glm_awq
     from glm_awq import checkpoint
+    from glm_awq.kernels import dense
+
+    monkeypatch.setattr(dense, "MIN_K", 0)  # the tiny model's K (256) takes the float skinny kernel too
 
     cfg = checkpoint.tiny_config(2, n_routed_experts=4, num_experts_per_tok=2, head_dim=head_dim)
     checkpoint.write_checkpoint(tmp_path / "c", cfg, seed=5, tokenizer=False)
