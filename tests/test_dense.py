@@ -139,8 +139,8 @@ def test_split_fills_one_wave():
     cfg = dense.default_config(1, 1536, 5120, True, torch.device(DEVICE))
     sms, per_sm = dense._sm_count(torch.device(DEVICE)), dense._resident(cfg, True, torch.device(DEVICE))
     split = dense.split_for(1, 1536, 5120, cfg, True, torch.device(DEVICE))
-    wave = sms * per_sm  # 1536 / 64 = 24 tiles of 40 steps: the most splits that keep 24 * split within the wave
-    assert (24 * split <= wave or split == 1) and (split == 16 or 24 * (split + 1) > wave)
+    tiles, wave = 1536 // cfg["BLOCK_N"], sms * per_sm  # 40 steps: the most splits that keep the grid in one wave
+    assert (tiles * split <= wave or split == 1) and (split == 16 or tiles * (split + 1) > wave)
     assert dense.split_for(1, 64, 256, cfg, False, torch.device(DEVICE)) == 2  # K = 256: two steps at most
     assert dense.split_for(1, 1 << 20, 5120, cfg, False, torch.device(DEVICE)) == 1  # more tiles than a wave
 
