@@ -191,9 +191,9 @@ def main() -> int:
                 model.use_fused_kernels(False)
                 for kind, entry in per_layer.items():
                     entry["us_eager_norms"], _ = time_fn(layer_fn(model.model.layers[entry["layer"]]), graph)
-                    print(f"layer {entry['layer']} ({kind}) with eager norms, RoPE and float linears: {entry['us_eager_norms']:.1f} us")
+                    print(f"layer {entry['layer']} ({kind}) with eager norms, RoPE, attention and float linears: {entry['us_eager_norms']:.1f} us")
                 model.use_fused_kernels(True)
-                # and with the float linears (shared expert, router, layers 0-2) on torch instead of the skinny
+                # and with the float linears (the shared expert; all of layers 0-2) on torch instead of the skinny
                 # kernel (glm_awq.kernels.dense): its baseline, in this run
                 from glm_awq.kernels import dense
 

@@ -1,13 +1,13 @@
 """GLM-4.6's float linears at decode sizes: the Triton skinny kernel (glm_awq.kernels.dense) against torch.
 
 Shapes: the shared expert's gate+up (merged, SiLU * up fused) and down, layers 0-2's MLP and attention projections,
-the router (fp32), lm_head.
+lm_head (the router is fp32, which the kernel does not take: it stays on torch).
 Per (shape, M): the CUDA-graph time per call (weights rotated over several copies so L2 holds none), GB/s and %
 of the floor (weight bytes / copy bandwidth measured in this run), and in the same run torch: the model's eager
 path before this kernel (gate and up as two F.linear, then silu and the product; the others one F.linear) and
 F.linear on the merged weight. Writes dense.json.
 
-    python benchmarks/bench_dense.py [--ms 1,2,4,8,16] [--shapes shared_gate_up,router] [--variant NAME:K=V,...]
+    python benchmarks/bench_dense.py [--ms 1,2,4,8,16] [--shapes shared_gate_up,attn_q] [--variant NAME:K=V,...]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ SHAPES = {  # name: (N of the weight, K, dtype); *_gate_up weights are [gate; up
     "shared_down": (5120, 1536, torch.bfloat16),
     "dense_gate_up": (24576, 5120, torch.bfloat16),
     "dense_down": (5120, 12288, torch.bfloat16),
-    "router": (160, 5120, torch.float32),
     "attn_q": (12288, 5120, torch.bfloat16),  # layers 0-2's attention is bf16 too
     "attn_kv": (1024, 5120, torch.bfloat16),
     "attn_o": (5120, 12288, torch.bfloat16),
@@ -72,7 +71,7 @@ def main() -> int:
     columns = ["triton"] + [v.partition(":")[0] for v in args.variant] + ["torch", "torch_merged"]
     rows = []
     for shape in args.shapes.split(","):
-        n, k, dtype = SHAPES[shape]
+        n, k, dtype = SHAPES[shape]  # bf16 throughout
         w_bytes = n * k * dtype.itemsize
         copies = max(2, math.ceil(ROTATE_BYTES / w_bytes))
         gen = torch.Generator(device="cuda").manual_seed(0)

@@ -430,7 +430,7 @@ def load(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.setup_rope(max_seq_len, device)
-    if set(model.backends()) & {"triton", "cuda"}:  # Triton runs there: fuse the norms and RoPE too
+    if set(model.backends()) & {"triton", "cuda"}:  # Triton runs there: norms, RoPE, attention, float linears
         model.use_fused_kernels(True)
     model.checkpoint_dir = folder
     model.load_stats = {"bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}

@@ -40,7 +40,7 @@ class Linear(nn.Module):
         self.bias = _empty(out_features, dtype=dtype) if bias else None
         self.prepared: ops.PreparedLinear | None = None
         self.fused = False
-        self.tickets: torch.Tensor | None = None
+        self.register_buffer("tickets", None, persistent=False)  # follows the module to another device
 
     def set_prepared(self, prepared: ops.PreparedLinear) -> None:
         """Switch to the int4 path; the bias now lives in `prepared`."""
@@ -57,8 +57,30 @@ class Linear(nn.Module):
 
     def set_fused(self, enabled: bool) -> None:
         self.fused = enabled and self.weight is not None and _dense_kernels().runs_on(self.weight.device)
-        if self.fused and self.tickets is None:
-            self.tickets = _dense_kernels().tickets_for(self.out_features, self.weight.device)
+        if self.fused:
+            self.tickets = _tickets(self.tickets, self.out_features, self.weight.device)
+
+
+def _tickets(current: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """Split-K tickets of the float skinny kernel for n output features on device (kept if already there)."""
+    if current is not None and current.device == device:
+        return current
+    return _dense_kernels().tickets_for(n, device)
+
+
+def _stacked(gate: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor | None:
+    """[gate; up] as one [2 I, K] tensor without a copy when up's memory directly follows gate's (MLP.set_fused
+    makes it so), else None: a weight replaced or moved since then breaks the adjacency, and the eager path runs."""
+    if gate is None or up is None or gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        return None
+    if not (gate.is_contiguous() and up.is_contiguous()) or gate.dim() != 2:
+        return None
+    if up.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr():
+        return None
+    if up.data_ptr() != gate.data_ptr() + gate.numel() * gate.element_size():
+        return None
+    rows, k = gate.shape
+    return gate.detach().as_strided((2 * rows, k), (k, 1))
 
     def extra_repr(self) -> str:
         kind = f"int4 {self.prepared.backend}" if self.prepared is not None else "float"
@@ -245,40 +267,35 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, False, dtype)
         self.down_proj = Linear(intermediate, hidden, False, dtype)
         self.gate_up_proj: MergedLinear | None = None
-        # float gate and up under use_fused_kernels: one [2 I, H] tensor whose halves are their weights (views),
-        # for the skinny kernel's fused SiLU(gate) * up (glm_awq.kernels.dense.swiglu)
-        self.gate_up_weight: torch.Tensor | None = None
-        self.gate_up_tickets: torch.Tensor | None = None
+        # float gate and up under use_fused_kernels (`fused`): their weights are halves of one [2 I, H] tensor
+        # (_stacked), for the skinny kernel's fused SiLU(gate) * up (glm_awq.kernels.dense.swiglu)
+        self.fused = False
+        self.register_buffer("gate_up_tickets", None, persistent=False)
 
     def forward(self, x):
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x)
-        elif self.gate_up_weight is not None and (dense := _dense_kernels()).takes(x, self.gate_up_weight):
-            return self.down_proj(dense.swiglu(x, self.gate_up_weight, self.gate_up_tickets))
+        elif (
+            self.fused and (merged := _stacked(self.gate_proj.weight, self.up_proj.weight)) is not None
+            and (dense := _dense_kernels()).takes(x, merged)
+        ):  # fmt: skip
+            return self.down_proj(dense.swiglu(x, merged, self.gate_up_tickets))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
     def set_fused(self, enabled: bool) -> None:
-        """Merge float gate/up weights once (the halves become views: no extra memory), or stop using them."""
-        if not enabled or self.gate_up_proj is not None:
-            self.gate_up_weight = None
-            return
+        """Put float gate/up weights in one tensor once (each becomes a view of its half: no extra memory)."""
         gate, up = self.gate_proj.weight, self.up_proj.weight
-        if gate is None or up is None or not _dense_kernels().runs_on(gate.device):  # int4 (not merged), or no
-            return  # Triton here
-        rows, k = gate.shape
-        end = gate.data_ptr() + gate.numel() * gate.element_size()
-        same_storage = up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()
-        if gate.is_contiguous() and up.is_contiguous() and up.data_ptr() == end and same_storage:
-            merged = gate.detach().as_strided((2 * rows, k), (k, 1))  # merged before: the storage they share
-        else:
+        self.fused = enabled and self.gate_up_proj is None and gate is not None and up is not None
+        self.fused = self.fused and gate.shape == up.shape and _dense_kernels().runs_on(gate.device)
+        if not self.fused:  # int4 (merged or prepared one by one), or no Triton where the weights are
+            return
+        if _stacked(gate, up) is None:
             merged = torch.cat([gate.detach(), up.detach()])
-            self.gate_proj.weight = nn.Parameter(merged[:rows], requires_grad=False)
-            self.up_proj.weight = nn.Parameter(merged[rows:], requires_grad=False)
-        self.gate_up_weight = merged
-        if self.gate_up_tickets is None:
-            self.gate_up_tickets = _dense_kernels().tickets_for(gate.shape[0], gate.device)
+            self.gate_proj.weight = nn.Parameter(merged[: gate.shape[0]], requires_grad=False)
+            self.up_proj.weight = nn.Parameter(merged[gate.shape[0] :], requires_grad=False)
+        self.gate_up_tickets = _tickets(self.gate_up_tickets, gate.shape[0], gate.device)
 
 
 class Router(nn.Module):
@@ -410,8 +427,10 @@ class GlmForCausalLM(nn.Module):
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
         """Run the RMSNorms (with the residual add before the post-attention one) and the q/k norm + RoPE as
-        fused Triton kernels (glm_awq.kernels.norm), and attention over the KV cache at decode as a split-KV
-        kernel (glm_awq.kernels.attention), instead of eager torch ops and SDPA. The loader turns this on when
+        fused Triton kernels (glm_awq.kernels.norm), attention over the KV cache at decode as a split-KV
+        kernel (glm_awq.kernels.attention), and the float linears at decode sizes on the skinny kernel
+        (glm_awq.kernels.dense; a float SwiGLU's gate and up weights are put in one tensor for it, once),
+        instead of eager torch ops, SDPA and cuBLAS. The loader turns this on when
         the int4 weights are on a Triton or CUDA backend; the torch backend keeps the eager reference."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention)):

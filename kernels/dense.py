@@ -2,8 +2,8 @@
 silu(x @ W_gate^T) * (x @ W_up^T) from one merged weight [W_gate; W_up].
 
 GLM-4.6-AWQ keeps these in bf16 (DESIGN.md §3): the shared expert of every MoE layer, all of layers 0-2 and
-lm_head. At one token the shared expert took ~42 us in six launches (H200 profile, ninth session) where its 47 MB
-stream in 11 us. This kernel takes up to MAX_M rows:
+lm_head. At one token the shared expert took ~42 us in six launches (H200 profile, ninth session), where its 47 MB
+would stream in 11 us. This kernel takes up to MAX_M rows:
 
     grid (N tiles, K splits); program (n, s) streams W[n tile, K split] through Triton's cp.async pipeline and
     multiplies it on tensor cores with x padded to 16 rows (SWAP: the weight tile is the dot's A operand, x^T
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from glm_awq import env
 
-_INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
+_INTERPRETER = env.triton_interpret()  # read once, at import (as kernels/moe.py does)
 
 MAX_M = 16  # the most rows of x the kernel takes (x is padded to 16 rows for the tensor cores)
 # Where `takes` sends the model's calls (H200, bench_dense.py, tenth session): up to FASTER_UP_TO_M rows, and K from
@@ -117,6 +117,7 @@ def _dense_skinny_kernel(
 @triton.jit
 def _epilogue(acc, acc_up, bias_ptr, out_ptr, tile, offs_n, mask, mask_n, GATE_UP: tl.constexpr,
               HAS_BIAS: tl.constexpr):  # fmt: skip
+    tl.static_assert(not (GATE_UP and HAS_BIAS), "swiglu takes no bias")
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up in fp32, one rounding
     if HAS_BIAS:
@@ -126,15 +127,22 @@ def _epilogue(acc, acc_up, bias_ptr, out_ptr, tile, offs_n, mask, mask_n, GATE_U
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_SM_COUNTS: dict[int, int] = {}  # plain dicts (not functools.cache): dynamo reads them without tracing the driver
+_SM_COUNTS: dict[tuple, int] = {}  # per (device type, index), memoised: the launch rule reads no driver per call
+_SMEM_PER_SM: dict[tuple, int] = {}
+
+
+def _key(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        return ("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    return (device.type, 0)  # the interpreter: few programs keep CPU tests quick
 
 
 def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else 0
-    count = _SM_COUNTS.get(index)
+    key = _key(device)
+    count = _SM_COUNTS.get(key)
     if count is None:
-        count = torch.cuda.get_device_properties(index).multi_processor_count if device.type == "cuda" else 8
-        _SM_COUNTS[index] = count
+        count = _SM_COUNTS[key] = torch.cuda.get_device_properties(key[1]).multi_processor_count \
+            if key[0] == "cuda" else 8  # fmt: skip
     return count
 
 
@@ -148,17 +156,13 @@ def default_config(m: int, n: int, k: int, gate_up: bool, device: torch.device) 
     return dict(BLOCK_N=64, BLOCK_K=128, STAGES=4, SWAP=1, num_warps=4)
 
 
-_SMEM_PER_SM: dict[int, int] = {}
-
-
 def _resident(cfg: dict, gate_up: bool, device: torch.device) -> int:
     """Programs of this config that fit one SM's shared memory (the pipeline's stages of x and weight tiles)."""
-    index = device.index if device.index is not None else 0
-    per_sm = _SMEM_PER_SM.get(index)
+    key = _key(device)
+    per_sm = _SMEM_PER_SM.get(key)
     if per_sm is None:
-        cuda = device.type == "cuda"
-        per_sm = _SMEM_PER_SM[index] = torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor \
-            if cuda else 228 * 1024  # fmt: skip
+        per_sm = _SMEM_PER_SM[key] = torch.cuda.get_device_properties(key[1]).shared_memory_per_multiprocessor \
+            if key[0] == "cuda" else 228 * 1024  # fmt: skip
     tiles = 16 * cfg["BLOCK_K"] + cfg["BLOCK_N"] * cfg["BLOCK_K"] * (2 if gate_up else 1)
     per_program = cfg["STAGES"] * tiles * 2 + 1024  # 16-bit elements; 1 KB reserved per block
     return max(1, min(8, per_sm // per_program))
@@ -188,7 +192,7 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     FASTER_UP_TO_M rows, K >= MIN_K) where the kernel runs, matching 16-bit dtypes, a contiguous [N, K] weight."""
     k = x.shape[-1]
     return (
-        runs_on(x.device) and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2 and k >= MIN_K
+        runs_on(x.device) and x.device == weight.device and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2 and k >= MIN_K
         and weight.shape[1] == k and weight.is_contiguous() and x.numel() <= FASTER_UP_TO_M * k
     )  # fmt: skip
 
@@ -206,13 +210,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wha
                          f"{weight.shape[1]}")  # fmt: skip
     if weight.device != x.device:
         raise ValueError(f"{what}: weight on {weight.device}, x on {x.device}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != x.device):
-        raise ValueError(f"{what}: bias must be [{weight.shape[0]}] on {x.device}, got {tuple(bias.shape)} on "
-                         f"{bias.device}")  # fmt: skip
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != x.device or not bias.is_contiguous()
+                             or bias.dtype != x.dtype):  # fmt: skip
+        raise ValueError(f"{what}: bias must be a contiguous [{weight.shape[0]}] {x.dtype} tensor on {x.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device} with stride {bias.stride()}")  # fmt: skip
 
 
 def _launch(x, weight, bias, n, gate_up, tickets, config):
     k = x.shape[-1]
+    if k == 0:
+        raise ValueError("K = 0: an empty reduction has nothing to stream; use torch")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -222,8 +229,6 @@ def _launch(x, weight, bias, n, gate_up, tickets, config):
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
-    if k == 0:
-        raise ValueError("K = 0: an empty reduction has nothing to stream; use torch")
     cfg = dict(config) if config is not None else default_config(m, n, k, gate_up, x.device)
     split = cfg.pop("SPLIT_K", 0) or split_for(m, n, k, cfg, gate_up, x.device)
     cfg.pop("PROGRAMS_PER_SM", None)

@@ -11,8 +11,8 @@ from glm_awq import ops
 
 DEVICE, DTYPES = device_and_dtypes()
 ON_GPU = DEVICE == "cuda"
-if not ops.available_backends(DEVICE).get("triton") is None:
-    pytest.skip("triton unavailable here", allow_module_level=True)
+if (reason := ops.available_backends(DEVICE).get("triton")) is not None:
+    pytest.skip(f"triton: {reason}", allow_module_level=True)
 
 from glm_awq.kernels import dense  # noqa: E402
 
@@ -41,13 +41,13 @@ def _ref_swiglu(x, gate_up):
 
 
 # M = 1, 3, 16 (the most rows); N = 40 and 130 leave ragged 64-feature tiles; K = 200 ends inside a 128-deep
-# step, K = 1152 is nine steps (split 1, 3, 9 or the automatic split).
+# step, K = 1152 is nine steps (split 1, 3, 9 or the automatic split). A bias on every shape but one.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, n, k", [(1, 40, 1152), (3, 130, 200), (16, 64, 1152), (1, 130, 128)])
 @pytest.mark.parametrize("split", [1, 3, 9, 0])
 @pytest.mark.parametrize("swap", [0, 1])
 def test_linear_matches_fp32_and_repeats_bits(m, n, k, dtype, split, swap):
-    x, w, b = _on_device(*_data(m, n, k, dtype, m + n + k, bias=m % 2 == 1))
+    x, w, b = _on_device(*_data(m, n, k, dtype, m + n + k, bias=k != 128))
     tickets = dense.tickets_for(n, DEVICE)
     cfg = dict(BLOCK_N=64, BLOCK_K=128, STAGES=3, SWAP=swap, SPLIT_K=split, num_warps=4)
     run = functools.partial(dense.linear, x, w, b, tickets=tickets, config=cfg)
@@ -60,15 +60,18 @@ def test_linear_matches_fp32_and_repeats_bits(m, n, k, dtype, split, swap):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, i, k", [(1, 40, 1152), (5, 96, 384), (16, 64, 256)])
+@pytest.mark.parametrize("m, i, k", [(1, 40, 1152), (5, 96, 384), (16, 64, 256)])  # I = 40: a ragged tile
 @pytest.mark.parametrize("split", [1, 3, 0])
-def test_swiglu_matches_fp32(m, i, k, dtype, split):
+@pytest.mark.parametrize("swap", [0, 1])
+def test_swiglu_matches_fp32(m, i, k, dtype, split, swap):
     x, w, _ = _on_device(*_data(m, 2 * i, k, dtype, m * i + k))
-    cfg = dict(BLOCK_N=32, BLOCK_K=128, STAGES=3, SWAP=1, SPLIT_K=split, num_warps=4)
+    cfg = dict(BLOCK_N=32, BLOCK_K=128, STAGES=3, SWAP=swap, SPLIT_K=split, num_warps=4)
+    tickets = dense.tickets_for(i, DEVICE)
     poison_allocator(DEVICE)
-    out = dense.swiglu(x, w, dense.tickets_for(i, DEVICE), config=cfg)
+    out = dense.swiglu(x, w, tickets, config=cfg)
     assert out.shape == (m, i) and out.dtype == dtype
     assert rel_err(out.cpu(), _ref_swiglu(x.cpu(), w.cpu())) < 1e-2
+    assert not tickets.any(), "the split-K tickets must be left at zero"
     assert torch.equal(out, dense.swiglu(x, w, config=cfg))  # tickets of its own
 
 
@@ -92,6 +95,10 @@ def test_bad_inputs_name_the_problem():
         dense.linear(x, w.T.contiguous().T)
     with pytest.raises(ValueError, match="bias must be"):
         dense.linear(x, w, b[:10])
+    with pytest.raises(ValueError, match="bias must be a contiguous"):
+        dense.linear(x, w, b.repeat_interleave(2)[::2])  # the right shape, strided
+    with pytest.raises(ValueError, match="K = 0"):
+        dense.linear(x[:, :0], w[:, :0].contiguous())
     with pytest.raises(ValueError, match="two .* halves"):
         dense.swiglu(x, w[:47])
     with pytest.raises(TypeError, match="bf16 or fp16"):
@@ -134,21 +141,28 @@ def test_cuda_graph_replays():
         assert rel_err(out.cpu(), _ref_linear(x.cpu(), w.cpu(), b.cpu())) < 1e-2
 
 
-def test_split_fills_one_wave():
+@pytest.mark.parametrize("i", [64, 1536])  # fewer tiles than a wave holds (here and on a GPU), and the shared expert
+def test_split_fills_one_wave(i):
     """The automatic split: as many programs as fit the SMs at once (one wave), never more splits than steps."""
-    cfg = dense.default_config(1, 1536, 5120, True, torch.device(DEVICE))
-    sms, per_sm = dense._sm_count(torch.device(DEVICE)), dense._resident(cfg, True, torch.device(DEVICE))
-    split = dense.split_for(1, 1536, 5120, cfg, True, torch.device(DEVICE))
-    tiles, wave = 1536 // cfg["BLOCK_N"], sms * per_sm  # 40 steps: the most splits that keep the grid in one wave
+    device = torch.device(DEVICE)
+    cfg = dense.default_config(1, i, 5120, True, device)
+    sms, per_sm = dense._sm_count(device), dense._resident(cfg, True, device)
+    split = dense.split_for(1, i, 5120, cfg, True, device)
+    tiles, wave = i // cfg["BLOCK_N"], sms * per_sm  # 40 steps: the most splits that keep the grid in one wave
     assert (tiles * split <= wave or split == 1) and (split == 16 or tiles * (split + 1) > wave)
+    if tiles < wave:
+        assert split > 1
     assert dense.split_for(1, 64, 256, cfg, False, torch.device(DEVICE)) == 2  # K = 256: two steps at most
     assert dense.split_for(1, 1 << 20, 5120, cfg, False, torch.device(DEVICE)) == 1  # more tiles than a wave
 
 
 def test_takes_decode_sized_16_bit_inputs_only():
     x, w, _ = _on_device(*_data(8, 64, 2048, DTYPES[0], 2))
-    assert dense.takes(x, w) and dense.takes(x[:1], w)
+    assert dense.takes(x, w) and dense.takes(x[:1], w) and dense.takes(x.reshape(2, 4, 2048), w)
+    assert dense.takes(x[:0], w)  # no rows: the kernel returns an empty result
     assert not dense.takes(x.repeat(2, 1), w)  # 16 rows: cuBLAS
+    assert not dense.takes(x[:1].expand(3, 3, 2048), w)  # 9 rows
+    assert not dense.takes(x.half() if x.dtype == torch.bfloat16 else x.bfloat16(), w)  # dtypes differ
     assert not dense.takes(x.float(), w.float())  # fp32: torch
     assert not dense.takes(x[:, :1024], w[:, :1024].contiguous())  # K < MIN_K: cuBLAS measured faster
     assert not dense.takes(x, w.T.contiguous().T)
@@ -157,9 +171,12 @@ def test_takes_decode_sized_16_bit_inputs_only():
 def test_mlp_merges_float_gate_up_into_views(monkeypatch):
     """MLP.set_fused stacks float gate/up into one tensor whose halves are the weights (no copy left behind), and
     the fused forward (swiglu, then down) matches the eager one."""
-    from glm_awq.model import MLP
+    from glm_awq.model import MLP, _stacked
 
     monkeypatch.setattr(dense, "MIN_K", 0)  # these tiny weights take the kernel too
+    ran = []
+    monkeypatch.setattr(dense, "swiglu", lambda *a, _f=dense.swiglu, **k: ran.append("swiglu") or _f(*a, **k))
+    monkeypatch.setattr(dense, "linear", lambda *a, _f=dense.linear, **k: ran.append("linear") or _f(*a, **k))
     dtype = DTYPES[0]
     mlp = MLP(256, 96, dtype).to(DEVICE)
     gen = torch.Generator().manual_seed(3)
@@ -169,10 +186,23 @@ def test_mlp_merges_float_gate_up_into_views(monkeypatch):
     eager = mlp(x)
     for m in (mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         m.set_fused(True)
-    merged = mlp.gate_up_weight
-    assert merged.shape == (192, 256) and merged.data_ptr() == mlp.gate_proj.weight.data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == merged[96:].data_ptr()
+    gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+    merged = _stacked(gate, up)
+    assert merged is not None and merged.shape == (192, 256) and merged.data_ptr() == gate.data_ptr()
+    assert torch.equal(merged[96:], up) and up.data_ptr() == merged[96:].data_ptr()
     assert rel_err(mlp(x).cpu(), eager.cpu()) < 1e-2
+    assert ran == ["swiglu", "linear"], ran  # gate_up, then down
     mlp.set_fused(False)
-    mlp.set_fused(True)  # already merged: the same storage again, no second copy
-    assert mlp.gate_up_weight.data_ptr() == merged.data_ptr()
+    mlp.set_fused(True)  # already merged: kept, no second copy
+    assert mlp.gate_proj.weight.data_ptr() == gate.data_ptr()
+    # a weight replaced after the merge breaks the adjacency: the eager path runs, on the new weight
+    mlp.up_proj.weight = torch.nn.Parameter(up.detach() * 2, requires_grad=False)
+    ran.clear()
+    assert rel_err(mlp(x).cpu(), MLP_eager(mlp, x).cpu()) < 1e-2
+    assert "swiglu" not in ran
+
+
+def MLP_eager(mlp, x):
+    return torch.nn.functional.linear(
+        torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T), mlp.down_proj.weight
+    )

@@ -89,6 +89,8 @@ def test_model_with_fused_kernels_matches_the_eager_model(head_dim, tmp_path, mo
     from glm_awq.kernels import dense
 
     monkeypatch.setattr(dense, "MIN_K", 0)  # the tiny model's K (256) takes the float skinny kernel too
+    ran = []
+    monkeypatch.setattr(dense, "swiglu", lambda *a, _f=dense.swiglu, **k: ran.append("swiglu") or _f(*a, **k))
 
     cfg = checkpoint.tiny_config(2, n_routed_experts=4, num_experts_per_tok=2, head_dim=head_dim)
     checkpoint.write_checkpoint(tmp_path / "c", cfg, seed=5, tokenizer=False)
@@ -103,6 +105,7 @@ def test_model_with_fused_kernels_matches_the_eager_model(head_dim, tmp_path, mo
         return model(ids[:, -1:], input_pos=torch.tensor([6], device=DEVICE))
 
     fused, fused_step = model(ids), step_through_cache()
+    assert "swiglu" in ran, "the decode step runs the float MLPs (layers 0-2, shared experts) on the skinny kernel"
     fused_tokens = model.generate(ids, 3, eos_token_id=[], cuda_graph=False)
     model.use_fused_kernels(False)
     assert rel_err(fused, model(ids)) < 2e-2
