@@ -11,7 +11,7 @@ would stream in 11 us. This kernel takes up to MAX_M rows:
     split order (deterministic, one launch), which also applies the bias or SiLU(gate) * up and casts.
 
 Small GEMMs like these are bound by how the work fills the card: the K split makes the grid one wave of as many
-programs as fit an SM (H200: one wave measured 8-16% faster than two; benchmarks/NOTES.md, tenth session).
+programs as fit an SM (H200: one wave measured 4-19% faster than two; benchmarks/NOTES.md, tenth session).
 Legend: M rows of x, N output features, K input features, I = N of each half of a merged gate/up weight.
 """
 
