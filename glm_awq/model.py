@@ -60,6 +60,10 @@ class Linear(nn.Module):
         if self.fused:
             self.tickets = _tickets(self.tickets, self.out_features, self.weight.device)
 
+    def extra_repr(self) -> str:
+        kind = f"int4 {self.prepared.backend}" if self.prepared is not None else "float"
+        return f"{self.in_features} -> {self.out_features}, {kind}"
+
 
 def _tickets(current: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     """Split-K tickets of the float skinny kernel for n output features on device (kept if already there)."""
@@ -81,10 +85,6 @@ def _stacked(gate: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor
         return None
     rows, k = gate.shape
     return gate.detach().as_strided((2 * rows, k), (k, 1))
-
-    def extra_repr(self) -> str:
-        kind = f"int4 {self.prepared.backend}" if self.prepared is not None else "float"
-        return f"{self.in_features} -> {self.out_features}, {kind}"
 
 
 class MergedLinear(nn.Module):

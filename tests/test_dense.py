@@ -192,6 +192,7 @@ def test_mlp_merges_float_gate_up_into_views(monkeypatch):
     assert torch.equal(merged[96:], up) and up.data_ptr() == merged[96:].data_ptr()
     assert rel_err(mlp(x).cpu(), eager.cpu()) < 1e-2
     assert ran == ["swiglu", "linear"], ran  # gate_up, then down
+    assert repr(mlp.gate_proj).endswith("(256 -> 96, float)")
     mlp.set_fused(False)
     mlp.set_fused(True)  # already merged: kept, no second copy
     assert mlp.gate_proj.weight.data_ptr() == gate.data_ptr()
