@@ -10,7 +10,6 @@ from helpers import device_and_dtypes, poison_allocator, rel_err
 from glm_awq import ops
 
 DEVICE, DTYPES = device_and_dtypes()
-ON_GPU = DEVICE == "cuda"
 if (reason := ops.available_backends(DEVICE).get("triton")) is not None:
     pytest.skip(f"triton: {reason}", allow_module_level=True)
 
@@ -46,7 +45,7 @@ def _ref_swiglu(x, gate_up):
 @pytest.mark.parametrize("m, n, k", [(1, 40, 1152), (3, 130, 200), (16, 64, 1152), (1, 130, 128)])
 @pytest.mark.parametrize("split", [1, 3, 9, 0])
 @pytest.mark.parametrize("swap", [0, 1])
-def test_linear_matches_fp32_and_repeats_bits(m, n, k, dtype, split, swap):
+def test_linear_matches_reference_and_repeats_bits(m, n, k, dtype, split, swap):
     x, w, b = _on_device(*_data(m, n, k, dtype, m + n + k, bias=k != 128))
     tickets = dense.tickets_for(n, DEVICE)
     cfg = dict(BLOCK_N=64, BLOCK_K=128, STAGES=3, SWAP=swap, SPLIT_K=split, num_warps=4)
@@ -63,7 +62,7 @@ def test_linear_matches_fp32_and_repeats_bits(m, n, k, dtype, split, swap):
 @pytest.mark.parametrize("m, i, k", [(1, 40, 1152), (5, 96, 384), (16, 64, 256)])  # I = 40: a ragged tile
 @pytest.mark.parametrize("split", [1, 3, 0])
 @pytest.mark.parametrize("swap", [0, 1])
-def test_swiglu_matches_fp32(m, i, k, dtype, split, swap):
+def test_swiglu_matches_reference(m, i, k, dtype, split, swap):
     x, w, _ = _on_device(*_data(m, 2 * i, k, dtype, m * i + k))
     cfg = dict(BLOCK_N=32, BLOCK_K=128, STAGES=3, SWAP=swap, SPLIT_K=split, num_warps=4)
     tickets = dense.tickets_for(i, DEVICE)
@@ -199,11 +198,11 @@ def test_mlp_merges_float_gate_up_into_views(monkeypatch):
     # a weight replaced after the merge breaks the adjacency: the eager path runs, on the new weight
     mlp.up_proj.weight = torch.nn.Parameter(up.detach() * 2, requires_grad=False)
     ran.clear()
-    assert rel_err(mlp(x).cpu(), MLP_eager(mlp, x).cpu()) < 1e-2
+    assert rel_err(mlp(x).cpu(), _eager_mlp(mlp, x).cpu()) < 1e-2
     assert "swiglu" not in ran
 
 
-def MLP_eager(mlp, x):
+def _eager_mlp(mlp, x):
     return torch.nn.functional.linear(
         torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T), mlp.down_proj.weight
     )
