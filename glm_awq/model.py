@@ -286,11 +286,13 @@ class MLP(nn.Module):
 
     def set_fused(self, enabled: bool) -> None:
         """Put float gate/up weights in one tensor once (each becomes a view of its half: no extra memory)."""
-        gate, up = self.gate_proj.weight, self.up_proj.weight
-        self.fused = enabled and self.gate_up_proj is None and gate is not None and up is not None
-        self.fused = self.fused and gate.shape == up.shape and _dense_kernels().runs_on(gate.device)
-        if not self.fused:  # int4 (merged or prepared one by one), or no Triton where the weights are
+        self.fused = False
+        if not enabled or self.gate_up_proj is not None:  # int4, merged (gate_proj and up_proj are gone)
             return
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        if gate is None or up is None or gate.shape != up.shape or not _dense_kernels().runs_on(gate.device):
+            return  # int4 prepared one by one, or no Triton where the weights are
+        self.fused = True
         if _stacked(gate, up) is None:
             merged = torch.cat([gate.detach(), up.detach()])
             self.gate_proj.weight = nn.Parameter(merged[: gate.shape[0]], requires_grad=False)
