@@ -23,6 +23,7 @@ from glm_awq.kernels import dense
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402
+from bench_w4a16_gemm import ROTATE_BYTES, _rotating  # noqa: E402
 
 SHAPES = {  # name: (N of the weight, K, dtype); *_gate_up weights are [gate; up], N = 2 I
     "shared_gate_up": (3072, 5120, torch.bfloat16),
@@ -35,15 +36,6 @@ SHAPES = {  # name: (N of the weight, K, dtype); *_gate_up weights are [gate; up
     "lm_head": (151552, 5120, torch.bfloat16),
 }
 MS = [1, 2, 4, 8, 16]
-ROTATE_BYTES = 256 << 20
-
-
-def _rotating(fns):
-    def run():
-        for fn in fns:
-            fn()
-
-    return run
 
 
 def _torch_eager(shape, x, w):

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from glm_awq import env
+from glm_awq.kernels import w4a16_gemm
 
 _INTERPRETER = env.triton_interpret()  # read once, at import (as kernels/moe.py does)
 
@@ -127,23 +128,18 @@ def _epilogue(acc, acc_up, bias_ptr, out_ptr, tile, offs_n, mask, mask_n, GATE_U
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_SM_COUNTS: dict[tuple, int] = {}  # per (device type, index), memoised: the launch rule reads no driver per call
-_SMEM_PER_SM: dict[tuple, int] = {}
+_SMEM_PER_SM: dict[tuple, int] = {}  # per (device type, index), memoised: the launch rule reads no driver per call
 
 
 def _key(device: torch.device) -> tuple:
     if device.type == "cuda":
         return ("cuda", device.index if device.index is not None else torch.cuda.current_device())
-    return (device.type, 0)  # the interpreter: few programs keep CPU tests quick
+    return (device.type, 0)  # the interpreter
 
 
 def _sm_count(device: torch.device) -> int:
     key = _key(device)
-    count = _SM_COUNTS.get(key)
-    if count is None:
-        count = _SM_COUNTS[key] = torch.cuda.get_device_properties(key[1]).multi_processor_count \
-            if key[0] == "cuda" else 8  # fmt: skip
-    return count
+    return w4a16_gemm._sm_count(key[1]) if key[0] == "cuda" else 8  # the interpreter: few programs, quick tests
 
 
 def default_config(m: int, n: int, k: int, gate_up: bool, device: torch.device) -> dict:
@@ -239,14 +235,7 @@ def _launch(x, weight, bias, n, gate_up, tickets, config):
     part = out
     if split > 1:
         part = torch.empty((split, 2 if gate_up else 1, m, n), dtype=torch.float32, device=x.device)
-        if tickets is None:
-            tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
-        elif tickets.dtype != torch.int32 or tickets.device != x.device or tickets.numel() < tiles:
-            raise ValueError(
-                f"tickets must be int32 zeros on {x.device} with at least {tiles} entries (one per "
-                f"{cfg['BLOCK_N']}-feature tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}: "
-                "pass tickets_for(n, device) or None"
-            )
+        tickets = w4a16_gemm.split_k_tickets(tickets, tiles, cfg["BLOCK_N"], x.device, "tickets_for(n, device)")
     warps = cfg.pop("num_warps")
     _dense_skinny_kernel[(tiles, split)](
         x2, weight, bias if bias is not None else weight, out, part, tickets if split > 1 else out, m, n, k,

@@ -511,6 +511,18 @@ def w4a16_gemm(
     return out.reshape(*x.shape[:-1], n)
 
 
+def split_k_tickets(tickets: torch.Tensor | None, tiles: int, block_n: int, device, source: str) -> torch.Tensor:
+    """The int32 zeros a ticketed split-K sum needs (one per N tile): the caller's, checked, or new ones."""
+    if tickets is None:
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    if tickets.dtype != torch.int32 or tickets.device != device or tickets.numel() < tiles:
+        raise ValueError(
+            f"tickets must be int32 zeros on {device} with at least {tiles} entries (one per {block_n}-column "
+            f"tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}: pass {source} or None"
+        )
+    return tickets
+
+
 def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     m, k = x2.shape
     n = weight.shape[1]
@@ -527,14 +539,7 @@ def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     part = out
     if split_k > 1:
         part = torch.empty((split_k, n), dtype=torch.float32, device=x2.device)
-        if tickets is None:
-            tickets = torch.zeros(n_tiles, dtype=torch.int32, device=x2.device)
-        elif tickets.dtype != torch.int32 or tickets.device != x2.device or tickets.numel() < n_tiles:
-            raise ValueError(
-                f"tickets must be int32 zeros on {x2.device} with at least {n_tiles} entries (one per "
-                f"{cfg['BLOCK_N']}-column tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}: pass "
-                "prepare()'s tickets or None"
-            )
+        tickets = split_k_tickets(tickets, n_tiles, cfg["BLOCK_N"], x2.device, "prepare()'s tickets")
     has_bias = bias is not None
     _w4a16_gemv_kernel[(n_tiles, split_k)](
         x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,
