@@ -176,10 +176,10 @@ def _gemv_magic(words, j: tl.constexpr, magic):
     Nibble j sits at bits 4 j .. 4 j + 3 of a word; the caller passes words for j <= 3 and words >> 16 for
     j >= 4, so here it sits at bits 4 e, e = j % 4. OR-ing it in place into the bits of 2^23 (magic =
     0x4B000000) gives the float 2^23 + q 16^e exactly; subtracting 2^23 + 8 * 16^e leaves (q - 8) 16^e. The
-    caller scales x by 16^-e (a power of two: exact). Per weight: the mask and OR, one add and the fma. With the
-    magic as a literal, ptxas emits the mask and the OR as two LOP3s (one immediate each); a magic held in a
-    register (MAGIC_REG) lets it fuse them into one (sm_90 SASS of the loop: 313 instructions per 64 weights
-    instead of 368).
+    caller scales x by 16^-e (a power of two: exact). Per weight: one LOP3 (mask and OR), one add and the fma.
+    The magic comes in a register (a kernel argument): with it as a literal, ptxas emits the mask and the OR as
+    two LOP3s, one immediate each (sm_90 SASS of the loop: 368 instructions per 64 weights instead of 313; H200,
+    q_proj M = 1: 20.3 us instead of 18.6).
     """
     e: tl.constexpr = j % 4
     return ((words & (0xF << (4 * e))) | magic).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 16**e)
@@ -207,15 +207,14 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    magic_bits,  # 0x4B000000, the bits of 2^23 (a kernel argument, so that MAGIC_REG can keep it in a register)
-    MAGIC_REG: tl.constexpr = False,  # OR the nibbles into magic_bits (a register) rather than a literal
+    magic_bits,  # 0x4B000000, the bits of 2^23: a kernel argument, so that it lives in a register (_gemv_magic)
 ):
     """One row of x on CUDA cores: no padding of x to 16 tensor-core rows; each int4 weight costs a few ALU
-    instructions (_gemv_magic; 5.75 per weight in the sm_90 SASS, 4.9 with MAGIC_REG). Everything stays in the layout of the [16, BN] word tile (16-byte loads along
-    N): the sum over a block's 16 words (across threads) happens once per program, not per block. The next
-    block's words, scales and x are loaded before this block's math (a register double buffer). Split-K partials
-    are summed by the last program of each N tile to arrive (a ticket), in split order: deterministic, one
-    launch."""
+    instructions (_gemv_magic; 4.9 per weight in the sm_90 SASS). Everything stays in the layout of the [16, BN]
+    word tile (16-byte loads along N): the sum over a block's 16 words (across threads) happens once per program,
+    not per block. The next block's words, scales and x are loaded before this block's math (a register double
+    buffer). Split-K partials are summed by the last program of each N tile to arrive (a ticket), in split order:
+    deterministic, one launch."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,7 +226,6 @@ def _w4a16_gemv_kernel(
     x_ptrs = x_ptr + b0 * 128 + offs_w
     s_ptrs = s_ptr + offs_n
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    magic = magic_bits if MAGIC_REG else 0x4B000000
     words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
     scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
     x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
@@ -240,14 +238,14 @@ def _w4a16_gemv_kernel(
         n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
         n4, n5, n6, n7 = _gemv_x(xn, 4), _gemv_x(xn, 5), _gemv_x(xn, 6), _gemv_x(xn, 7)
         high = words >> 16
-        part = _gemv_magic(words, 0, magic) * x0
-        part += _gemv_magic(words, 1, magic) * x1
-        part += _gemv_magic(words, 2, magic) * x2
-        part += _gemv_magic(words, 3, magic) * x3
-        part += _gemv_magic(high, 4, magic) * x4
-        part += _gemv_magic(high, 5, magic) * x5
-        part += _gemv_magic(high, 6, magic) * x6
-        part += _gemv_magic(high, 7, magic) * x7
+        part = _gemv_magic(words, 0, magic_bits) * x0
+        part += _gemv_magic(words, 1, magic_bits) * x1
+        part += _gemv_magic(words, 2, magic_bits) * x2
+        part += _gemv_magic(words, 3, magic_bits) * x3
+        part += _gemv_magic(high, 4, magic_bits) * x4
+        part += _gemv_magic(high, 5, magic_bits) * x5
+        part += _gemv_magic(high, 6, magic_bits) * x6
+        part += _gemv_magic(high, 7, magic_bits) * x7
         acc += part * scale.to(tl.float32)[None, :]
         words, scale = words_next, scale_next
         x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
@@ -544,6 +542,6 @@ def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     _w4a16_gemv_kernel[(n_tiles, split_k)](
         x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,
         GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, magic_bits=0x4B000000,
-        MAGIC_REG=bool(cfg.get("MAGIC_REG", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

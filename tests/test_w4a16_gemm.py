@@ -156,7 +156,6 @@ def test_triton_gemv_split_k_matches_reference_and_repeats_bits(group_size, spli
     assert torch.equal(out, w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE), group_size,
                                                   config=cfg))  # fmt: skip  (tickets of its own)
     assert w4a16_gemm.pick_config(1, 40, 1152, group_size, torch.device(DEVICE)).get("GEMV")
-    assert torch.equal(out, run(config={**cfg, "MAGIC_REG": 1}))  # the magic in a register: the same bits
     auto = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], bias.to(DEVICE), group_size,
                                  config={**cfg, "SPLIT_K": 0}, tickets=t["tickets"])  # fmt: skip
     assert rel_err(auto.cpu(), out.cpu()) < 1e-5  # SPLIT_K = 0 in an explicit config: the automatic split
