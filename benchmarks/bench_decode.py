@@ -205,6 +205,16 @@ def main() -> int:
                               f"{entry['us_torch_float']:.1f} us")
                 finally:
                     dense.FASTER_UP_TO_M = saved
+            if "cuda" in model.backends():  # the MoE through the token sort (moe_gemm + moe_sum), in this run
+                cuda_cls = glm_awq.backends.CudaBackend
+                saved, cuda_cls.PER_TOKEN_MAX_T = cuda_cls.PER_TOKEN_MAX_T, 0
+                try:
+                    entry = per_layer["moe"]
+                    entry["us_sorted_moe"], _ = time_fn(layer_fn(model.model.layers[entry["layer"]]), graph)
+                    print(f"layer {entry['layer']} (moe) with the routed experts through the sort: "
+                          f"{entry['us_sorted_moe']:.1f} us")
+                finally:
+                    cuda_cls.PER_TOKEN_MAX_T = saved
 
             # ------------------------------------------------------------- whole decode step, projection
             decoder = generate.Decoder(model, 1, cuda_graph=graph, strict=False)  # warns and runs eagerly if needed

@@ -170,6 +170,66 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   return out;
 }
 
+at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
+                         const at::Tensor& s2, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                         const std::optional<at::Tensor>& expert_map, const at::Tensor& tickets, int64_t group_size,
+                         int64_t block_n1, int64_t splits1, int64_t block_n2, int64_t splits2) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "moe_per_token: x must be a 2-D bf16/fp16 CUDA tensor [T, H], got ", x.scalar_type(), " ", x.sizes(),
+              " on ", x.device());
+  TORCH_CHECK(w13.dim() == 5 && s13.dim() == 3 && w2.dim() == 5 && s2.dim() == 3 && w13.size(0) == s13.size(0) &&
+                  w2.size(0) == w13.size(0) && s2.size(0) == w13.size(0),
+              "moe_per_token: w13 and w2 must be [E, K/16, N/64, 32, 4] and their scales [E, G, N] with one E, got ",
+              w13.sizes(), ", ", s13.sizes(), ", ", w2.sizes(), " and ", s2.sizes());
+  const int64_t t = x.size(0), hid = x.size(1), inter = w2.size(1) * 16;
+  check_cuda_layout("moe_per_token (w13)", w13[0], s13[0], hid, group_size, x.scalar_type());
+  check_cuda_layout("moe_per_token (w2)", w2[0], s2[0], inter, group_size, x.scalar_type());
+  TORCH_CHECK(w13.size(2) * 64 == 2 * inter && w2.size(2) * 64 == hid, "moe_per_token: w13 must have N = 2I = ",
+              2 * inter, " (got ", w13.size(2) * 64, ") and w2 N = H = ", hid, " (got ", w2.size(2) * 64, ")");
+  TORCH_CHECK(w13.is_contiguous() && s13.is_contiguous() && w2.is_contiguous() && s2.is_contiguous(),
+              "moe_per_token: the expert weights and scales must be contiguous");
+  TORCH_CHECK(skinny_supported(x.get_device()), "moe_per_token: the skinny kernel needs 200 KB of shared memory per "
+              "block (sm_90 / sm_100), which ", x.device(), " does not give; use moe_gemm");
+  const int64_t top_k = topk_ids.dim() == 2 ? topk_ids.size(1) : 0;
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2 && topk_ids.size(0) == t && top_k >= 1 &&
+                  top_k <= kMaxTopK && topk_ids.is_contiguous(),
+              "moe_per_token: topk_ids must be contiguous int32 [T=", t, ", top_k] with 1 <= top_k <= ", kMaxTopK, ", got ",
+              topk_ids.scalar_type(), " ", topk_ids.sizes());
+  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_weights.sizes() == topk_ids.sizes() &&
+                  topk_weights.is_contiguous(),
+              "moe_per_token: topk_weights must be contiguous fp32 ", topk_ids.sizes(), ", got ",
+              topk_weights.scalar_type(), " ", topk_weights.sizes());
+  TORCH_CHECK(!expert_map || (expert_map->scalar_type() == at::kInt && expert_map->dim() == 1 &&
+                              expert_map->is_contiguous() && expert_map->device() == x.device()),
+              "moe_per_token: expert_map must be a contiguous int32 [E_global] on ", x.device());
+  const int64_t need = t * std::max(top_k * 2 * inter, hid) / 64;
+  TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous() && tickets.numel() >= need,
+              "moe_per_token: tickets must be int32 zeros, at least T * max(top_k * 2I, H) / 64 = ", need, " of them, got ",
+              tickets.scalar_type(), " ", tickets.sizes(), " (CudaBackend.prepare_experts allocates them)");
+  for (const at::Tensor* v : {&w13, &s13, &w2, &s2, &topk_ids, &topk_weights, &tickets})
+    TORCH_CHECK(v->device() == x.device(), "moe_per_token: all tensors must be on ", x.device(), ", got ", v->device());
+  for (const int64_t bn : {block_n1, block_n2})
+    TORCH_CHECK(bn == 0 || bn == 64 || bn == 128 || bn == 256, "moe_per_token: block_n=", bn,
+                " must be 0 (auto), 64, 128 or 256");
+  TORCH_CHECK(hid % std::max<int64_t>(block_n2, 64) == 0, "moe_per_token: H=", hid, " is not a multiple of block_n2=",
+              block_n2);
+  TORCH_CHECK(splits1 >= 0 && splits2 >= 0, "moe_per_token: splits must be >= 0 (0: auto), got ", splits1, " and ",
+              splits2);
+  TORCH_CHECK(t * top_k <= INT32_MAX / std::max<int64_t>(2 * inter, 1) && t * hid <= INT32_MAX,
+              "moe_per_token: T=", t, " is too many tokens for one call");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({t, hid}, x.options());
+  if (t == 0) return out;
+  auto h = at::empty({t * top_k, inter}, x.options());
+  auto xc = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();
+  const TokenLaunch args{xc, w13, s13, w2, s2, topk_ids, topk_weights, expert_map ? &*expert_map : nullptr, tickets,
+                         h, out, static_cast<int>(group_size), static_cast<int>(block_n1), static_cast<int>(block_n2),
+                         splits1, splits2};
+  check_launch("moe_per_token", launch_moe_per_token(args));
+  return out;
+}
+
 at::Tensor moe_sum(const at::Tensor& y, const at::Tensor& local, int64_t top_k) {
   TORCH_CHECK(y.is_cuda() && y.dim() == 2 && (y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf) &&
                   y.is_contiguous(),
@@ -218,6 +278,17 @@ TORCH_LIBRARY(glm_awq, m) {
   m.def(
       "moe_gemm(Tensor a, Tensor weight, Tensor scale, Tensor sorted, Tensor counts, Tensor topk_weights, int top_k, "
       "int block_m, int mode, int group_size, int variant=0) -> Tensor");
+  // The whole MoE layer for a few tokens, per token, without the sort: x [T, H] -> [T, H] =
+  // sum_a topk_weights[t, a] * expert_{topk_ids[t, a]}(x[t]). GEMM1 runs the token's top_k (expert, 2I) weights as
+  // one [top_k 2I, H] GEMM with SiLU * up and the routing weight in its epilogue (h [T top_k, I]); GEMM2 runs h's row
+  // of top_k I as the K of one [H, top_k I] GEMM, summing the slots through split-K in a fixed order. Weights as in
+  // moe_gemm (w13 rows interleaved 32 gate / 32 up); topk_ids int32 global ids (negative: none), mapped through
+  // expert_map (-1: held elsewhere, contributes nothing); tickets int32 zeros, T * max(top_k 2I, H) / 64 of them,
+  // left zero; block_n / splits 0 for auto. The skinny kernel, so sm_90 / sm_100 only (skinny_supported).
+  m.def(
+      "moe_per_token(Tensor x, Tensor w13, Tensor s13, Tensor w2, Tensor s2, Tensor topk_ids, Tensor topk_weights, "
+      "Tensor? expert_map, Tensor tickets, int group_size, int block_n1=0, int splits1=0, int block_n2=0, "
+      "int splits2=0) -> Tensor");
   // y [T * top_k, H] -> [T, H]: each token's slots summed in slot order in fp32, slots with local < 0 skipped.
   m.def("moe_sum(Tensor y, Tensor local, int top_k) -> Tensor");
 }
@@ -228,6 +299,7 @@ TORCH_LIBRARY_IMPL(glm_awq, CUDA, m) {
   m.impl("dequantize_cuda_layout", &glm_awq::dequantize_cuda_layout);
   m.impl("w4a16_gemm", &glm_awq::w4a16_gemm);
   m.impl("moe_gemm", &glm_awq::moe_gemm);
+  m.impl("moe_per_token", &glm_awq::moe_per_token);
   m.impl("moe_sum", &glm_awq::moe_sum);
 }
 

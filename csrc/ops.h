@@ -18,6 +18,10 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& weight, const at::T
 at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& sorted,
                     const at::Tensor& counts, const at::Tensor& topk_weights, int64_t top_k, int64_t block_m,
                     int64_t mode, int64_t group_size, int64_t variant);
+at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
+                         const at::Tensor& s2, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                         const std::optional<at::Tensor>& expert_map, const at::Tensor& tickets, int64_t group_size,
+                         int64_t block_n1, int64_t splits1, int64_t block_n2, int64_t splits2);
 at::Tensor moe_sum(const at::Tensor& y, const at::Tensor& local, int64_t top_k);
 
 // Raw launchers (w4a16_gemm.cu): trust their inputs, never throw, return a cudaError_t as int. The checks and
@@ -72,6 +76,26 @@ int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t e
 // (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
 // moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
 int launch_moe_skinny(const MoeLaunch& args);
+// The MoE layer for a few tokens without the sort (w4a16_skinny.cu): GEMM1 for every (token, slot) pair, then GEMM2
+// with the slot sum through split-K, two launches of the skinny kernel. Needs skinny_supported.
+constexpr int kMaxTopK = 32;  // slots per token moe_per_token takes (the kernel keeps their expert ids in shared memory)
+struct TokenLaunch {
+  const at::Tensor& x;           // [T, H] bf16/fp16, contiguous, 16-byte aligned
+  const at::Tensor& w13;         // int32 [E, H/16, 2I/64, 32, 4], rows interleaved 32 gate / 32 up
+  const at::Tensor& s13;         // [E, H/group, 2I] in x's dtype
+  const at::Tensor& w2;          // int32 [E, I/16, H/64, 32, 4]
+  const at::Tensor& s2;          // [E, I/group, H] in x's dtype
+  const at::Tensor& ids;         // int32 [T, top_k]: global expert ids (negative: none), top_k <= kMaxTopK
+  const at::Tensor& weights;     // fp32 [T, top_k]
+  const at::Tensor* expert_map;  // int32 [E_global] (-1: held elsewhere) or nullptr
+  const at::Tensor& tickets;     // int32 zeros, T * max(top_k 2I, H) / 64 of them; left zero
+  const at::Tensor& h;           // [T * top_k, I] in x's dtype: GEMM1's output, GEMM2's input
+  const at::Tensor& out;         // [T, H] in x's dtype
+  int group_size;
+  int block_n1, block_n2;        // tile widths of GEMM1 and GEMM2: 0 (auto), 64, 128 or 256
+  int64_t splits1, splits2;      // 0: auto
+};
+int launch_moe_per_token(const TokenLaunch& args);
 bool moe_skinny_fits(int64_t k, int block_m, int device);
 // The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots on an sm_90 device with sm_90a code in this build
 // (wgmma_device_supported), N % 128 == 0, at most kMoeWgmmaMaxExperts local experts (its work-list kernel scans them

@@ -169,7 +169,13 @@ enum Mode : int {
                 // 64-row blocks hold 32 gate rows then the matching 32 up rows, so n8 blocks j and j + 4 of a
                 // thread are gate and up of the same columns: out[slot, I-col] = silu(gate) * up
   kDown = 2,    // MoE GEMM2: A row = h[slot]; out[slot, col] = routing weight[slot] * acc
+  // Per token, without the sort (a few tokens: each token's top_k experts are distinct, so nothing is shared):
+  kTokenGateUp = 3,  // MoE GEMM1: CTA row = token mt; output features run over the token's slots (top_k x 2I, a tile
+                     // within one slot); out h[mt * top_k + slot, I-col] = routing weight * silu(gate) * up
+  kTokenDown = 4,    // MoE GEMM2: A = h viewed as [T, top_k * I], whose 128-deep batch b belongs to slot b / (I / 128)
+                     // and reads that slot's expert; out [T, H] = acc, the slots summed through split-K
 };
+
 
 // The MoE side of the kernel's arguments (unused by kDense).
 struct MoeArgs {
@@ -179,6 +185,10 @@ struct MoeArgs {
   int num_experts, top_k;
   int64_t w_stride;      // int4 chunks per expert in wq
   int64_t s_stride;      // scale elements per expert in wsc
+  // Per-token modes:
+  const int* ids;         // [T, top_k] expert ids (global; negative: none)
+  const int* expert_map;  // [E_global] global -> local expert, -1 held elsewhere; nullptr: ids are local
+  int inter;              // I: GEMM1's N per slot is 2I, GEMM2's K per slot I
 };
 
 // Which local expert the BM-row block of sorted slots starting at m0 belongs to: a warp-wide scan of the counts,
@@ -213,18 +223,25 @@ __device__ __forceinline__ void find_expert_block(const MoeArgs& moe, int m0, in
 // bits do not depend on scheduling), adds the bias, writes rows [m0, m0 + rows) x columns [n0, n0 + bn) of out in
 // T and resets the ticket for the next call (and CUDA-graph replays). last_cta: a __shared__ int; THREADS: the
 // CTA's threads.
+// Split-K tickets, called by every thread of a CTA after it stored its partial tile: whether this CTA took the
+// tile's last ticket (of gridDim.z), and so sums the splits (all of them then visible) and resets the ticket.
+__device__ __forceinline__ bool took_last_ticket(int* ticket, int* last_cta) {
+  __threadfence();  // this CTA's partials reach L2 before its ticket says so
+  __syncthreads();
+  if (threadIdx.x == 0) *last_cta = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
+  __syncthreads();
+  if (!*last_cta) return false;
+  __threadfence();
+  return true;
+}
+
 template <typename T, int THREADS>
 __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial, const T* __restrict__ bias,
                                                T* __restrict__ out, int* ticket, int* last_cta, int M, int N, int m0,
                                                int rows, int n0, int bn) {
   using V = Num<T>;
   const int splits = static_cast<int>(gridDim.z), tid = threadIdx.x;
-  __threadfence();  // this CTA's partials reach L2 before its ticket says so
-  __syncthreads();
-  if (tid == 0) *last_cta = atomicAdd(ticket, 1) == splits - 1;
-  __syncthreads();
-  if (!*last_cta) return;
-  __threadfence();
+  if (!took_last_ticket(ticket, last_cta)) return;
   const size_t plane = static_cast<size_t>(M) * N;
   for (int e = tid; e < rows * (bn / 4); e += THREADS) {
     const int r = e / (bn / 4), c = (e % (bn / 4)) * 4;

@@ -50,6 +50,11 @@ constexpr int kSkinnyThreads = 32 * kSkinnyWarps;
 constexpr int kXPad = 8;  // elements of padding per staged x row (16 bytes: consecutive rows in other banks)
 constexpr int kSkinnySmemMax = 200 * 1024;  // dynamic shared memory the launcher allows (x rows + reduction)
 
+// scale * silu(gate) * up; a zero scale (a slot whose expert is held elsewhere) gives exactly 0.
+__device__ __forceinline__ float swiglu(float gate, float up, float scale) {
+  return scale == 0.f ? 0.f : scale * (gate / (1.f + __expf(-gate)) * up);
+}
+
 // Weight chunks are read exactly once per call: stream them (evict-first in L1 and L2).
 __device__ __forceinline__ int4 load_stream(const int4* p) { return __ldcs(p); }
 
@@ -95,17 +100,23 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     int weights_before_wait) {  // dense: load the first weight batch before griddepcontrol.wait
   using V = Num<T>;
   constexpr int WK = kSkinnyWarps / WN, BM = Skinny<MB>::BM, BN = 64 * WN;
+  constexpr bool kSorted = MODE == kGateUp || MODE == kDown, kToken = MODE == kTokenGateUp || MODE == kTokenDown;
   extern __shared__ int4 smem[];
-  __shared__ int s_slot[MODE == kDense ? 1 : BM];
+  __shared__ int s_slot[kSorted ? BM : 1];
+  __shared__ int s_expert[kToken ? kMaxTopK : 1];  // per-token modes: the token's local expert per slot (< 0: none)
   __shared__ int s_info[2];
   __shared__ int last_cta;
 
   const int mt = blockIdx.x, nt = blockIdx.y, split = blockIdx.z;
-  const int m0 = mt * BM;
+  const int m0 = kToken ? mt : mt * BM;  // per-token modes: one row, token mt
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int g = lane >> 2, t = lane & 3;
-  const int n64 = N / 64, nb = nt * WN + wn;  // this warp's 64-feature block
+  // The weight's 64-feature blocks per k16 step, and this warp's block in it. kTokenGateUp: the output features run
+  // over the token's slots, 2I each, and a CTA's tile lies in one slot (the launcher keeps 2I a multiple of BN).
+  const int w_n = MODE == kTokenGateUp ? 2 * moe.inter : N;
+  const int tile_slot = MODE == kTokenGateUp ? nt * BN / w_n : 0;
+  const int n64 = w_n / 64, nb = nt * WN + wn - tile_slot * n64;
   const int b0 = split * batches_per_split;   // first 128-deep K batch of the CTA
   const int nbatch = min(K / kBK, b0 + batches_per_split) - b0;
   const int xstride = batches_per_split * kBK + kXPad;
@@ -113,9 +124,22 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   float* red = reinterpret_cast<float*>(xs + BM * xstride);
   float* xsum = red + Skinny<MB>::RED / 4;  // [BM][batches_per_split]
 
-  pdl_launch_dependents();  // MoE grids too: harmless, since only dense GEMMs are launched to start early
-  int rows_here = min(BM, M - m0);
-  if constexpr (MODE != kDense) {
+  pdl_launch_dependents();  // sorted MoE grids too: harmless, since they are never launched to start early
+  int rows_here = kToken ? 1 : min(BM, M - m0);
+  if constexpr (kToken) {
+    pdl_wait();  // the routing's ids and weights, and (kTokenDown) GEMM1's h: before every load
+    if (tid < moe.top_k) {
+      int e = moe.ids[mt * moe.top_k + tid];
+      if (e >= 0 && moe.expert_map) e = moe.expert_map[e];
+      s_expert[tid] = e;
+    }
+    __syncthreads();
+    if constexpr (MODE == kTokenGateUp) {  // an expert held elsewhere reads expert 0 and writes zeros (epilogue)
+      wq += max(s_expert[tile_slot], 0) * moe.w_stride;
+      wsc += max(s_expert[tile_slot], 0) * moe.s_stride;
+    }
+  }
+  if constexpr (kSorted) {
     pdl_wait();  // a no-op today (MoE launches never ask for PDL); it guards the lookup if they ever do
     if (warp == 0) find_expert_block<BM>(moe, m0, lane, s_slot, s_info);
     __syncthreads();
@@ -125,19 +149,33 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     wsc += s_info[0] * moe.s_stride;
   }
 
-  // This lane's chunk of k16 step 0 of the CTA's range; one k16 step further is `kstep` chunks on.
+  // One k16 step of the weight is `kstep` chunks. This lane's chunks of the weight's batch lb start at
+  // wbase + lb * 8 * kstep; the scales of my column g in the eight n8 blocks (features 8 b + g, b = 0..7), one
+  // 16-byte chunk, at row lb * 128 / group_size of sbase.
   const size_t kstep = static_cast<size_t>(n64) * 32;
-  const int4* wbase = wq + static_cast<size_t>(b0) * 8 * kstep + static_cast<size_t>(nb) * 32 + lane;
-  // Scales of my column g in the eight n8 blocks (features 8 b + g, b = 0..7), one 16-byte chunk per batch.
+  const int4* wbase = wq + static_cast<size_t>(nb) * 32 + lane;
   const T* sbase = wsc + static_cast<size_t>(nb) * 64 + g * 8;
+  struct Batch {
+    const int4* w;
+    const T* s;
+  };
+  auto batch_at = [&](int j) -> Batch {  // batch j of the CTA's range
+    int lb = b0 + j;
+    const int4* w = wbase;
+    const T* sc = sbase;
+    if constexpr (MODE == kTokenDown) {  // batch lb of h's row is batch lb % (I / 128) of its slot's expert (a slot
+      const int per_slot = moe.inter / kBK, slot = lb / per_slot;  // held elsewhere has h = 0 and reads expert 0)
+      const int e = max(s_expert[slot], 0);
+      w += e * moe.w_stride, sc += e * moe.s_stride, lb -= slot * per_slot;
+    }
+    return {w + static_cast<size_t>(lb) * 8 * kstep, sc + static_cast<size_t>(lb * kBK / group_size) * w_n};
+  };
   auto load_weights = [&](int j, int4 (&w)[8]) {
-    const int4* p = wbase + static_cast<size_t>(j) * 8 * kstep;
+    const int4* p = batch_at(j).w;
 #pragma unroll
     for (int st = 0; st < 8; ++st) w[st] = load_stream(p + st * kstep);
   };
-  auto load_scales = [&](int j, int4& s) {
-    s = *reinterpret_cast<const int4*>(sbase + static_cast<size_t>((b0 + j) * kBK / group_size) * N);
-  };
+  auto load_scales = [&](int j, int4& s) { s = *reinterpret_cast<const int4*>(batch_at(j).s); };
   auto load_batch = [&](int j, int4 (&w)[8], int4& s) {
     load_weights(j, w);
     load_scales(j, s);
@@ -277,6 +315,41 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 
   // Element (mb, i, e) of the C fragments: token row mb * 8 + 2t + (e & 1), feature 16 i + g + 8 (e >> 1) of the
   // warp's 64-feature block.
+  if constexpr (MODE == kTokenGateUp) {
+    // Row 0 (the token) is e = 0, 2 of the t = 0 lanes; the 64-feature blocks are 32 gate then 32 up, as kGateUp's.
+    const int slot = mt * moe.top_k + tile_slot;
+    const float rw = s_expert[tile_slot] >= 0 ? moe.weights[slot] : 0.f;
+    T* h = out + static_cast<size_t>(slot) * moe.inter;
+    if (gridDim.z == 1) {
+      if (wk == 0 && t == 0) {
+#pragma unroll
+        for (int e = 0; e < 4; e += 2)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            h[nb * 32 + 16 * i + g + 8 * (e >> 1)] = V::from_float(swiglu(acc[0][i][e], acc[0][i + 2][e], rw));
+      }
+      return;
+    }
+    if (wk == 0 && t == 0) {
+      float* part = partial + (static_cast<size_t>(split) * M + mt) * N;
+#pragma unroll
+      for (int e = 0; e < 4; e += 2)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[(nt * WN + wn) * 64 + 16 * i + g + 8 * (e >> 1)] = acc[0][i][e];
+    }
+    if (!took_last_ticket(&tickets[mt * gridDim.y + nt], &last_cta)) return;
+    // The tile's BN / 2 outputs, one per thread: gate feature c of block b and its up feature c + 32, split order.
+    const size_t plane = static_cast<size_t>(M) * N;
+    for (int o = tid; o < BN / 2; o += kSkinnyThreads) {
+      const int b = o / 32, c = o % 32;
+      const float* p = partial + static_cast<size_t>(mt) * N + nt * BN + b * 64 + c;
+      float gate = 0.f, up = 0.f;
+      for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp) gate += __ldcg(p + sp * plane), up += __ldcg(p + sp * plane + 32);
+      h[(nt * WN + b - tile_slot * n64) * 32 + c] = V::from_float(swiglu(gate, up, rw));
+    }
+    if (tid == 0) tickets[mt * gridDim.y + nt] = 0;
+    return;
+  }
   if constexpr (MODE == kGateUp) {
     // 64-feature blocks are 32 gate then the matching 32 up features: tiles 0, 1 are gate, tiles 2, 3 their up.
     if (wk == 0) {
@@ -291,7 +364,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const float gate = acc[mb][i][e], up = acc[mb][i + 2][e];
-            out[row + 16 * i] = V::from_float(gate / (1.f + __expf(-gate)) * up);
+            out[row + 16 * i] = V::from_float(swiglu(gate, up, 1.f));
           }
         }
     }
@@ -379,10 +452,10 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  // Dense only: the MoE GEMMs need the previous kernel's output before their first load, and measured 2-3% slower
-  // with it at T = 16 and 64 (H200, benchmarks/NOTES.md).
+  // Not the sorted MoE GEMMs: they need the previous kernel's output before their first load, and measured 2-3%
+  // slower with it at T = 16 and 64 (H200, benchmarks/NOTES.md). The per-token ones wait before their first load.
   const int pdl = g_pdl.load(std::memory_order_relaxed);
-  cfg.numAttrs = MODE == kDense && pdl && pdl_device(device) ? 1 : 0;
+  cfg.numAttrs = (MODE == kDense || MODE == kTokenGateUp || MODE == kTokenDown) && pdl && pdl_device(device) ? 1 : 0;
   err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
                            batches_per_split, moe, pdl == 2 || (pdl == 1 && weight_settled) ? 1 : 0);
   if (err != cudaSuccess) return err;
@@ -484,6 +557,56 @@ int skinny_default_wn(int m, int n, int k, int64_t tickets, int device) {
   return n % 256 == 0 ? 4 : n % 128 == 0 ? 2 : 1;  // the fewest tiles
 }
 
+// One per-token MoE GEMM (kTokenGateUp or kTokenDown) over t tokens: n output features and k deep per token (the
+// virtual shapes: GEMM1 n = top_k 2I, k = H; GEMM2 n = H, k = top_k I), a grid of (t, n tiles, splits) like the
+// dense GEMM's at M = 1; wn = 0 and splits = 0 take the dense rules on a [1, k] x [k, t n] GEMM.
+template <typename T, int MODE>
+cudaError_t token_skinny(const T* x, const at::Tensor& weight, const at::Tensor& scale, T* out, const at::Tensor& tickets,
+                         int t, int n, int k, int wn, int64_t splits, int group_size, const MoeArgs& moe) {
+  using S = Skinny<1>;
+  const int device = weight.get_device();
+  const int64_t tickets_per_token = tickets.numel() / t;
+  const bool auto_wn = wn == 0;
+  if (auto_wn) wn = skinny_default_wn(1, n * t, k, tickets_per_token * t, device);
+  const int n_tiles = n / (64 * wn), batches = k / kBK;
+  int s = skinny_splits<1>(n_tiles * t, batches, device, splits, auto_wn ? kMaxAutoSplits : 0);
+  const int per_split = (batches + s - 1) / s;
+  const int smem = S::smem(per_split * kBK);
+  if (n_tiles > tickets_per_token || per_split * kBK > S::KC_MAX || smem > kSkinnySmemMax)
+    return cudaErrorInvalidConfiguration;  // ops.cpp passes enough tickets for the narrowest tiles
+  at::Tensor partial;
+  if (s > 1) partial = at::empty({s, t, n}, weight.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>(n_tiles), static_cast<unsigned>(s));
+  const auto* wq = reinterpret_cast<const int4*>(weight.data_ptr());
+  const T* wsc = reinterpret_cast<const T*>(scale.data_ptr());
+  float* part = s > 1 ? partial.data_ptr<float>() : nullptr;
+  int* tk = tickets.data_ptr<int>();
+#define GLM_AWQ_TOKEN_CASE(W) \
+  if (wn == W)                \
+    return launch_skinny<T, 1, W, MODE>(grid, smem, x, wq, wsc, nullptr, out, part, tk, t, n, k, group_size, per_split, moe);
+  GLM_AWQ_TOKEN_CASE(1) GLM_AWQ_TOKEN_CASE(2) GLM_AWQ_TOKEN_CASE(4)
+#undef GLM_AWQ_TOKEN_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t moe_per_token(const TokenLaunch& a) {
+  const int t = static_cast<int>(a.x.size(0)), hid = static_cast<int>(a.x.size(1));
+  const int top_k = static_cast<int>(a.ids.size(1)), inter = static_cast<int>(a.h.size(1));
+  MoeArgs moe{nullptr, nullptr, a.weights.data_ptr<float>(), static_cast<int>(a.w13.size(0)), top_k,
+              a.w13.size(1) * a.w13.size(2) * 32, a.s13.size(1) * a.s13.size(2), a.ids.data_ptr<int>(),
+              a.expert_map ? a.expert_map->data_ptr<int>() : nullptr, inter};
+  T* h = reinterpret_cast<T*>(a.h.data_ptr());
+  cudaError_t err = token_skinny<T, kTokenGateUp>(reinterpret_cast<const T*>(a.x.data_ptr()), a.w13, a.s13, h,
+                                                  a.tickets, t, top_k * 2 * inter, hid, a.block_n1 / 64, a.splits1,
+                                                  a.group_size, moe);
+  if (err != cudaSuccess) return err;
+  moe.w_stride = a.w2.size(1) * a.w2.size(2) * 32;
+  moe.s_stride = a.s2.size(1) * a.s2.size(2);
+  return token_skinny<T, kTokenDown>(h, a.w2, a.s2, reinterpret_cast<T*>(a.out.data_ptr()), a.tickets, t, hid,
+                                     top_k * inter, a.block_n2 / 64, a.splits2, a.group_size, moe);
+}
+
 }  // namespace
 
 bool skinny_supported(int device) { return smem_optin(device) >= kSkinnySmemMax; }
@@ -518,6 +641,10 @@ int launch_w4a16_skinny(const GemmLaunch& a, int block_n) {
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
   if (a.m <= 8) return bf16 ? dense_skinny<__nv_bfloat16, 1>(a, wn, auto_wn) : dense_skinny<__half, 1>(a, wn, auto_wn);
   return bf16 ? dense_skinny<__nv_bfloat16, 2>(a, wn, auto_wn) : dense_skinny<__half, 2>(a, wn, auto_wn);
+}
+
+int launch_moe_per_token(const TokenLaunch& a) {
+  return a.x.scalar_type() == at::kBFloat16 ? moe_per_token<__nv_bfloat16>(a) : moe_per_token<__half>(a);
 }
 
 int launch_moe_skinny(const MoeLaunch& a) {

@@ -36,6 +36,11 @@ def register() -> None:
         slots = a.shape[0] * top_k if mode == 1 else a.shape[0]
         return a.new_empty((slots, n // 2 if mode == 1 else n))
 
+    @torch.library.register_fake("glm_awq::moe_per_token")
+    def _(x, w13, s13, w2, s2, topk_ids, topk_weights, expert_map, tickets, group_size, block_n1=0, splits1=0,
+          block_n2=0, splits2=0):
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("glm_awq::moe_sum")
     def _(y, local, top_k):
         return y.new_empty((y.shape[0] // top_k, y.shape[1]))

@@ -112,17 +112,25 @@ class CudaBackend:
     DENSE_FROM_M rows (DENSE_SMALL_FROM_M on small layers; `goes_dense`) the fused GEMM runs; from there the
     weight is dequantized (from the same layout, bit for bit the same weights, rounded once to the activation
     dtype) and a dense bf16/fp16 matmul runs.
-    MoE: the Triton token sort (kernels/moe.py _sort) and routing, then two CUDA grouped GEMMs over the sorted
-    token-slots (SiLU*up fused into GEMM1, the routing weight into GEMM2) and a deterministic sum over each
-    token's slots (glm_awq::moe_gemm, glm_awq::moe_sum).
+    MoE: the Triton routing; up to PER_TOKEN_MAX_T tokens (decode), the layer per token without a sort, in two
+    launches (glm_awq::moe_per_token: each token's top-k experts as one GEMM with SiLU*up and the routing weight
+    in its epilogue, then one GEMM over the slots' down weights that sums them through split-K); above it, the
+    Triton token sort (kernels/moe.py _sort), then two CUDA grouped GEMMs over the sorted token-slots (SiLU*up
+    fused into GEMM1, the routing weight into GEMM2) and a deterministic sum over each token's slots
+    (glm_awq::moe_gemm, glm_awq::moe_sum).
     """
 
     name = "cuda"
     MOE_FALLBACK = "triton"  # routing
     # 0: the kernels' default (skinny where it applies); 1: tile kernel, scales multiplied into B; 2: tile kernel,
     # scales folded per k tile (M <= 16); 3: skinny wherever it runs (dense M <= 16, MoE blocks of 8 and 16 slots;
-    # w4a16_skinny.cu); 4: the MoE on the wgmma kernel at every size (blocks of 64; sm_90a, w4a16_wgmma.cu)
+    # w4a16_skinny.cu); 4: the MoE on the wgmma kernel at every size (blocks of 64; sm_90a, w4a16_wgmma.cu);
+    # 5: the MoE per token up to PER_TOKEN_TICKETS_T tokens (moe_per_token), then as 0
     VARIANT = 0
+    # The MoE per token (no sort, no slot-sum kernel) up to this many tokens, where the skinny kernel runs.
+    PER_TOKEN_MAX_T = 1
+    PER_TOKEN_TICKETS_T = 16  # the split-K tickets prepare_experts allocates for it: this many tokens, top_k <= 32
+    PER_TOKEN_MAX_TOP_K = 32  # kMaxTopK in csrc/ops.h
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
     SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
     _skinny_ok: dict = {}  # device index -> whether the device gives a block SKINNY_SMEM (set in prepare_experts)
@@ -261,9 +269,20 @@ class CudaBackend:
         }
         import torch
 
+        # moe_per_token's split-K tickets (int32 zeros, left zero): one per 64-feature tile of the wider GEMM
+        tiles = max(self.PER_TOKEN_MAX_TOP_K * 2 * i, h) // 64
+        p.tensors["per_token_tickets"] = torch.zeros(
+            self.PER_TOKEN_TICKETS_T * tiles, dtype=torch.int32, device=t["w13_packed"].device
+        )
         self._cast(p, "w13_scale", torch.bfloat16)
         self._cast(p, "w2_scale", torch.bfloat16)
         return p
+
+    @classmethod
+    def per_token(cls, tokens: int, top_k: int, skinny_ok: bool) -> bool:
+        """Whether fused_moe runs these tokens through moe_per_token (the skinny kernel's device only)."""
+        limit = cls.PER_TOKEN_TICKETS_T if cls.VARIANT == 5 else cls.PER_TOKEN_MAX_T if cls.VARIANT == 0 else 0
+        return skinny_ok and tokens <= limit and top_k <= cls.PER_TOKEN_MAX_TOP_K
 
     def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
         return _BACKENDS[self.MOE_FALLBACK].route(logits, bias, top_k, scaling, n_group, topk_group, renormalize)
@@ -303,9 +322,9 @@ class CudaBackend:
         if cls.VARIANT == 4:  # the wgmma kernel on request: it takes blocks of 64 only
             return 64
         per_expert = slots / max(1, min(experts, slots))
-        if per_expert <= 8 and skinny_ok and cls.VARIANT in (0, 3) and k_max <= cls.SKINNY_K_MAX:
+        if per_expert <= 8 and skinny_ok and cls.VARIANT in (0, 3, 5) and k_max <= cls.SKINNY_K_MAX:
             return 8
-        if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT == 0:
+        if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT in (0, 5):
             return 64
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
@@ -323,18 +342,24 @@ class CudaBackend:
         # Under expert parallelism only this GPU's share of the slots lands here (expected: E_local / E_global).
         local_slots = slots if expert_map is None else max(1, slots * p.num_experts // expert_map.numel())
         skinny_ok = self._skinny_ok.get(x.device.index, False)  # filled by prepare_experts on this device
+        t = p.tensors
+        ops = torch.ops.glm_awq
+        if expert_map is not None:
+            expert_map = expert_map.to(torch.int32)
+        if self.per_token(tokens, top_k, skinny_ok):
+            s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
+            ids, weights = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
+            out = ops.moe_per_token(xx, t["w13"], s13, t["w2"], s2, ids, weights, expert_map,
+                                    t["per_token_tickets"], p.group_size)  # fmt: skip
+            return out.to(dtype)
         wgmma_ok = self._wgmma_ok.get(x.device.index, False)
         k_max = max(p.hidden_size, p.intermediate_size)
         block_m = self.moe_block_m(local_slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
-        if expert_map is not None:
-            expert_map = expert_map.to(torch.int32)
         sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)
         sorted_slots, counts, local = sort[0], sort[1], sort[2]  # [blocks * block_m], [E], [S]
         weights = topk_weights.reshape(-1).float().contiguous()  # [S]
-        t = p.tensors
-        ops = torch.ops.glm_awq
         s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
-        v = self.VARIANT
+        v = self.VARIANT if self.VARIANT != 5 else 0  # 5 is 0 beyond the per-token path
         h = ops.moe_gemm(xx, t["w13"], s13, sorted_slots, counts, weights, top_k, block_m, 1, p.group_size, v)  # [S, I]
         y = ops.moe_gemm(h, t["w2"], s2, sorted_slots, counts, weights, top_k, block_m, 2, p.group_size, v)  # [S, H]
         return ops.moe_sum(y, local, top_k).to(dtype)  # [T, H]

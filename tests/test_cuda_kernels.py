@@ -337,6 +337,93 @@ def test_moe_glm_shape(t, variant, monkeypatch):
     assert err < 1e-2, f"T={t}: rel err {err:.2e}"
 
 
+def _per_token(x, ids, weights, p, block_n1=0, splits1=0, block_n2=0, splits2=0, expert_map=None):
+    """glm_awq::moe_per_token on cuda-prepared experts, with explicit tile widths and splits."""
+    t = p.tensors
+    s13, s2 = t["w13_scale"].to(x.dtype).contiguous(), t["w2_scale"].to(x.dtype).contiguous()
+    return torch.ops.glm_awq.moe_per_token(
+        x, t["w13"], s13, t["w2"], s2, ids.to(torch.int32), weights.float().contiguous(), expert_map,
+        t["per_token_tickets"], p.group_size, block_n1, splits1, block_n2, splits2,
+    )
+
+
+# The MoE per token (no sort): GEMM1's tile is one slot's 2I features or a part of them, its K split or not (and the
+# SiLU * up applied by the last split's CTA); GEMM2's K runs over the slots, split mid-slot (I = 384: 3 batches per
+# slot) or at slot boundaries; H = 768 (6 batches, three 256-wide tiles). T = 1 (decode), 2 and 5 (odd); top_k 1, 3 (odd) and 6.
+@pytest.mark.parametrize("t, top_k", [(1, 6), (2, 3), (5, 1), (5, 6)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [(0, 0, 0, 0), (64, 1, 64, 2), (256, 3, 128, 4), (128, 2, 256, 9), (64, 40, 64, 5)])
+def test_moe_per_token_matches_reference(t, top_k, dtype, config):
+    e, h, i = 12, 768, 384
+    w13, s13, w2, s2 = _experts(e, h, i, seed=t + top_k)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=t)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    ref = fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)
+    poison_allocator("cuda")
+    out = _per_token(x, ids, weights, p, *config)
+    assert out.shape == (t, h) and out.dtype == dtype
+    err = rel_err(out, ref)
+    assert err < 1e-2, f"T={t} top_k={top_k} {dtype} {config}: rel err {err:.2e}"
+    assert not p.tensors["per_token_tickets"].any(), "the split-K tickets must be left at zero"
+    assert torch.equal(_per_token(x, ids, weights, p, *config), out), "same bits on a second run"
+
+
+def test_moe_per_token_expert_map_negative_ids_and_glm_shape(monkeypatch):
+    e, h, i, top_k = 16, 256, 256, 4
+    w13, s13, w2, s2 = _experts(e, h, i, seed=11)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    x = torch.randn(3, h, device="cuda").to(torch.bfloat16)
+    _, weights = _routing(3, e, top_k, seed=11)
+    # Expert parallelism: global experts 8..23 of 32 are local 0..15; a negative id contributes nothing either.
+    emap = torch.full((32,), -1, dtype=torch.int32, device="cuda")
+    emap[8:24] = torch.arange(16, dtype=torch.int32, device="cuda")
+    gids = torch.stack([torch.randperm(32, device="cuda")[:top_k] for _ in range(3)]).to(torch.int32)
+    gids[1, 2] = -1
+    ref = fused_moe_ref(x.float(), gids, weights, w13, s13, w2, s2, expert_map=emap)
+    poison_allocator("cuda")
+    assert rel_err(_per_token(x, gids, weights, p, expert_map=emap), ref) < 1e-2
+    gids[:] = emap.eq(-1).nonzero()[0, 0]  # every slot held elsewhere: exactly zero
+    assert _per_token(x, gids, weights, p, expert_map=emap).eq(0).all()
+    # GLM-4.6 at T = 1 through fused_moe (the default takes the per-token path there), and T = 4 under VARIANT 5
+    e, h, i, top_k = 160, 5120, 1536, 8
+    w13, s13, w2, s2 = _experts(e, h, i, seed=12)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    for t, variant in ((1, 0), (4, 5)):
+        monkeypatch.setattr(glm_awq.backends.CudaBackend, "VARIANT", variant)
+        ids, weights = _routing(t, e, top_k, seed=t)
+        x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+        calls = []
+        real = torch.ops.glm_awq.moe_per_token
+        monkeypatch.setattr(torch.ops.glm_awq, "moe_per_token", lambda *a, **k: calls.append(1) or real(*a, **k))
+        err = rel_err(glm_awq.fused_moe(x, ids, weights, p), fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
+        monkeypatch.setattr(torch.ops.glm_awq, "moe_per_token", real)
+        assert calls, f"T={t}: fused_moe did not take the per-token path"
+        assert err < 1e-2, f"T={t}: rel err {err:.2e}"
+
+
+def test_moe_per_token_opcheck_cuda_graph_and_errors():
+    e, h, i, top_k, t = 8, 256, 128, 2, 3
+    w13, s13, w2, s2 = _experts(e, h, i, seed=13)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=13)
+    ids = ids.to(torch.int32)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    tt = p.tensors
+    args = (x, tt["w13"], tt["w13_scale.bfloat16"], tt["w2"], tt["w2_scale.bfloat16"], ids, weights.float(), None,
+            tt["per_token_tickets"], 128)  # fmt: skip
+    torch.library.opcheck(torch.ops.glm_awq.moe_per_token.default, args)
+    torch.library.opcheck(torch.ops.glm_awq.moe_per_token.default, (*args, 64, 2, 64, 2))
+    out = _replay_with_new_routing(lambda: _per_token(x, ids, weights, p, 64, 2, 64, 2), ids, weights, e, seed=14)
+    assert rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
+    with pytest.raises(RuntimeError, match="topk_ids must be contiguous int32"):
+        torch.ops.glm_awq.moe_per_token(*args[:5], ids.long(), *args[6:])
+    with pytest.raises(RuntimeError, match=r"at least T \* max\(top_k \* 2I, H\) / 64 = 24 of them"):
+        torch.ops.glm_awq.moe_per_token(*args[:8], tt["per_token_tickets"][:23], 128)
+    with pytest.raises(RuntimeError, match="block_n=96 must be 0"):
+        torch.ops.glm_awq.moe_per_token(*args, 96)
+
+
 def _hopper() -> bool:
     """Whether moe_gemm's wgmma kernel runs here: an sm_90 GPU and a build with sm_90a code."""
     from glm_awq import _C
@@ -508,6 +595,10 @@ def layer(t, x, ids, w, block_m, variant):
     y = torch.ops.glm_awq.moe_gemm(hid, t["w2"], t["w2_scale.bfloat16"], srt, counts, w, k, block_m, 2, 128, variant)
     torch.ops.glm_awq.moe_sum(y, local, k)
 layer(t, x, ids, w, 16, 1)
+# MoE per token (no sort): split GEMM1 (SiLU * up by the last split) and GEMM2 split mid-slot
+x3, ids3, w3 = x[:3], ids[:3].contiguous(), w[:6].view(3, k)
+torch.ops.glm_awq.moe_per_token(x3, t["w13"], t["w13_scale.bfloat16"], t["w2"], t["w2_scale.bfloat16"], ids3, w3,
+                                None, t["per_token_tickets"], 128, 128, 2, 128, 3)
 if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
     layer(t, x, ids, w, 64, 4)
     # K = 640 (5 k tiles) is the least that runs persistent; a grid of 3 CTAs gives each ~7 of the 20 tiles (GEMM1

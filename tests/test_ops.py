@@ -160,3 +160,20 @@ def test_cuda_moe_block_choice(monkeypatch):
     assert cls.moe_block_m(512 * 8, **glm, wgmma_ok=True) == 32
     monkeypatch.setattr(cls, "VARIANT", 4)  # the wgmma kernel on request: blocks of 64 at any size
     assert cls.moe_block_m(8, **glm, wgmma_ok=True) == 64
+
+
+def test_cuda_moe_per_token_choice(monkeypatch):
+    # Which token counts skip the sort (moe_per_token): up to PER_TOKEN_MAX_T by default, up to the tickets'
+    # PER_TOKEN_TICKETS_T under VARIANT 5, never on request of another kernel or where the skinny kernel cannot run.
+    cls = glm_awq.backends.CudaBackend
+    monkeypatch.setattr(cls, "VARIANT", 0)
+    monkeypatch.setattr(cls, "PER_TOKEN_MAX_T", 2)
+    assert cls.per_token(1, 8, True) and cls.per_token(2, 8, True) and not cls.per_token(3, 8, True)
+    assert not cls.per_token(1, 8, False)  # sm_80/86/89: no skinny kernel
+    assert not cls.per_token(1, cls.PER_TOKEN_MAX_TOP_K + 1, True)  # more slots than the kernel keeps
+    monkeypatch.setattr(cls, "VARIANT", 5)
+    assert cls.per_token(cls.PER_TOKEN_TICKETS_T, 8, True) and not cls.per_token(cls.PER_TOKEN_TICKETS_T + 1, 8, True)
+    assert cls.moe_block_m(8, experts=160, k_max=5120) == 8  # beyond the per-token path, 5 sorts as 0 does
+    for variant in (1, 3, 4):
+        monkeypatch.setattr(cls, "VARIANT", variant)
+        assert not cls.per_token(1, 8, True)
