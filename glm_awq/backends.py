@@ -127,8 +127,14 @@ class CudaBackend:
     # w4a16_skinny.cu); 4: the MoE on the wgmma kernel at every size (blocks of 64; sm_90a, w4a16_wgmma.cu);
     # 5: the MoE per token up to PER_TOKEN_TICKETS_T tokens (moe_per_token), then as 0
     VARIANT = 0
-    # The MoE per token (no sort, no slot-sum kernel) up to this many tokens, where the skinny kernel runs.
-    PER_TOKEN_MAX_T = 1
+    # The MoE per token (no sort, no slot-sum kernel) up to this many tokens, where the skinny kernel runs. H200,
+    # GLM-4.6 layer with routing, against the sort (moe_gemm blocks of 8 + moe_sum) in the same run: T = 1 46.0 vs
+    # 57.5 us, T = 2 83.2 vs 89.8, T = 4 133.9 vs 143.3, T = 8 242.6 vs 224.4 (benchmarks/NOTES.md, eleventh session).
+    PER_TOKEN_MAX_T = 4
+    # GEMM1's (block_n, splits) from two tokens: three splits of 256-wide tiles, several waves (H200, routing
+    # excluded: T = 2 73.4 us vs 80.4 with the one-wave auto rule, T = 4 125.1 vs 133.4; T = 1 keeps the auto rule:
+    # 43.4 vs 49.9).
+    PER_TOKEN_GEMM1 = (256, 3)
     PER_TOKEN_TICKETS_T = 16  # the split-K tickets prepare_experts allocates for it: this many tokens, top_k <= 32
     PER_TOKEN_MAX_TOP_K = 32  # kMaxTopK in csrc/ops.h
     SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
@@ -349,8 +355,9 @@ class CudaBackend:
         if self.per_token(tokens, top_k, skinny_ok):
             s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
             ids, weights = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
+            bn1, s1 = self.PER_TOKEN_GEMM1 if tokens > 1 else (0, 0)  # 2I is a multiple of 256 (prepare_experts)
             out = ops.moe_per_token(xx, t["w13"], s13, t["w2"], s2, ids, weights, expert_map,
-                                    t["per_token_tickets"], p.group_size)  # fmt: skip
+                                    t["per_token_tickets"], p.group_size, bn1, s1)  # fmt: skip
             return out.to(dtype)
         wgmma_ok = self._wgmma_ok.get(x.device.index, False)
         k_max = max(p.hidden_size, p.intermediate_size)
