@@ -182,12 +182,14 @@ at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::T
               "moe_per_token: w13 and w2 must be [E, K/16, N/64, 32, 4] and their scales [E, G, N] with one E, got ",
               w13.sizes(), ", ", s13.sizes(), ", ", w2.sizes(), " and ", s2.sizes());
   const int64_t t = x.size(0), hid = x.size(1), inter = w2.size(1) * 16;
+  TORCH_CHECK(w13.size(0) > 0 && hid > 0 && inter > 0, "moe_per_token: E=", w13.size(0), ", H=", hid, " and I=", inter,
+              " must be positive");
   check_cuda_layout("moe_per_token (w13)", w13[0], s13[0], hid, group_size, x.scalar_type());
   check_cuda_layout("moe_per_token (w2)", w2[0], s2[0], inter, group_size, x.scalar_type());
   TORCH_CHECK(w13.size(2) * 64 == 2 * inter && w2.size(2) * 64 == hid, "moe_per_token: w13 must have N = 2I = ",
               2 * inter, " (got ", w13.size(2) * 64, ") and w2 N = H = ", hid, " (got ", w2.size(2) * 64, ")");
   TORCH_CHECK(w13.is_contiguous() && s13.is_contiguous() && w2.is_contiguous() && s2.is_contiguous(),
-              "moe_per_token: the expert weights and scales must be contiguous");
+              "moe_per_token: w13, s13, w2 and s2 must be contiguous (as prepare_experts leaves them)");
   TORCH_CHECK(skinny_supported(x.get_device()), "moe_per_token: the skinny kernel needs 200 KB of shared memory per "
               "block (sm_90 / sm_100), which ", x.device(), " does not give; use moe_gemm");
   const int64_t top_k = topk_ids.dim() == 2 ? topk_ids.size(1) : 0;
@@ -201,7 +203,9 @@ at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::T
               topk_weights.scalar_type(), " ", topk_weights.sizes());
   TORCH_CHECK(!expert_map || (expert_map->scalar_type() == at::kInt && expert_map->dim() == 1 &&
                               expert_map->is_contiguous() && expert_map->device() == x.device()),
-              "moe_per_token: expert_map must be a contiguous int32 [E_global] on ", x.device());
+              "moe_per_token: expert_map must be a contiguous int32 [E_global] on ", x.device(), ", got ",
+              expert_map ? expert_map->scalar_type() : at::kInt, " ", expert_map ? expert_map->sizes() : x.sizes(),
+              " on ", expert_map ? expert_map->device() : x.device());
   const int64_t need = t * std::max(top_k * 2 * inter, hid) / 64;
   TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous() && tickets.numel() >= need,
               "moe_per_token: tickets must be int32 zeros, at least T * max(top_k * 2I, H) / 64 = ", need, " of them, got ",
@@ -216,7 +220,7 @@ at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::T
   TORCH_CHECK(splits1 >= 0 && splits2 >= 0, "moe_per_token: splits must be >= 0 (0: auto), got ", splits1, " and ",
               splits2);
   TORCH_CHECK(t * top_k <= INT32_MAX / std::max<int64_t>(2 * inter, 1) && t * hid <= INT32_MAX,
-              "moe_per_token: T=", t, " is too many tokens for one call");
+              "moe_per_token: T=", t, " is too many tokens for one call; split x and the routing along T");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({t, hid}, x.options());
   if (t == 0) return out;

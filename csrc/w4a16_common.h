@@ -176,12 +176,11 @@ enum Mode : int {
                      // and reads that slot's expert; out [T, H] = acc, the slots summed through split-K
 };
 
-
 // The MoE side of the kernel's arguments (unused by kDense).
 struct MoeArgs {
   const int* sorted;     // [max_blocks * BM] slots grouped by local expert, each run padded to BM (kernels/moe.py)
   const int* counts;     // [E] slots per local expert
-  const float* weights;  // [S] routing weight per slot (kDown)
+  const float* weights;  // [S] routing weight per slot (kDown, kTokenGateUp)
   int num_experts, top_k;
   int64_t w_stride;      // int4 chunks per expert in wq
   int64_t s_stride;      // scale elements per expert in wsc
@@ -218,13 +217,9 @@ __device__ __forceinline__ void find_expert_block(const MoeArgs& moe, int m0, in
   if (lane == 0) s_info[0] = who ? e : -1, s_info[1] = rows;
 }
 
-// Split-K epilogue, called by every thread of a CTA after it stored its fp32 partial tile to
-// partial[split][M][N]: the CTA that takes the tile's last ticket sums the gridDim.z splits in split order (so the
-// bits do not depend on scheduling), adds the bias, writes rows [m0, m0 + rows) x columns [n0, n0 + bn) of out in
-// T and resets the ticket for the next call (and CUDA-graph replays). last_cta: a __shared__ int; THREADS: the
-// CTA's threads.
 // Split-K tickets, called by every thread of a CTA after it stored its partial tile: whether this CTA took the
 // tile's last ticket (of gridDim.z), and so sums the splits (all of them then visible) and resets the ticket.
+// last_cta: a __shared__ int.
 __device__ __forceinline__ bool took_last_ticket(int* ticket, int* last_cta) {
   __threadfence();  // this CTA's partials reach L2 before its ticket says so
   __syncthreads();
@@ -235,6 +230,10 @@ __device__ __forceinline__ bool took_last_ticket(int* ticket, int* last_cta) {
   return true;
 }
 
+// Split-K epilogue, called by every thread of a CTA after it stored its fp32 partial tile to
+// partial[split][M][N]: the CTA that takes the tile's last ticket sums the gridDim.z splits in split order (so the
+// bits do not depend on scheduling), adds the bias, writes rows [m0, m0 + rows) x columns [n0, n0 + bn) of out in
+// T and resets the ticket for the next call (and CUDA-graph replays). THREADS: the CTA's threads.
 template <typename T, int THREADS>
 __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial, const T* __restrict__ bias,
                                                T* __restrict__ out, int* ticket, int* last_cta, int M, int N, int m0,

@@ -25,9 +25,9 @@
 // CTA that takes a tile's last ticket sums them in split order. Every sum has a fixed order: the output bits do not
 // depend on scheduling.
 //
-// Programmatic dependent launch (sm_90+, the dense GEMM only: the MoE GEMMs gained nothing, see launch_skinny): every
-// CTA lets the next kernel of the stream launch as soon as the whole grid runs, and the dense GEMM is launched so that
-// it may start before the previous kernel ends. Its CTAs then get resident and set up during the previous kernel's
+// Programmatic dependent launch (sm_90+, the dense GEMM and the per-token MoE GEMMs; the sorted MoE GEMMs gained
+// nothing, see launch_skinny): every CTA lets the next kernel of the stream launch as soon as the whole grid runs, and
+// the dense GEMM is launched so that it may start before the previous kernel ends (the per-token ones wait at once). Its CTAs then get resident and set up during the previous kernel's
 // tail, and wait (`griddepcontrol.wait`: the previous grid has finished and its writes are visible) before their first
 // load, except the first weight batch (not the scales) of a settled weight (the caller's promise that no work still
 // queued or running writes it: w4a16_gemm's weight_settled; prepare_linear synchronizes after writing its weights),
@@ -87,7 +87,7 @@ struct Skinny {
 template <typename T,  // activation, scale, bias and output dtype: __half or __nv_bfloat16
           int MB,      // 8-token blocks per CTA (B operands): BM = 8 MB rows (1 or 2)
           int WN,      // warps along N, 64 features each (1, 2 or 4); the other 8 / WN warps split K
-          int MODE>    // kDense, kGateUp or kDown (w4a16_common.h)
+          int MODE>    // kDense, kGateUp, kDown, kTokenGateUp or kTokenDown (w4a16_common.h)
 __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_skinny_kernel(
     const T* __restrict__ x,       // [M, K] row-major (MoE: x [T, H] or h [S, I]), 16-byte aligned rows
     const int4* __restrict__ wq,   // [K/16, N/64, 32] int4 chunks: the cuda layout
@@ -568,6 +568,8 @@ cudaError_t token_skinny(const T* x, const at::Tensor& weight, const at::Tensor&
   const int64_t tickets_per_token = tickets.numel() / t;
   const bool auto_wn = wn == 0;
   if (auto_wn) wn = skinny_default_wn(1, n * t, k, tickets_per_token * t, device);
+  while (auto_wn && wn > 1 && n % (64 * wn)) wn /= 2;  // the rule saw n * t: a token's n must be whole tiles
+  if (n % (64 * wn)) return cudaErrorInvalidValue;    // ops.cpp checks explicit widths
   const int n_tiles = n / (64 * wn), batches = k / kBK;
   int s = skinny_splits<1>(n_tiles * t, batches, device, splits, auto_wn ? kMaxAutoSplits : 0);
   const int per_split = (batches + s - 1) / s;

@@ -287,7 +287,7 @@ class CudaBackend:
     @classmethod
     def per_token(cls, tokens: int, top_k: int, skinny_ok: bool) -> bool:
         """Whether fused_moe runs these tokens through moe_per_token (the skinny kernel's device only)."""
-        limit = cls.PER_TOKEN_TICKETS_T if cls.VARIANT == 5 else cls.PER_TOKEN_MAX_T if cls.VARIANT == 0 else 0
+        limit = {5: cls.PER_TOKEN_TICKETS_T, 0: min(cls.PER_TOKEN_MAX_T, cls.PER_TOKEN_TICKETS_T)}.get(cls.VARIANT, 0)
         return skinny_ok and tokens <= limit and top_k <= cls.PER_TOKEN_MAX_TOP_K
 
     def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
@@ -351,7 +351,7 @@ class CudaBackend:
         t = p.tensors
         ops = torch.ops.glm_awq
         if expert_map is not None:
-            expert_map = expert_map.to(torch.int32)
+            expert_map = expert_map.to(torch.int32).contiguous()
         if self.per_token(tokens, top_k, skinny_ok):
             s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
             ids, weights = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
