@@ -59,7 +59,8 @@ def main() -> int:
             _C.set_skinny_pdl(pdl)
             try:
                 out = call(layers[0])
-                us = common.graph_time_us(_rotating([lambda p=p, call=call: call(p) for p in layers]), calls=len(layers))
+                calls = [lambda p=p, call=call: call(p) for p in layers]
+                us = common.graph_time_us(_rotating(calls), calls=len(layers))
             except Exception as exc:  # a config this shape does not take
                 print(f"T={t} {name}: {type(exc).__name__}: {str(exc)[:120]}")
                 continue

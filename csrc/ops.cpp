@@ -195,7 +195,8 @@ at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::T
   const int64_t top_k = topk_ids.dim() == 2 ? topk_ids.size(1) : 0;
   TORCH_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2 && topk_ids.size(0) == t && top_k >= 1 &&
                   top_k <= kMaxTopK && topk_ids.is_contiguous(),
-              "moe_per_token: topk_ids must be contiguous int32 [T=", t, ", top_k] with 1 <= top_k <= ", kMaxTopK, ", got ",
+              "moe_per_token: topk_ids must be contiguous int32 [T=", t, ", top_k] with 1 <= top_k <= ", kMaxTopK,
+              ", got ",
               topk_ids.scalar_type(), " ", topk_ids.sizes());
   TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_weights.sizes() == topk_ids.sizes() &&
                   topk_weights.is_contiguous(),
@@ -208,7 +209,8 @@ at::Tensor moe_per_token(const at::Tensor& x, const at::Tensor& w13, const at::T
               " on ", expert_map ? expert_map->device() : x.device());
   const int64_t need = t * std::max(top_k * 2 * inter, hid) / 64;
   TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous() && tickets.numel() >= need,
-              "moe_per_token: tickets must be int32 zeros, at least T * max(top_k * 2I, H) / 64 = ", need, " of them, got ",
+              "moe_per_token: tickets must be int32 zeros, at least T * max(top_k * 2I, H) / 64 = ", need,
+              " of them, got ",
               tickets.scalar_type(), " ", tickets.sizes(), " (CudaBackend.prepare_experts allocates them)");
   for (const at::Tensor* v : {&w13, &s13, &w2, &s2, &topk_ids, &topk_weights, &tickets})
     TORCH_CHECK(v->device() == x.device(), "moe_per_token: all tensors must be on ", x.device(), ", got ", v->device());

@@ -78,7 +78,7 @@ int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t e
 int launch_moe_skinny(const MoeLaunch& args);
 // The MoE layer for a few tokens without the sort (w4a16_skinny.cu): GEMM1 for every (token, slot) pair, then GEMM2
 // with the slot sum through split-K, two launches of the skinny kernel. Needs skinny_supported.
-constexpr int kMaxTopK = 32;  // slots per token moe_per_token takes (the kernel keeps their expert ids in shared memory)
+constexpr int kMaxTopK = 32;  // slots per token moe_per_token takes (the kernel keeps their experts in shared memory)
 struct TokenLaunch {
   const at::Tensor& x;           // [T, H] bf16/fp16, contiguous, 16-byte aligned
   const at::Tensor& w13;         // int32 [E, H/16, 2I/64, 32, 4], rows interleaved 32 gate / 32 up

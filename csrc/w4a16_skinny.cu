@@ -27,8 +27,8 @@
 //
 // Programmatic dependent launch (sm_90+, the dense GEMM and the per-token MoE GEMMs; the sorted MoE GEMMs gained
 // nothing, see launch_skinny): every CTA lets the next kernel of the stream launch as soon as the whole grid runs, and
-// the dense GEMM is launched so that it may start before the previous kernel ends (the per-token ones wait at once). Its CTAs then get resident and set up during the previous kernel's
-// tail, and wait (`griddepcontrol.wait`: the previous grid has finished and its writes are visible) before their first
+// the dense GEMM is launched so that it may start before the previous kernel ends (the per-token ones wait at once).
+// Its CTAs then get resident and set up during the previous kernel's tail, and wait (`griddepcontrol.wait`: the previous grid has finished and its writes are visible) before their first
 // load, except the first weight batch (not the scales) of a settled weight (the caller's promise that no work still
 // queued or running writes it: w4a16_gemm's weight_settled; prepare_linear synchronizes after writing its weights),
 // which is loaded before the wait. Writes are promised visible only after a wait, and every kernel of a PDL chain may
@@ -344,7 +344,8 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
       const int b = o / 32, c = o % 32;
       const float* p = partial + static_cast<size_t>(mt) * N + nt * BN + b * 64 + c;
       float gate = 0.f, up = 0.f;
-      for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp) gate += __ldcg(p + sp * plane), up += __ldcg(p + sp * plane + 32);
+      for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp)
+        gate += __ldcg(p + sp * plane), up += __ldcg(p + sp * plane + 32);
       h[(nt * WN + b - tile_slot * n64) * 32 + c] = V::from_float(swiglu(gate, up, rw));
     }
     if (tid == 0) tickets[mt * gridDim.y + nt] = 0;
@@ -561,8 +562,8 @@ int skinny_default_wn(int m, int n, int k, int64_t tickets, int device) {
 // virtual shapes: GEMM1 n = top_k 2I, k = H; GEMM2 n = H, k = top_k I), a grid of (t, n tiles, splits) like the
 // dense GEMM's at M = 1; wn = 0 and splits = 0 take the dense rules on a [1, k] x [k, t n] GEMM.
 template <typename T, int MODE>
-cudaError_t token_skinny(const T* x, const at::Tensor& weight, const at::Tensor& scale, T* out, const at::Tensor& tickets,
-                         int t, int n, int k, int wn, int64_t splits, int group_size, const MoeArgs& moe) {
+cudaError_t token_skinny(const T* x, const at::Tensor& weight, const at::Tensor& scale, T* out,
+                         const at::Tensor& tickets, int t, int n, int k, int wn, int64_t splits, int group_size, const MoeArgs& moe) {
   using S = Skinny<1>;
   const int device = weight.get_device();
   const int64_t tickets_per_token = tickets.numel() / t;
@@ -583,9 +584,10 @@ cudaError_t token_skinny(const T* x, const at::Tensor& weight, const at::Tensor&
   const T* wsc = reinterpret_cast<const T*>(scale.data_ptr());
   float* part = s > 1 ? partial.data_ptr<float>() : nullptr;
   int* tk = tickets.data_ptr<int>();
-#define GLM_AWQ_TOKEN_CASE(W) \
-  if (wn == W)                \
-    return launch_skinny<T, 1, W, MODE>(grid, smem, x, wq, wsc, nullptr, out, part, tk, t, n, k, group_size, per_split, moe);
+#define GLM_AWQ_TOKEN_CASE(W)                                                                                     \
+  if (wn == W)                                                                                                    \
+    return launch_skinny<T, 1, W, MODE>(grid, smem, x, wq, wsc, nullptr, out, part, tk, t, n, k, group_size,      \
+                                        per_split, moe);
   GLM_AWQ_TOKEN_CASE(1) GLM_AWQ_TOKEN_CASE(2) GLM_AWQ_TOKEN_CASE(4)
 #undef GLM_AWQ_TOKEN_CASE
   return cudaErrorInvalidValue;

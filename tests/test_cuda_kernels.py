@@ -349,7 +349,8 @@ def _per_token(x, ids, weights, p, block_n1=0, splits1=0, block_n2=0, splits2=0,
 
 # The MoE per token (no sort): GEMM1's tile is one slot's 2I features or a part of them, its K split or not (and the
 # SiLU * up applied by the last split's CTA); GEMM2's K runs over the slots, split mid-slot (I = 384: 3 batches per
-# slot) or at slot boundaries; H = 768 (6 batches, three 256-wide tiles). T = 1 (decode), 2 and 5 (odd); top_k 1, 3 (odd) and 6.
+# slot) or at slot boundaries; H = 768 (6 batches, three 256-wide tiles) and 640 (2.5 of them). T = 1 (decode), 2
+# and 5 (odd); top_k 1, 3 (odd) and 6.
 @pytest.mark.parametrize("t, top_k", [(1, 6), (2, 3), (5, 1), (5, 6)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", [(0, 0, 0, 0), (64, 1, 64, 2), (256, 3, 128, 4), (128, 2, 256, 9), (64, 40, 64, 5)])
@@ -422,10 +423,11 @@ def test_moe_per_token_opcheck_cuda_graph_and_errors():
     # Bad calls, in a child (see test_errors_carry_the_numbers): each error names the value.
     res = subprocess.run([sys.executable, "-c", _BAD_PER_TOKEN], capture_output=True, text=True, timeout=120)
     if res.returncode == -11:
-        pytest.xfail("a TORCH_CHECK failure inside glm_awq._C segfaults on this toolchain (test_errors_carry_the_numbers)")
+        pytest.xfail("a TORCH_CHECK failure inside glm_awq._C segfaults on this toolchain (see test_errors_carry_...)")
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
-    for expected in ("topk_ids must be contiguous int32 [T=3, top_k]", "at least T * max(top_k * 2I, H) / 64 = 24 of them",
-                     "block_n=96 must be 0"):  # fmt: skip
+    expected_errors = ("topk_ids must be contiguous int32 [T=3, top_k]", "block_n=96 must be 0",
+                       "at least T * max(top_k * 2I, H) / 64 = 24 of them")  # fmt: skip
+    for expected in expected_errors:
         assert expected in res.stdout, (expected, res.stdout[-2000:])
 
 
@@ -440,7 +442,8 @@ s2 = torch.full((e, h, i // 128), 0.01, device="cuda", dtype=torch.bfloat16)
 t = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda").tensors
 x = torch.randn(3, h, device="cuda").to(torch.bfloat16)
 ids, w = torch.randint(0, e, (3, k), device="cuda", dtype=torch.int32), torch.rand(3, k, device="cuda")
-good = [x, t["w13"], t["w13_scale.bfloat16"], t["w2"], t["w2_scale.bfloat16"], ids, w, None, t["per_token_tickets"], 128]
+good = [x, t["w13"], t["w13_scale.bfloat16"], t["w2"], t["w2_scale.bfloat16"], ids, w, None, t["per_token_tickets"],
+        128]
 for bad in ({5: ids.long()}, {8: t["per_token_tickets"][:23]}, {10: 96}):
     args = good + [0] * (max(bad) + 1 - len(good))
     for at, value in bad.items():
