@@ -75,7 +75,7 @@ class TritonBackend:
         return w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], p.bias, p.group_size, tickets=t["tickets"])
 
     def prepare_experts(self, p):
-        from glm_awq.kernels import w4a16_gemm
+        from glm_awq.kernels import moe, w4a16_gemm
 
         if p.hidden_size % 128 or p.intermediate_size % 128 or p.group_size % 128:
             raise UnsupportedShape(
@@ -86,6 +86,8 @@ class TritonBackend:
         w13 = w4a16_gemm.prepare(t["w13_packed"], t["w13_scale"])
         w2 = w4a16_gemm.prepare(t["w2_packed"], t["w2_scale"])
         p.tensors = {"w13": w13["weight"], "w13_scale": w13["scale"], "w2": w2["weight"], "w2_scale": w2["scale"]}
+        p.tensors["token_tickets"] = moe.token_tickets(moe.PER_TOKEN_MAX_T, p.hidden_size, p.intermediate_size,
+                                                       w13["weight"].device)  # fmt: skip
         return p
 
     def route(self, logits, bias, top_k, scaling, n_group, topk_group, renormalize):
@@ -98,7 +100,8 @@ class TritonBackend:
 
         t = p.tensors
         return moe.fused_moe(
-            x, topk_ids, topk_weights, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], p.group_size, expert_map
+            x, topk_ids, topk_weights, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], p.group_size, expert_map,
+            tickets=t["token_tickets"],
         )
 
 

@@ -33,7 +33,16 @@ import triton.language as tl
 
 from glm_awq import env
 from glm_awq.kernels import tuning
-from glm_awq.kernels.w4a16_gemm import KBLOCK, _check_activation, _magic, _offset_tile, _sm_count
+from glm_awq.kernels.w4a16_gemm import (
+    KBLOCK,
+    _check_activation,
+    _gemv_block,
+    _gemv_xs,
+    _magic,
+    _offset_tile,
+    _sm_count,
+    split_k_tickets,
+)
 
 _INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
 _NVIDIA = torch.version.hip is None  # the inline PTX dequant (_DEQUANT_ASM) is NVIDIA-only
@@ -416,6 +425,178 @@ def _sum_slots_kernel(
     tl.store(out_ptr + t * H + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask_h)
 
 
+# ------------------------------------------------------------------------------------ per token (decode)
+# At a few tokens a token's A experts are distinct: grouping slots by expert saves no weight reads and costs the
+# sort, a slot sum and tensor-core tiles padded from one row to 16. The per-token path runs the layer as two
+# CUDA-core GEMVs (kernels/w4a16_gemm.py's _gemv_block: lop3 + add + fma per weight), no sort:
+#   _token_gate_up  program (slot, I tile, K split): h[s] = w[s] * silu(x[t] @ gate_e^T) * (x[t] @ up_e^T),
+#                   e = ids[s]; gate and up columns together, so the epilogue has both
+#   _token_down     program (token, H tile, K split): out[t] = h[t * A : t * A + A] (one row of A I) @ the
+#                   token's A down weights stacked along K (each 128-row block reads its slot's expert)
+# Split-K partials are summed by the last program of each tile to arrive (a ticket, as in the GEMV), in split
+# order: deterministic, two launches in all. A slot whose expert is not here (expert_map -1, or an id outside
+# [0, E_ids)) loads nothing (masked) and contributes exact zeros.
+
+
+@triton.jit
+def _slot_expert(ids_ptr, map_ptr, slot, E_IDS, E, HAS_MAP: tl.constexpr):
+    """(local expert of a token-slot, clamped to 0 when it is not here; whether it is here)."""
+    e = tl.load(ids_ptr + slot).to(tl.int32)
+    here = (e >= 0) & (e < E_IDS)
+    if HAS_MAP:
+        e = tl.load(map_ptr + tl.where(here, e, 0))
+        here = here & (e >= 0) & (e < E)
+    return tl.where(here, e, 0), here
+
+
+@triton.jit
+def _token_gate_up_kernel(
+    x_ptr,  # [T, H] activations, rows stride_x apart
+    ids_ptr,  # [S] expert id per slot (global; int32 or int64)
+    map_ptr,  # int32 [E_IDS] global -> local expert, -1 = not here (HAS_MAP), else a dummy
+    topk_w_ptr,  # fp32 [S] routing weights
+    w_ptr,  # int32 [E, H/8, 2I]: gate columns then up columns, block-interleaved
+    s_ptr,  # [E, H/GROUP, 2I]
+    h_ptr,  # [S, I] out, x's dtype: w * silu(gate) * up
+    part_ptr,  # fp32 [SPLIT_K, S, 2, I] partials (SPLIT_K > 1), else a dummy
+    ticket_ptr,  # int32 [S * cdiv(I, BLOCK_N)] zeros (SPLIT_K > 1); left at zero
+    S,
+    H,
+    I,
+    E,
+    E_IDS,
+    stride_x,
+    TOP_K: tl.constexpr,
+    GROUP: tl.constexpr,  # a multiple of 128
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    magic_bits,  # 0x4B000000 in a register (see _gemv_magic)
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    slot = pid // tl.cdiv(I, BLOCK_N)
+    offs_n = (pid % tl.cdiv(I, BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, 16)
+    e, here = _slot_expert(ids_ptr, map_ptr, slot, E_IDS, E, HAS_MAP)
+    mask_n = offs_n < tl.where(here, I, 0)  # (a scalar & a vector mask trips the interpreter)
+    blocks = H // (128 * SPLIT_K)
+    b0 = pid_k * blocks
+    w_ptrs = w_ptr + e.to(tl.int64) * (H // 8) * (2 * I) + (b0 * 16 + offs_w)[:, None] * (2 * I) + offs_n[None, :]
+    s_ptrs = s_ptr + e.to(tl.int64) * (H // GROUP) * (2 * I) + offs_n
+    x_ptrs = x_ptr + (slot // TOP_K).to(tl.int64) * stride_x + b0 * 128 + offs_w
+    acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    words_g = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+    words_u = tl.load(w_ptrs + I, mask=mask_n[None, :], other=0)
+    scale_g = tl.load(s_ptrs + (b0 * 128 // GROUP) * (2 * I), mask=mask_n, other=0.0)
+    scale_u = tl.load(s_ptrs + (b0 * 128 // GROUP) * (2 * I) + I, mask=mask_n, other=0.0)
+    xs = _gemv_xs(x_ptrs)
+    for i in range(blocks):  # the next block's loads before this block's math, as in the GEMV
+        ahead = tl.where(i + 1 < blocks, 1, 0)
+        next_w = w_ptrs + ahead * 16 * (2 * I)
+        next_s = s_ptrs + ((b0 + i + ahead) * 128 // GROUP) * (2 * I)
+        words_g_next = tl.load(next_w, mask=mask_n[None, :], other=0)
+        words_u_next = tl.load(next_w + I, mask=mask_n[None, :], other=0)
+        scale_g_next = tl.load(next_s, mask=mask_n, other=0.0)
+        scale_u_next = tl.load(next_s + I, mask=mask_n, other=0.0)
+        xs_next = _gemv_xs(x_ptrs + ahead * 128)
+        acc_g += _gemv_block(words_g, xs, magic_bits) * scale_g.to(tl.float32)[None, :]
+        acc_u += _gemv_block(words_u, xs, magic_bits) * scale_u.to(tl.float32)[None, :]
+        words_g, words_u, scale_g, scale_u, xs = words_g_next, words_u_next, scale_g_next, scale_u_next, xs_next
+        w_ptrs += 16 * (2 * I)
+        x_ptrs += 128
+    gate = tl.sum(acc_g, axis=0)  # [BN]
+    up = tl.sum(acc_u, axis=0)
+    mask_out = offs_n < I  # a slot not here still writes its zeros
+    if SPLIT_K > 1:
+        part = part_ptr + (pid_k * S + slot) * 2 * I + offs_n
+        tl.store(part, gate, mask=mask_out)
+        tl.store(part + I, up, mask=mask_out)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (acq_rel, gpu)
+        if tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu") != SPLIT_K - 1:
+            return
+        gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for sk in tl.static_range(SPLIT_K):  # the last split to arrive sums all of them, in split order
+            part = part_ptr + (sk * S + slot) * 2 * I + offs_n
+            gate += tl.load(part, mask=mask_out, other=0.0, cache_modifier=".cg")
+            up += tl.load(part + I, mask=mask_out, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(ticket_ptr + pid, 0)  # ready for the next call (and CUDA graph replays)
+    h = gate * tl.sigmoid(gate) * up * tl.load(topk_w_ptr + slot)
+    tl.store(h_ptr + slot.to(tl.int64) * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _token_down_kernel(
+    h_ptr,  # [S, I] from _token_gate_up: token t's A rows are one contiguous row of A I
+    ids_ptr,  # [S] expert id per slot (global)
+    map_ptr,  # int32 [E_IDS] (HAS_MAP), else a dummy
+    w_ptr,  # int32 [E, I/8, H], block-interleaved
+    s_ptr,  # [E, I/GROUP, H]
+    out_ptr,  # [T, H] out, h's dtype
+    part_ptr,  # fp32 [SPLIT_K, T, H] partials (SPLIT_K > 1), else a dummy
+    ticket_ptr,  # int32 [T * cdiv(H, BLOCK_N)] zeros (SPLIT_K > 1); left at zero
+    T,
+    H,
+    I,
+    E,
+    E_IDS,
+    TOP_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # divides TOP_K * I / 128
+    HAS_MAP: tl.constexpr,
+    magic_bits,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    t = pid // tl.cdiv(H, BLOCK_N)
+    offs_n = (pid % tl.cdiv(H, BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, 16)
+    mask_n = offs_n < H
+    per_slot = I // 128  # layout blocks of one expert's K
+    blocks = TOP_K * per_slot // SPLIT_K
+    b0 = pid_k * blocks
+    expert_words = (I // 8) * H
+    expert_scales = (I // GROUP) * H
+    h_row = h_ptr + t.to(tl.int64) * TOP_K * I + offs_w
+
+    # block b of the token's K: slot b // per_slot, row block b % per_slot of that slot's expert
+    e, here = _slot_expert(ids_ptr, map_ptr, t * TOP_K + b0 // per_slot, E_IDS, E, HAS_MAP)
+    r = b0 % per_slot
+    mask = offs_n < tl.where(here, H, 0)
+    words = tl.load(w_ptr + e.to(tl.int64) * expert_words + (r * 16 + offs_w)[:, None] * H + offs_n[None, :],
+                    mask=mask[None, :], other=0)  # fmt: skip
+    scale = tl.load(s_ptr + e.to(tl.int64) * expert_scales + (r * 128 // GROUP) * H + offs_n, mask=mask, other=0.0)
+    xs = _gemv_xs(h_row + b0 * 128)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for i in range(blocks):
+        b = b0 + i + tl.where(i + 1 < blocks, 1, 0)  # the next block (the last re-reads itself)
+        e, here = _slot_expert(ids_ptr, map_ptr, t * TOP_K + b // per_slot, E_IDS, E, HAS_MAP)
+        r = b % per_slot
+        mask = offs_n < tl.where(here, H, 0)
+        words_next = tl.load(w_ptr + e.to(tl.int64) * expert_words + (r * 16 + offs_w)[:, None] * H + offs_n[None, :],
+                             mask=mask[None, :], other=0)  # fmt: skip
+        scale_next = tl.load(s_ptr + e.to(tl.int64) * expert_scales + (r * 128 // GROUP) * H + offs_n,
+                             mask=mask, other=0.0)  # fmt: skip
+        xs_next = _gemv_xs(h_row + b * 128)
+        acc += _gemv_block(words, xs, magic_bits) * scale.to(tl.float32)[None, :]
+        words, scale, xs = words_next, scale_next, xs_next
+    y = tl.sum(acc, axis=0)  # [BN]
+    out_offs = t.to(tl.int64) * H + offs_n
+    if SPLIT_K > 1:
+        tl.store(part_ptr + pid_k * T * H + out_offs, y, mask=mask_n)
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu") != SPLIT_K - 1:
+            return
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for sk in tl.static_range(SPLIT_K):
+            y += tl.load(part_ptr + sk * T * H + out_offs, mask=mask_n, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(ticket_ptr + pid, 0)
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 # ----------------------------------------------------------------------------------------------- launchers
 
 
@@ -513,26 +694,105 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     )  # fmt: skip
 
 
-def fused_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_size=128, expert_map=None, configs=None):
-    """x [T, H] bf16/fp16 -> [T, H]: the routed experts' weighted sum (weights prepared as described above).
-
-    configs: optional (GEMM1, GEMM2) launch configs overriding pick_config (benchmarks and tuning).
-    """
+def _flat_inputs(x, topk_ids, topk_weights, expert_map, group_size):
+    """Both paths' checks and views: x with unit column stride, ids [S], fp32 weights [S], an int32 contiguous map."""
     _check_activation(x)
     if group_size % KBLOCK:
         raise ValueError(f"the triton MoE needs group_size a multiple of 128, got {group_size}; use backend='torch'")
-    t, h = x.shape
-    top_k = topk_ids.shape[1]
-    e, i = w13.shape[0], w2.shape[1] * 8
-    out = torch.empty_like(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if expert_map is not None:
+        expert_map = expert_map.to(torch.int32).contiguous()
+    return x, topk_ids.reshape(-1), topk_weights.reshape(-1).float(), expert_map
+
+
+# Up to this many tokens fused_moe runs per token (no sort). Measured: benchmarks/NOTES.md, twelfth session.
+PER_TOKEN_MAX_T = 2
+PER_TOKEN_PROGRAMS_PER_SM = 6  # the K splits aim at this many programs per SM (as the GEMV's)
+PER_TOKEN_MAX_TOP_K = 32  # token_tickets sizes for this many experts per token
+
+
+def token_config(tokens: int, top_k: int, h: int, i: int, device) -> dict:
+    """The per-token path's launch: 64-column tiles (the GEMV's), each GEMM's K split for ~6 programs per SM
+    (a gate/up program streams two tiles and counts twice)."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
+
+    def split(tiles: int, blocks: int) -> int:
+        want = max(1, PER_TOKEN_PROGRAMS_PER_SM * sms // max(tiles, 1))
+        return max(s for s in range(1, min(want, blocks, 16) + 1) if blocks % s == 0)
+
+    bn = 64
+    return dict(
+        BLOCK_N1=bn, SPLIT_K1=split(2 * tokens * top_k * triton.cdiv(i, bn), h // KBLOCK),
+        BLOCK_N2=bn, SPLIT_K2=split(tokens * triton.cdiv(h, bn), top_k * i // KBLOCK), num_warps=4,
+    )  # fmt: skip
+
+
+def token_tickets(tokens: int, h: int, i: int, device, top_k: int = PER_TOKEN_MAX_TOP_K) -> torch.Tensor:
+    """Zeroed split-K tickets for fused_moe_per_token up to this many tokens and top_k, any tiles >= 16 wide
+    (both GEMMs use them in turn and leave them at zero)."""
+    return torch.zeros(tokens * max(top_k * triton.cdiv(i, 16), triton.cdiv(h, 16)), dtype=torch.int32, device=device)
+
+
+def fused_moe_per_token(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_size=128, expert_map=None,
+                        config=None, tickets=None):  # fmt: skip
+    """fused_moe for a few tokens, per token (see "per token" above): the same contract and weights.
+
+    tickets: token_tickets' int32 zeros, kept with the weights (without them a call allocates its own); two calls
+    must not share them concurrently. config: token_config's keys, overriding it (benchmarks and tuning)."""
+    x, ids, weights, expert_map = _flat_inputs(x, topk_ids, topk_weights, expert_map, group_size)
+    (t, h), top_k, e, i = x.shape, topk_ids.shape[1], w13.shape[0], w2.shape[1] * 8
     s = t * top_k
+    out = torch.empty_like(x)
     if s == 0:
         return out
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    ids = topk_ids.reshape(-1)
-    weights = topk_weights.reshape(-1).float()
-    if expert_map is not None:
-        expert_map = expert_map.to(torch.int32)
+    e_ids = e if expert_map is None else expert_map.numel()
+    cfg = {**token_config(t, top_k, h, i, x.device), **(config or {})}
+    bn1, split1, bn2, split2 = cfg["BLOCK_N1"], cfg["SPLIT_K1"], cfg["BLOCK_N2"], cfg["SPLIT_K2"]
+    if (h // KBLOCK) % split1 or (top_k * i // KBLOCK) % split2:
+        raise ValueError(
+            f"per-token config {cfg} does not tile K: SPLIT_K1 must divide H/128={h // KBLOCK} and SPLIT_K2 "
+            f"top_k*I/128={top_k * i // KBLOCK}"
+        )
+    tiles1, tiles2 = s * triton.cdiv(i, bn1), t * triton.cdiv(h, bn2)
+    if max(split1, split2) > 1:
+        tickets = split_k_tickets(tickets, max(tiles1, tiles2), min(bn1, bn2), x.device, "token_tickets(...)")
+    else:
+        tickets = out  # a dummy
+    dummy_map = expert_map if expert_map is not None else tickets
+    magic = 0x4B000000
+    hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
+    part1 = torch.empty((split1, s, 2, i), dtype=torch.float32, device=x.device) if split1 > 1 else hidden
+    _token_gate_up_kernel[(tiles1, split1)](
+        x, ids, dummy_map, weights, w13, w13_scale, hidden, part1, tickets, s, h, i, e, e_ids, x.stride(0),
+        TOP_K=top_k, GROUP=group_size, BLOCK_N=bn1, SPLIT_K=split1, HAS_MAP=expert_map is not None,
+        magic_bits=magic, num_warps=cfg["num_warps"], num_stages=1,
+    )  # fmt: skip
+    part2 = torch.empty((split2, t, h), dtype=torch.float32, device=x.device) if split2 > 1 else out
+    _token_down_kernel[(tiles2, split2)](
+        hidden, ids, dummy_map, w2, w2_scale, out, part2, tickets, t, h, i, e, e_ids,
+        TOP_K=top_k, GROUP=group_size, BLOCK_N=bn2, SPLIT_K=split2, HAS_MAP=expert_map is not None,
+        magic_bits=magic, num_warps=cfg["num_warps"], num_stages=1,
+    )  # fmt: skip
+    return out
+
+
+def fused_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_size=128, expert_map=None, configs=None,
+              tickets=None):  # fmt: skip
+    """x [T, H] bf16/fp16 -> [T, H]: the routed experts' weighted sum (weights prepared as described above).
+
+    Up to PER_TOKEN_MAX_T tokens (and top_k <= PER_TOKEN_MAX_TOP_K) it runs fused_moe_per_token, with `tickets`.
+    configs: optional (GEMM1, GEMM2) launch configs of the sorted path, which they force (benchmarks and tuning).
+    """
+    if configs is None and x.shape[0] <= PER_TOKEN_MAX_T and topk_ids.shape[1] <= PER_TOKEN_MAX_TOP_K:
+        return fused_moe_per_token(
+            x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, group_size, expert_map, tickets=tickets
+        )
+    x, ids, weights, expert_map = _flat_inputs(x, topk_ids, topk_weights, expert_map, group_size)
+    (t, h), top_k, e, i = x.shape, topk_ids.shape[1], w13.shape[0], w2.shape[1] * 8
+    s = t * top_k
+    out = torch.empty_like(x)
+    if s == 0:
+        return out
 
     cfg1, cfg2 = configs or (pick_config("w13", s, i, h, e, x.device), pick_config("w2", s, h, i, e, x.device))
     if cfg1["BLOCK_M"] != cfg2["BLOCK_M"]:

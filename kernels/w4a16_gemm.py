@@ -193,6 +193,29 @@ def _gemv_x(x_ptrs, j: tl.constexpr):
 
 
 @triton.jit
+def _gemv_xs(x_ptrs):
+    """A layout block's 128 values of x as eight [16, 1] fp32 columns (_gemv_x of nibbles 0..7)."""
+    return (_gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3),
+            _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7))  # fmt: skip
+
+
+@triton.jit
+def _gemv_block(words, xs, magic):
+    """One layout block's words [16, BN] against its x (_gemv_xs): sum over nibbles j of (q - 8) x[16 j + w],
+    [16, BN] fp32 before the group's scale (the sum over the 16 words w is left to the caller)."""
+    high = words >> 16
+    part = _gemv_magic(words, 0, magic) * xs[0]
+    part += _gemv_magic(words, 1, magic) * xs[1]
+    part += _gemv_magic(words, 2, magic) * xs[2]
+    part += _gemv_magic(words, 3, magic) * xs[3]
+    part += _gemv_magic(high, 4, magic) * xs[4]
+    part += _gemv_magic(high, 5, magic) * xs[5]
+    part += _gemv_magic(high, 6, magic) * xs[6]
+    part += _gemv_magic(high, 7, magic) * xs[7]
+    return part
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,  # [K] activations: one row
     w_ptr,  # int32 [K/8, N], the block-interleaved layout
@@ -228,27 +251,14 @@ def _w4a16_gemv_kernel(
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
     scale = tl.load(s_ptrs + (b0 * 128 // GROUP) * N, mask=mask_n, other=0.0)
-    x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
-    x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
+    xs = _gemv_xs(x_ptrs)
     for i in range(blocks):
         ahead = tl.where(i + 1 < blocks, 1, 0)  # the last block re-reads itself: stays in bounds
         words_next = tl.load(w_ptrs + ahead * 16 * N, mask=mask_n[None, :], other=0)
         scale_next = tl.load(s_ptrs + ((b0 + i + ahead) * 128 // GROUP) * N, mask=mask_n, other=0.0)
-        xn = x_ptrs + ahead * 128
-        n0, n1, n2, n3 = _gemv_x(xn, 0), _gemv_x(xn, 1), _gemv_x(xn, 2), _gemv_x(xn, 3)
-        n4, n5, n6, n7 = _gemv_x(xn, 4), _gemv_x(xn, 5), _gemv_x(xn, 6), _gemv_x(xn, 7)
-        high = words >> 16
-        part = _gemv_magic(words, 0, magic_bits) * x0
-        part += _gemv_magic(words, 1, magic_bits) * x1
-        part += _gemv_magic(words, 2, magic_bits) * x2
-        part += _gemv_magic(words, 3, magic_bits) * x3
-        part += _gemv_magic(high, 4, magic_bits) * x4
-        part += _gemv_magic(high, 5, magic_bits) * x5
-        part += _gemv_magic(high, 6, magic_bits) * x6
-        part += _gemv_magic(high, 7, magic_bits) * x7
-        acc += part * scale.to(tl.float32)[None, :]
-        words, scale = words_next, scale_next
-        x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
+        xs_next = _gemv_xs(x_ptrs + ahead * 128)
+        acc += _gemv_block(words, xs, magic_bits) * scale.to(tl.float32)[None, :]
+        words, scale, xs = words_next, scale_next, xs_next
         w_ptrs += 16 * N
         x_ptrs += 128
     y = tl.sum(acc, axis=0)  # [BN]

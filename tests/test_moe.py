@@ -285,6 +285,88 @@ def test_triton_moe_wide(block_m):
             assert torch.isfinite(ptx).all() and rel_err(ptx, fp32) < 1e-3, dtype
 
 
+def _triton_only():
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    from glm_awq.kernels import moe
+
+    return moe
+
+
+def _per_token(moe, x, ids, w, t, expert_map=None, config=None, tickets=None):
+    return moe.fused_moe_per_token(x, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, expert_map,
+                                   config=config, tickets=tickets)  # fmt: skip
+
+
+# The Triton per-token path (decode). H = I = 384 (3 layout blocks: GEMM1 splits 1 or 3; a slot's 3 blocks of
+# GEMM2's K, so its split of 3 over top_k 4 crosses slot boundaries mid-split); T up to 3 (past the default limit);
+# top_k 1 and 4 of 5 experts (3 tokens x 4 share experts); tiles that do and do not divide 384; None =
+# token_config's own split. Small enough for the interpreter.
+@pytest.mark.parametrize("t, top_k", [(1, 1), (1, 4), (3, 4)])
+@pytest.mark.parametrize(
+    "config",
+    [None, dict(BLOCK_N1=32, SPLIT_K1=1, BLOCK_N2=32, SPLIT_K2=1), dict(BLOCK_N1=256, SPLIT_K1=3, BLOCK_N2=128,
+     SPLIT_K2=3), dict(BLOCK_N1=64, SPLIT_K1=1, BLOCK_N2=256, SPLIT_K2=3)],
+)  # fmt: skip
+def test_triton_moe_per_token(t, top_k, config):
+    moe = _triton_only()
+    gen = torch.Generator().manual_seed(t * 10 + top_k)
+    experts = [w.to(DEVICE) for w in _experts(5, 384, 384, gen)]
+    p = glm_awq.prepare_experts(*experts, backend="triton")
+    tickets = moe.token_tickets(3, 384, 384, DEVICE, top_k=4)
+    ids, w = route_ref(torch.randn(t, 5, generator=gen), torch.zeros(5), top_k=top_k)
+    ids, w = ids.to(DEVICE), w.to(DEVICE)
+    for dtype in DTYPES:
+        x = torch.randn(t, 384, generator=gen).to(dtype).to(DEVICE)
+        poison_allocator(DEVICE)
+        out = _per_token(moe, x, ids, w, p.tensors, config=config, tickets=tickets)
+        assert out.dtype == dtype and rel_err(out, fused_moe_ref(x.float(), ids, w, *experts)) < 1e-2, dtype
+        assert not tickets.any()  # left at zero for the next call (and CUDA graph replays)
+        if DEVICE == "cuda":  # the same bits again (the interpreter runs programs in order)
+            assert torch.equal(out, _per_token(moe, x, ids, w, p.tensors, config=config, tickets=tickets))
+
+
+def test_triton_moe_per_token_expert_map_and_bad_ids():
+    """Slots held elsewhere (map -1), negative ids and ids past the map contribute exact zeros (their loads are
+    masked off); a token whose every slot is elsewhere gets zeros."""
+    moe = _triton_only()
+    gen = torch.Generator().manual_seed(3)
+    experts = [w.to(DEVICE) for w in _experts(4, 256, 256, gen)]
+    p = glm_awq.prepare_experts(*experts, backend="triton")
+    expert_map = torch.tensor([-1, 2, -1, 0, 1, -1, 3, -1], dtype=torch.int32, device=DEVICE)  # local 0..3
+    x = torch.randn(3, 256, generator=gen).to(DTYPES[0]).to(DEVICE)
+    ids = torch.tensor([[1, 0, 3, 6], [2, -1, 4, 9], [0, 2, 5, 7]], dtype=torch.int32, device=DEVICE)
+    w = torch.rand(3, 4, generator=gen).to(DEVICE)
+    here = (ids >= 0) & (ids < 8)
+    local = torch.where(here, expert_map[ids.clamp(0, 7)], -1)
+    expected = fused_moe_ref(x.float(), torch.where(local >= 0, local, 0), torch.where(local >= 0, w, 0.0), *experts)
+    for config in (None, dict(SPLIT_K1=2, SPLIT_K2=4)):
+        out = _per_token(moe, x, ids, w, p.tensors, expert_map, config)
+        assert rel_err(out, expected) < 1e-2
+        assert torch.equal(out[2], torch.zeros_like(out[2]))  # every slot of token 2 is elsewhere
+
+
+def test_triton_moe_per_token_errors_and_dispatch(monkeypatch):
+    moe = _triton_only()
+    gen = torch.Generator().manual_seed(4)
+    experts = [w.to(DEVICE) for w in _experts(4, 256, 128, gen)]
+    p = glm_awq.prepare_experts(*experts, backend="triton")
+    x = torch.randn(moe.PER_TOKEN_MAX_T + 1, 256, generator=gen).to(DTYPES[0]).to(DEVICE)
+    ids, w = route_ref(torch.randn(x.shape[0], 4, generator=gen), torch.zeros(4), top_k=2)
+    ids, w = ids.to(DEVICE), w.to(DEVICE)
+    with pytest.raises(ValueError, match=r"SPLIT_K1 must divide H/128=2"):
+        _per_token(moe, x, ids, w, p.tensors, config=dict(SPLIT_K1=3))
+    with pytest.raises(ValueError, match=r"tickets must be int32 zeros .* at least"):
+        _per_token(moe, x, ids, w, p.tensors, config=dict(SPLIT_K2=2), tickets=torch.zeros(1, dtype=torch.int32))
+    calls = []
+    per_token = moe.fused_moe_per_token
+    monkeypatch.setattr(moe, "fused_moe_per_token", lambda *a, **k: calls.append(a[0].shape[0]) or per_token(*a, **k))
+    for t in (1, moe.PER_TOKEN_MAX_T, moe.PER_TOKEN_MAX_T + 1):  # the backend: per token up to the limit, then sorted
+        assert rel_err(glm_awq.fused_moe(x[:t], ids[:t], w[:t], p), fused_moe_ref(x[:t].float(), ids[:t], w[:t],
+                       *experts)) < 1e-2  # fmt: skip
+    assert calls == [1, moe.PER_TOKEN_MAX_T]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_moe_zero_tokens(backend):
     experts = _experts(4, 128, 128, torch.Generator().manual_seed(0))
@@ -312,7 +394,8 @@ def glm_experts():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("t", [1, 3, 17, 100, 1000, 2000])  # triton: 1000 and 2000 take both prefill rules
+# 1, 2: the per-token paths; triton: 1000 and 2000 take both prefill rules
+@pytest.mark.parametrize("t", [1, 2, 3, 17, 100, 1000, 2000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_moe_glm_shapes(backend, t, dtype, glm_experts):
     gen = torch.Generator().manual_seed(t)
@@ -325,7 +408,8 @@ def test_fused_moe_glm_shapes(backend, t, dtype, glm_experts):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_moe_layer_cuda_graph_and_compile(backend, glm_experts):
+@pytest.mark.parametrize("t", [1, 4])  # 1: the per-token paths (decode); 4: the triton sort
+def test_moe_layer_cuda_graph_and_compile(backend, t, glm_experts):
     gen = torch.Generator().manual_seed(5)
     p = glm_awq.prepare_experts(*(e.cuda() for e in glm_experts), backend=backend)
     bias = (torch.randn(GLM_E, generator=gen) * 0.1).cuda()
@@ -334,13 +418,13 @@ def test_moe_layer_cuda_graph_and_compile(backend, glm_experts):
         ids, w = glm_awq.route(logits, bias, backend=backend)
         return glm_awq.fused_moe(x, ids, w, p)
 
-    x = torch.randn(4, GLM_H, generator=gen).to(torch.bfloat16).cuda()
-    logits = torch.randn(4, GLM_E, generator=gen).cuda()
+    x = torch.randn(t, GLM_H, generator=gen).to(torch.bfloat16).cuda()
+    logits = torch.randn(t, GLM_E, generator=gen).cuda()
     layer(x, logits)  # compile the kernels before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = layer(x, logits)
-    x2, logits2 = torch.randn(4, GLM_H, generator=gen).to(torch.bfloat16), torch.randn(4, GLM_E, generator=gen)
+    x2, logits2 = torch.randn(t, GLM_H, generator=gen).to(torch.bfloat16), torch.randn(t, GLM_E, generator=gen)
     x.copy_(x2.cuda())
     logits.copy_(logits2.cuda())
     graph.replay()
