@@ -15,10 +15,10 @@ second dot against a constant tile of -offset: both dots accumulate in fp32 and 
     x . q = x . (magic) + x . (-offset)
 holds to fp32 rounding. x then feeds nothing but dots, which lets Triton pipeline its loads.
 
-Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that a
-second small kernel sums in a fixed order (deterministic), adds the bias and casts. Up to GEMV_MAX_M rows a
-CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core rows, lop3 + add + fma per weight,
-split-K summed by the last program of each tile in one launch). Large M (>= DENSE_MIN_M) dequantizes W once and
+Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that the
+last split of each tile to arrive (a ticket) sums in a fixed order (deterministic), adds the bias and casts, in
+the same launch. Up to GEMV_MAX_M rows a CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core
+rows, lop3 + add + fma per weight, split-K summed the same way). Large M (>= DENSE_MIN_M) dequantizes W once and
 runs cuBLAS on tensor cores.
 """
 
@@ -108,7 +108,9 @@ def _w4a16_gemm_kernel(
     w_ptr,  # int32 [K/8, N], the block-interleaved layout above
     s_ptr,  # [G, N] scales
     bias_ptr,  # [N] or a dummy when HAS_BIAS is False
-    out_ptr,  # SPLIT_K == 1: [M, N] in x's dtype; else fp32 partials [SPLIT_K, M, N]
+    out_ptr,  # [M, N] in x's dtype, rows stride_om apart
+    part_ptr,  # fp32 [SPLIT_K, M, N] partials when SPLIT_K > 1 (else a dummy)
+    ticket_ptr,  # int32 [tiles] zeros when SPLIT_K > 1: the last split of a tile sums the partials; left at zero
     M,
     N,
     K,
@@ -159,14 +161,21 @@ def _w4a16_gemm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(DTYPE), mask=mask)
-    else:
-        tl.store(out_ptrs + pid_k * M * stride_om, acc, mask=mask)
+    if SPLIT_K > 1:  # partials; the last split of this tile to arrive sums them in split order (deterministic)
+        part_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (acq_rel, gpu)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu") != SPLIT_K - 1:
+            return
+        acc = tl.zeros_like(acc)
+        for sk in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptrs + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call (and CUDA graph replays)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -282,27 +291,6 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def _split_k_reduce_kernel(
-    part_ptr,  # fp32 [SPLIT_K, M, N], contiguous
-    bias_ptr,  # [N] or a dummy
-    out_ptr,  # [M, N] contiguous, output dtype
-    M,
-    N,
-    SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):  # fixed order: the same bits every run
-        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _dequantize_kernel(
     w_ptr,  # int32 [K/8, N], block-interleaved
     s_ptr,  # [G, N]
@@ -359,7 +347,7 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> dict[str
     return {
         "weight": inter.reshape(weight_packed.shape).transpose(-1, -2).contiguous(),
         "scale": weight_scale.transpose(-1, -2).contiguous(),
-        # split-K tickets of the GEMV kernel: one per N tile of >= 16 columns; the kernel leaves them zero
+        # split-K tickets of the small-M kernels: one per N tile of >= 16 columns; the kernels leave them zero
         "tickets": torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=weight_packed.device),
     }
 
@@ -469,8 +457,9 @@ def w4a16_gemm(
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16) @ W^T with W prepared by `prepare` -> [..., N] in x's dtype.
 
-    tickets: `prepare`'s int32 zeros, which the GEMV kernel's split-K uses (and leaves zero); without them a
-    call allocates its own. Two calls must not share tickets concurrently (on two streams)."""
+    tickets: `prepare`'s int32 zeros, which the split-K sums use (and leave zero); without them (or with too few
+    for the tiles, beyond decode sizes) a call allocates its own. Two calls must not share tickets concurrently (on
+    two streams)."""
     _check_activation(x)
     check_group(group_size)
     k, n = weight.shape[0] * 8, weight.shape[1]
@@ -500,22 +489,17 @@ def w4a16_gemm(
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     has_bias = bias is not None
-    bias_arg = bias if has_bias else scale
-    if split_k == 1:
-        _w4a16_gemm_kernel[grid](
-            x2, weight, scale, bias_arg, out, m, n, k, x2.stride(0), out.stride(0),
-            GROUP=group_size, SPLIT_K=1, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages, **cfg,
-        )  # fmt: skip
-    else:
+    part, ticket_arg = out, out  # dummies at SPLIT_K = 1
+    if split_k > 1:
         part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        _w4a16_gemm_kernel[grid](
-            x2, weight, scale, bias_arg, part, m, n, k, x2.stride(0), n,
-            GROUP=group_size, SPLIT_K=split_k, HAS_BIAS=False, num_warps=warps, num_stages=stages, **cfg,
-        )  # fmt: skip
-        block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, bias_arg, out, m, n, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4
-        )
+        tiles = grid[0] * grid[1]
+        # prepare()'s tickets cover M <= BLOCK_M at any BLOCK_N >= 16 (decode); more tiles get their own zeros
+        ticket_arg = split_k_tickets(tickets if tickets is not None and tickets.numel() >= tiles else None, tiles,
+                                     cfg["BLOCK_N"], x.device, "prepare()'s tickets")  # fmt: skip
+    _w4a16_gemm_kernel[grid](
+        x2, weight, scale, bias if has_bias else scale, out, part, ticket_arg, m, n, k, x2.stride(0), out.stride(0),
+        GROUP=group_size, SPLIT_K=split_k, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages, **cfg,
+    )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 

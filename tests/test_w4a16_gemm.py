@@ -110,6 +110,7 @@ def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
 
 # The two ways of removing the magic offset (a second dot, row sums of x), and the weights as the dots' A
 # operand (SWAP_AB); N = 40 leaves a ragged BLOCK_N = 32 tile and M = 5 a ragged row block in both orientations.
+# M = 21: two row blocks, 4 tiles, more than prepare()'s 3 tickets (the call then takes its own).
 @pytest.mark.parametrize("offset_by_dot, swap_ab", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("group_size", [128, 64, 384])  # a block inside a group, groups inside a block
 @pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 blocks of 128
@@ -120,16 +121,19 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_b
 
     gen = torch.Generator().manual_seed(split_k)
     packed, scale = random_int4_weight(40, 1152, group_size=group_size, gen=gen)
-    x = torch.randn(5, 1152, generator=gen).to(DTYPES[-1])
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
     cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=2, OFFSET_BY_DOT=offset_by_dot,
                SWAP_AB=swap_ab)  # fmt: skip
-    out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config=cfg)
-    assert rel_err(out.cpu(), w4a16_linear_ref(x.float(), packed, scale, None, group_size)) < 1e-2
-    again = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config=cfg)
-    assert torch.equal(out, again)
+    for m in (5, 21):
+        x = torch.randn(m, 1152, generator=gen).to(DTYPES[-1]).to(DEVICE)
+        poison_allocator(DEVICE)
+        out = w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, group_size, config=cfg, tickets=t["tickets"])
+        assert rel_err(out.cpu(), w4a16_linear_ref(x.cpu().float(), packed, scale, None, group_size)) < 1e-2
+        assert not t["tickets"].any(), "the split-K tickets must be left at zero"
+        again = w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, group_size, config=cfg, tickets=t["tickets"])
+        assert torch.equal(out, again)
     with pytest.raises(ValueError, match="does not tile K=1152"):
-        w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 2})
+        w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 2})
 
 
 # The CUDA-core GEMV path (one row of x): N = 40 leaves a ragged BLOCK_N = 32 tile; K = 1152 is 9 blocks, split 3
