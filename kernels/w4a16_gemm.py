@@ -17,7 +17,8 @@ holds to fp32 rounding. x then feeds nothing but dots, which lets Triton pipelin
 
 Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that the
 last split of each tile to arrive (a ticket) sums in a fixed order (deterministic), adds the bias and casts, in
-the same launch. Up to GEMV_MAX_M rows a CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core
+the same launch (up to TICKETS_MAX_BLOCK_M rows per tile; larger tiles leave the sum to a second small kernel,
+in the same order). Up to GEMV_MAX_M rows a CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core
 rows, lop3 + add + fma per weight, split-K summed the same way). Large M (>= DENSE_MIN_M) dequantizes W once and
 runs cuBLAS on tensor cores.
 """
@@ -110,7 +111,7 @@ def _w4a16_gemm_kernel(
     bias_ptr,  # [N] or a dummy when HAS_BIAS is False
     out_ptr,  # [M, N] in x's dtype, rows stride_om apart
     part_ptr,  # fp32 [SPLIT_K, M, N] partials when SPLIT_K > 1 (else a dummy)
-    ticket_ptr,  # int32 [tiles] zeros when SPLIT_K > 1: the last split of a tile sums the partials; left at zero
+    ticket_ptr,  # int32 [tiles] zeros when TICKETS: the last split of a tile sums the partials; left at zero
     M,
     N,
     K,
@@ -123,6 +124,7 @@ def _w4a16_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     OFFSET_BY_DOT: tl.constexpr,  # see _block_dot
     SWAP_AB: tl.constexpr,  # see _block_dot
+    TICKETS: tl.constexpr,  # SPLIT_K > 1: sum the partials here (else _split_k_reduce_kernel does, after)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -165,6 +167,8 @@ def _w4a16_gemm_kernel(
     if SPLIT_K > 1:  # partials; the last split of this tile to arrive sums them in split order (deterministic)
         part_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
+        if not TICKETS:
+            return
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken (acq_rel, gpu)
         tile = pid_m * tl.num_programs(1) + pid_n
         if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu") != SPLIT_K - 1:
@@ -291,6 +295,27 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
+def _split_k_reduce_kernel(
+    part_ptr,  # fp32 [SPLIT_K, M, N], contiguous
+    bias_ptr,  # [N] or a dummy
+    out_ptr,  # [M, N] contiguous, output dtype
+    M,
+    N,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # fixed order: the same bits every run
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dequantize_kernel(
     w_ptr,  # int32 [K/8, N], block-interleaved
     s_ptr,  # [G, N]
@@ -407,6 +432,12 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int, dtype
 # takes the one-row case only: decode of a single sequence.
 GEMV_MAX_M = 1
 
+# Up to this BLOCK_M the tile kernel's split-K partials are summed in the kernel by the last split of each tile
+# (a ticket), beyond it by _split_k_reduce_kernel. H200, same run (benchmarks/NOTES.md, twelfth session): at
+# BLOCK_M 16, M = 2..16, o_proj 25.3-27.2 -> 24.1-25.6 us, expert gate_up 10.8-11.6 -> 9.8-10.3, q_proj the same;
+# at BLOCK_M 32 (M = 32, 8 splits of 32 x 128 tiles) o_proj 37.4 -> 45.5: one program per tile summing 128 KB.
+TICKETS_MAX_BLOCK_M = 16
+
 
 def gemv_config() -> dict:
     """The GEMV kernel's launch: narrow tiles (more programs in flight) measured fastest (H200, M=1: q_proj
@@ -490,16 +521,24 @@ def w4a16_gemm(
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     has_bias = bias is not None
     part, ticket_arg = out, out  # dummies at SPLIT_K = 1
+    use_tickets = split_k > 1 and cfg["BLOCK_M"] <= TICKETS_MAX_BLOCK_M
     if split_k > 1:
         part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    if use_tickets:
         tiles = grid[0] * grid[1]
         # prepare()'s tickets cover M <= BLOCK_M at any BLOCK_N >= 16 (decode); more tiles get their own zeros
         ticket_arg = split_k_tickets(tickets if tickets is not None and tickets.numel() >= tiles else None, tiles,
                                      cfg["BLOCK_N"], x.device, "prepare()'s tickets")  # fmt: skip
     _w4a16_gemm_kernel[grid](
         x2, weight, scale, bias if has_bias else scale, out, part, ticket_arg, m, n, k, x2.stride(0), out.stride(0),
-        GROUP=group_size, SPLIT_K=split_k, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages, **cfg,
+        GROUP=group_size, SPLIT_K=split_k, HAS_BIAS=has_bias, TICKETS=use_tickets, num_warps=warps,
+        num_stages=stages, **cfg,
     )  # fmt: skip
+    if split_k > 1 and not use_tickets:
+        block = 1024
+        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
+            part, bias if has_bias else scale, out, m, n, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4
+        )
     return out.reshape(*x.shape[:-1], n)
 
 
