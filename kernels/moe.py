@@ -706,15 +706,19 @@ def _flat_inputs(x, topk_ids, topk_weights, expert_map, group_size):
 
 
 # Up to this many tokens fused_moe runs per token (no sort). H200, routing excluded, same run: T = 1 53.9 us
-# against 72.8 through the sort, T = 2 95.6 / 140.9, T = 4 173.4 / 211.9 (benchmarks/NOTES.md, twelfth session).
-PER_TOKEN_MAX_T = 4
+# against 72.8 through the sort, T = 2 95.6 / 140.9, T = 4 173.4 / 211.9; another run: T = 8 309.4 / 370.0
+# (benchmarks/NOTES.md, twelfth session).
+PER_TOKEN_MAX_T = 8
+# From 2 tokens GEMM2 runs 128-column tiles x 8 splits (when 8 divides its K blocks): H200, T = 2 / 4 / 8, 94.3 /
+# 166.5 / 309.4 us against 95.6 / 172.5 / 322.6 with token_config's 64-column rule (56.8 against 53.9 at T = 1).
+PER_TOKEN_DOWN = (128, 8)
 PER_TOKEN_PROGRAMS_PER_SM = 6  # the K splits aim at this many programs per SM (as the GEMV's)
 PER_TOKEN_MAX_TOP_K = 32  # token_tickets sizes for this many experts per token
 
 
 def token_config(tokens: int, top_k: int, h: int, i: int, device) -> dict:
     """The per-token path's launch: 64-column tiles (the GEMV's), each GEMM's K split for ~6 programs per SM
-    (a gate/up program streams two tiles and counts twice)."""
+    (a gate/up program streams two tiles and counts twice); GEMM2 from 2 tokens as PER_TOKEN_DOWN says."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
 
     def split(tiles: int, blocks: int) -> int:
@@ -722,10 +726,13 @@ def token_config(tokens: int, top_k: int, h: int, i: int, device) -> dict:
         return max(s for s in range(1, min(want, blocks, 16) + 1) if blocks % s == 0)
 
     bn = 64
-    return dict(
+    cfg = dict(
         BLOCK_N1=bn, SPLIT_K1=split(2 * tokens * top_k * triton.cdiv(i, bn), h // KBLOCK),
         BLOCK_N2=bn, SPLIT_K2=split(tokens * triton.cdiv(h, bn), top_k * i // KBLOCK), num_warps=4,
     )  # fmt: skip
+    if tokens > 1 and (top_k * i // KBLOCK) % PER_TOKEN_DOWN[1] == 0:
+        cfg["BLOCK_N2"], cfg["SPLIT_K2"] = PER_TOKEN_DOWN
+    return cfg
 
 
 def token_tickets(tokens: int, h: int, i: int, device, top_k: int = PER_TOKEN_MAX_TOP_K) -> torch.Tensor:

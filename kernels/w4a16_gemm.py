@@ -167,16 +167,17 @@ def _w4a16_gemm_kernel(
     if SPLIT_K > 1:  # partials; the last split of this tile to arrive sums them in split order (deterministic)
         part_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(part_ptrs + pid_k * M * N, acc, mask=mask)
-        if not TICKETS:
-            return
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (acq_rel, gpu)
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu") != SPLIT_K - 1:
-            return
-        acc = tl.zeros_like(acc)
-        for sk in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptrs + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call (and CUDA graph replays)
+        if TICKETS:  # (a constexpr branch: code after a return is still compiled, with the dummy ticket_ptr)
+            tl.debug_barrier()  # every thread's partial is written before the ticket is taken (acq_rel, gpu)
+            tile = pid_m * tl.num_programs(1) + pid_n
+            if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu") != SPLIT_K - 1:
+                return
+            acc = tl.zeros_like(acc)
+            for sk in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptrs + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call (and CUDA graph replays)
+        else:
+            return  # _split_k_reduce_kernel sums the partials
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(DTYPE), mask=mask)
