@@ -17,7 +17,6 @@ import sys
 import torch
 
 import glm_awq
-from glm_awq import _C
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402
@@ -30,6 +29,8 @@ CONFIGS = "0:0:0:0,256:1:0:0,256:3:0:0,128:1:0:0,128:2:0:0,64:1:0:0,0:0:256:6,0:
 
 
 def _per_token(x, ids, w, p, bn1, s1, bn2, s2):
+    from glm_awq import _C  # noqa: F401  (registers torch.ops.glm_awq)
+
     t = p.tensors
     return torch.ops.glm_awq.moe_per_token(x, t["w13"], t["w13_scale.bfloat16"], t["w2"], t["w2_scale.bfloat16"],
                                            ids, w, None, t["per_token_tickets"], 128, bn1, s1, bn2, s2)  # fmt: skip
@@ -85,6 +86,8 @@ def main() -> int:
         first = None
         for name, call, pdl in cands:
             if not triton_mode:
+                from glm_awq import _C
+
                 _C.set_skinny_pdl(pdl)
             try:
                 out = call(layers[0])
@@ -95,7 +98,7 @@ def main() -> int:
                 continue
             finally:
                 if not triton_mode:
-                    _C.set_skinny_pdl(1)
+                    _C.set_skinny_pdl(1)  # imported above
             first = out if first is None else first
             err = ((out.float() - first.float()).norm() / first.float().norm()).item()
             ok = bool(torch.isfinite(out).all())

@@ -3,7 +3,9 @@
 Legend: T tokens, H hidden, E experts (local), A active experts per token (top_k), I expert intermediate,
 S = T * A token-slots (slot s = token s // A, its a = s % A choice), BM rows per expert block.
 
-Pipeline (no host synchronisation anywhere: the whole layer can be captured in a CUDA graph):
+Up to PER_TOKEN_MAX_T tokens (decode) the layer runs per token instead, without the sort: two CUDA-core GEMV
+launches after routing (see "per token" below). Beyond that, the pipeline (no host synchronisation anywhere: the
+whole layer can be captured in a CUDA graph):
     route          [T, E] logits -> ids int32 [T, A], weights fp32 [T, A]          (one program per BLOCK_T tokens)
     _count         atomic histogram of the slots' local experts; each slot keeps its rank within its expert
     _scatter       sorted[offset[e] + rank] = slot, where offset[e] = sum of counts before e, each padded to BM
