@@ -2,7 +2,7 @@
 path: cuda (glm_awq::moe_per_token against moe_gemm with blocks of 8 slots + moe_sum, and with programmatic
 dependent launch off) or triton (kernels/moe.py's fused_moe_per_token against its sort + grouped GEMMs).
 
-Configs are block_n1:splits1:block_n2:splits2 (0 = auto). Prints time (CUDA graph, routing excluded, 3 layers of
+Configs are block_n1:splits1:block_n2:splits2 (0 = auto; triton takes a fifth field, num_warps). Prints time (CUDA graph, routing excluded, 3 layers of
 weights cycled), % of the floor (unique expert bytes / copy bandwidth measured in this run) and the error against
 the sorted path's output; writes sweep_moe_per_token[_triton].json.
 
@@ -45,11 +45,12 @@ def _triton_sorted(x, ids, w, p):
     return moe.fused_moe(x, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, None, cfgs)
 
 
-def _triton_per_token(x, ids, w, p, bn1, s1, bn2, s2):
+def _triton_per_token(x, ids, w, p, bn1, s1, bn2, s2, warps=0):
     from glm_awq.kernels import moe
 
     t = p.tensors
-    cfg = {k: v for k, v in dict(BLOCK_N1=bn1, SPLIT_K1=s1, BLOCK_N2=bn2, SPLIT_K2=s2).items() if v}
+    cfg = dict(BLOCK_N1=bn1, SPLIT_K1=s1, BLOCK_N2=bn2, SPLIT_K2=s2, num_warps=warps)
+    cfg = {k: v for k, v in cfg.items() if v}
     return moe.fused_moe_per_token(x, ids, w, t["w13"], t["w13_scale"], t["w2"], t["w2_scale"], 128, None,
                                    config=cfg, tickets=t["token_tickets"])  # fmt: skip
 
@@ -76,7 +77,7 @@ def main() -> int:
         floor = common.floor_us(nbytes, flops, ceilings)
         if triton_mode:
             cands = [("sorted (pick_config)", lambda p: _triton_sorted(x, ids, w, p), 1)]
-            cands += [(f"per token {c[0]}:{c[1]}:{c[2]}:{c[3]}", lambda p, c=c: _triton_per_token(x, ids, w, p, *c), 1)
+            cands += [(f"per token {':'.join(map(str, c))}", lambda p, c=c: _triton_per_token(x, ids, w, p, *c), 1)
                       for c in configs]  # fmt: skip
         else:
             cands = [("sorted, blocks of 8", lambda p: _cuda_layer(x, ids, w, p, 8, 0), 1)]
