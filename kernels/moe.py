@@ -443,10 +443,11 @@ def _sum_slots_kernel(
 @triton.jit
 def _slot_expert(ids_ptr, map_ptr, slot, E_IDS, E, HAS_MAP: tl.constexpr):
     """(local expert of a token-slot, clamped to 0 when it is not here; whether it is here)."""
-    e = tl.load(ids_ptr + slot).to(tl.int32)
+    e = tl.load(ids_ptr + slot)  # the range check before any cast: an int64 id must not wrap into range
     here = (e >= 0) & (e < E_IDS)
+    e = tl.where(here, e, 0).to(tl.int32)
     if HAS_MAP:
-        e = tl.load(map_ptr + tl.where(here, e, 0))
+        e = tl.load(map_ptr + e, mask=here, other=-1)
         here = here & (e >= 0) & (e < E)
     return tl.where(here, e, 0), here
 

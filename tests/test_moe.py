@@ -299,7 +299,7 @@ def _per_token(moe, x, ids, w, t, expert_map=None, config=None, tickets=None):
 
 
 # The Triton per-token path (decode). H = I = 384 (3 layout blocks: GEMM1 splits 1 or 3; a slot's 3 blocks of
-# GEMM2's K, so its split of 3 over top_k 4 crosses slot boundaries mid-split); T up to 3 (past the default limit);
+# GEMM2's K, so its split of 3 over top_k 4 crosses slot boundaries mid-split); T up to 3;
 # top_k 1 and 4 of 5 experts (3 tokens x 4 share experts); tiles that do and do not divide 384; None =
 # token_config's own split. Small enough for the interpreter.
 @pytest.mark.parametrize("t, top_k", [(1, 1), (1, 4), (3, 4)])
@@ -408,7 +408,7 @@ def test_fused_moe_glm_shapes(backend, t, dtype, glm_experts):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("t", [1, 8])  # 1: the per-token paths (decode); 8: the sorts
+@pytest.mark.parametrize("t", [1, 9])  # 1: the per-token paths (decode); 9: the sorts (past both limits)
 def test_moe_layer_cuda_graph_and_compile(backend, t, glm_experts):
     gen = torch.Generator().manual_seed(5)
     p = glm_awq.prepare_experts(*(e.cuda() for e in glm_experts), backend=backend)
