@@ -531,6 +531,20 @@ def _token_gate_up_kernel(
 
 
 @triton.jit
+def _down_block(ids_ptr, map_ptr, w_ptr, s_ptr, t, b, offs_n, H, I, E, E_IDS, TOP_K: tl.constexpr,
+                GROUP: tl.constexpr, HAS_MAP: tl.constexpr):  # fmt: skip
+    """Block b of token t's down-projection K: row block b % (I / 128) of its slot b // (I / 128)'s expert ->
+    (words [16, BN], scale [BN]), masked to zeros when that expert is not here."""
+    e, here = _slot_expert(ids_ptr, map_ptr, t * TOP_K + b // (I // 128), E_IDS, E, HAS_MAP)
+    r = b % (I // 128)
+    mask = offs_n < tl.where(here, H, 0)
+    w_rows = w_ptr + e.to(tl.int64) * (I // 8) * H + (r * 16 + tl.arange(0, 16))[:, None] * H
+    words = tl.load(w_rows + offs_n[None, :], mask=mask[None, :], other=0)
+    scale = tl.load(s_ptr + e.to(tl.int64) * (I // GROUP) * H + (r * 128 // GROUP) * H + offs_n, mask=mask, other=0.0)
+    return words, scale
+
+
+@triton.jit
 def _token_down_kernel(
     h_ptr,  # [S, I] from _token_gate_up: token t's A rows are one contiguous row of A I
     ids_ptr,  # [S] expert id per slot (global)
@@ -561,28 +575,15 @@ def _token_down_kernel(
     per_slot = I // 128  # layout blocks of one expert's K
     blocks = TOP_K * per_slot // SPLIT_K
     b0 = pid_k * blocks
-    expert_words = (I // 8) * H
-    expert_scales = (I // GROUP) * H
     h_row = h_ptr + t.to(tl.int64) * TOP_K * I + offs_w
 
-    # block b of the token's K: slot b // per_slot, row block b % per_slot of that slot's expert
-    e, here = _slot_expert(ids_ptr, map_ptr, t * TOP_K + b0 // per_slot, E_IDS, E, HAS_MAP)
-    r = b0 % per_slot
-    mask = offs_n < tl.where(here, H, 0)
-    words = tl.load(w_ptr + e.to(tl.int64) * expert_words + (r * 16 + offs_w)[:, None] * H + offs_n[None, :],
-                    mask=mask[None, :], other=0)  # fmt: skip
-    scale = tl.load(s_ptr + e.to(tl.int64) * expert_scales + (r * 128 // GROUP) * H + offs_n, mask=mask, other=0.0)
+    words, scale = _down_block(ids_ptr, map_ptr, w_ptr, s_ptr, t, b0, offs_n, H, I, E, E_IDS, TOP_K, GROUP, HAS_MAP)
     xs = _gemv_xs(h_row + b0 * 128)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for i in range(blocks):
         b = b0 + i + tl.where(i + 1 < blocks, 1, 0)  # the next block (the last re-reads itself)
-        e, here = _slot_expert(ids_ptr, map_ptr, t * TOP_K + b // per_slot, E_IDS, E, HAS_MAP)
-        r = b % per_slot
-        mask = offs_n < tl.where(here, H, 0)
-        words_next = tl.load(w_ptr + e.to(tl.int64) * expert_words + (r * 16 + offs_w)[:, None] * H + offs_n[None, :],
-                             mask=mask[None, :], other=0)  # fmt: skip
-        scale_next = tl.load(s_ptr + e.to(tl.int64) * expert_scales + (r * 128 // GROUP) * H + offs_n,
-                             mask=mask, other=0.0)  # fmt: skip
+        words_next, scale_next = _down_block(ids_ptr, map_ptr, w_ptr, s_ptr, t, b, offs_n, H, I, E, E_IDS, TOP_K,
+                                             GROUP, HAS_MAP)  # fmt: skip
         xs_next = _gemv_xs(h_row + b * 128)
         acc += _gemv_block(words, xs, magic_bits) * scale.to(tl.float32)[None, :]
         words, scale, xs = words_next, scale_next, xs_next

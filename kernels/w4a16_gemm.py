@@ -521,6 +521,7 @@ def w4a16_gemm(
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     has_bias = bias is not None
+    bias_arg = bias if has_bias else scale
     part, ticket_arg = out, out  # dummies at SPLIT_K = 1
     use_tickets = split_k > 1 and cfg["BLOCK_M"] <= TICKETS_MAX_BLOCK_M
     if split_k > 1:
@@ -531,14 +532,14 @@ def w4a16_gemm(
         ticket_arg = split_k_tickets(tickets if tickets is not None and tickets.numel() >= tiles else None, tiles,
                                      cfg["BLOCK_N"], x.device, "prepare()'s tickets")  # fmt: skip
     _w4a16_gemm_kernel[grid](
-        x2, weight, scale, bias if has_bias else scale, out, part, ticket_arg, m, n, k, x2.stride(0), out.stride(0),
+        x2, weight, scale, bias_arg, out, part, ticket_arg, m, n, k, x2.stride(0), out.stride(0),
         GROUP=group_size, SPLIT_K=split_k, HAS_BIAS=has_bias, TICKETS=use_tickets, num_warps=warps,
         num_stages=stages, **cfg,
     )  # fmt: skip
     if split_k > 1 and not use_tickets:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, bias if has_bias else scale, out, m, n, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4
+            part, bias_arg, out, m, n, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4
         )
     return out.reshape(*x.shape[:-1], n)
 
