@@ -42,6 +42,7 @@ from glm_awq.kernels.w4a16_gemm import (
     _gemv_xs,
     _magic,
     _offset_tile,
+    _pair_step,
     _sm_count,
     split_k_tickets,
 )
@@ -301,6 +302,7 @@ def _moe_gemm_kernel(
     E_PAD: tl.constexpr,
     WIDE: tl.constexpr,  # False: a k16 dot per nibble plus an offset dot; True: one k128 dot per block
     ASM: tl.constexpr,  # WIDE's dequant in inline PTX, two weights per instruction (GPU only; see _wide_tile)
+    PAIRS: tl.constexpr,  # not WIDE: each k16 step's (q - 8) from _pair_step, one dot (else _magic and an offset dot)
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -353,11 +355,16 @@ def _moe_gemm_kernel(
         else:
             for j in tl.static_range(8):
                 a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
-                part = tl.dot(a, _magic(words, j, DTYPE), part)
-                part = tl.dot(a, offset, part)
-                if GATE_UP:
-                    part_up = tl.dot(a, _magic(words_up, j, DTYPE), part_up)
-                    part_up = tl.dot(a, offset, part_up)
+                if PAIRS:
+                    part = tl.dot(a, _pair_step(words, j, DTYPE, ASM), part)
+                    if GATE_UP:
+                        part_up = tl.dot(a, _pair_step(words_up, j, DTYPE, ASM), part_up)
+                else:
+                    part = tl.dot(a, _magic(words, j, DTYPE), part)
+                    part = tl.dot(a, offset, part)
+                    if GATE_UP:
+                        part_up = tl.dot(a, _magic(words_up, j, DTYPE), part_up)
+                        part_up = tl.dot(a, offset, part_up)
             acc += part * scale.to(tl.float32)[None, :]
             if GATE_UP:
                 acc_up += part_up * scale_up.to(tl.float32)[None, :]
@@ -685,8 +692,12 @@ def _sort(topk_ids, expert_map, num_experts: int, block_m: int):
 def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate_up, weighted, group, cfg):
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    # the inline-PTX dequant needs an NVIDIA GPU and scales already in the activation dtype (it multiplies them raw)
-    asm = cfg.pop("ASM", True) and a.is_cuda and _NVIDIA and not _INTERPRETER and scale.dtype == a.dtype
+    # the inline-PTX dequant needs an NVIDIA GPU, and WIDE's scales already in the activation dtype (it multiplies
+    # them raw; PAIRS leaves the scales to fp32 math)
+    cfg.setdefault("WIDE", False)
+    cfg.setdefault("PAIRS", True)
+    asm = cfg.pop("ASM", True) and a.is_cuda and _NVIDIA and not _INTERPRETER
+    asm = asm and (scale.dtype == a.dtype or not cfg["WIDE"])
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")
@@ -694,7 +705,7 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     _moe_gemm_kernel[grid](
         a, w, scale, out, sorted_slots, counts, topk_w, topk_w.numel(), n, k, e, w.shape[2], a.stride(0), n,
         TOP_K=top_k, GATE_UP=gate_up, WEIGHTED=weighted, GROUP=group, E_PAD=triton.next_power_of_2(e),
-        num_warps=warps, num_stages=stages, ASM=asm, **{"WIDE": False, **cfg},
+        num_warps=warps, num_stages=stages, ASM=asm, **cfg,
     )  # fmt: skip
 
 

@@ -30,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_awq import env
 from glm_awq.kernels import tuning
+
+_INTERPRETER = env.triton_interpret()  # read once, at import: launchers run under torch.compile
 
 KBLOCK = 128  # K rows per layout block (16 words x 8 nibbles)
 
@@ -54,9 +57,46 @@ def _offset_tile(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
         return tl.full((16, BLOCK_N), -136.0, tl.bfloat16)
 
 
+# (q - 8) of two weights of a block's word tile, nibble j of each, built in one 32-bit register: prmt gathers the
+# byte holding nibble j of the first word ($1) into the low 16 bits and of the second ($2) into the high 16 bits
+# ($3 = that byte selector), shr brings an odd nibble down ($5 = 0 or 4), lop3 masks both nibbles and ORs them into
+# the bits of 128.0 / 1024.0 (bf16 0x4300, fp16 0x6400), one fma removes 128 + 8 (1024 + 8), exactly, into $0
+# (the two outputs, packed, the first in the low half). Each output
+# depends on its own word only, so the result is right whichever two elements Triton packs together (pack=2); when
+# they are the K-adjacent rows of a tensor-core operand register (the dot layout, kWidth 2), the register is the
+# operand as it stands: 1.5 instructions per weight, where separate words take a shift and a mask per weight and a
+# prmt per pair. One line: torch.compile's inductor copies the kernel's globals into generated source as plain
+# string literals.
+_PAIR_ASM = (
+    "{{ .reg .b32 t, one, bias; mov.b32 one, {one}; mov.b32 bias, {bias}; prmt.b32 t, $1, $2, $3; shr.b32 t, t, $5; "
+    "lop3.b32 t, t, 0x000F000F, {magic}, 0xea; fma.rn.{ty} $0, t, one, bias; }}"
+)
+_PAIR_BF16 = tl.constexpr(_PAIR_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300", ty="bf16x2"))
+_PAIR_F16 = tl.constexpr(_PAIR_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400", ty="f16x2"))
+
+
+@triton.jit
+def _pair_step(words, j: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Nibble j of a block's words [16, BN] as (q - 8) in DTYPE, exactly: rows 16 j .. 16 j + 15 of the block's
+    W^T, one k16 tensor-core step, with no offset dot. ASM (NVIDIA GPU): _PAIR_ASM, two weights per register.
+    Else (also the interpreter): _magic plus the offset."""
+    if ASM:
+        sel = tl.full(words.shape, (4 + j // 2) * 256 + j // 2, tl.int32)  # byte j // 2 of each word
+        shift = tl.full(words.shape, 4 * (j % 2), tl.int32)
+        if DTYPE == tl.float16:
+            return tl.inline_asm_elementwise(_PAIR_F16, "=r,r,r,r,r,r,r", [words, sel, shift], tl.float16,
+                                             is_pure=True, pack=2)  # fmt: skip
+        else:
+            return tl.inline_asm_elementwise(_PAIR_BF16, "=r,r,r,r,r,r,r", [words, sel, shift], tl.bfloat16,
+                                             is_pure=True, pack=2)  # fmt: skip
+    else:
+        return _magic(words, j, DTYPE) + _offset_tile(1, DTYPE)  # 128 + q - 136 (1024 + q - 1032): exact
+
+
 @triton.jit
 def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, offset, DTYPE: tl.constexpr,
-               GROUP: tl.constexpr, OFFSET_BY_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
+               GROUP: tl.constexpr, OFFSET_BY_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PAIRS: tl.constexpr,
+               ASM: tl.constexpr):
     """acc += x[:, k0:k0+128] @ W^T[k0:k0+128, :] for one layout block.
 
     a_ptrs [BM, 16]: x at columns k0 + 0..15; words [16, BN]: the block's int32 words; scale [BN]: the group's
@@ -80,6 +120,17 @@ def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, 
                 part = tl.zeros(acc.shape, dtype=tl.float32)
         if GROUP >= 128:
             acc += part * scale.to(tl.float32)[:, None]
+    elif PAIRS:  # (q - 8) straight from _pair_step: one dot per k16 step
+        part = tl.zeros(acc.shape, dtype=tl.float32)
+        for j in tl.static_range(8):
+            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
+            part = tl.dot(a, _pair_step(words, j, DTYPE, ASM), part)
+            if GROUP < 128:  # a scale per 16-row slice
+                s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0)
+                acc += part * s.to(tl.float32)[None, :]
+                part = tl.zeros(acc.shape, dtype=tl.float32)
+        if GROUP >= 128:
+            acc += part * scale.to(tl.float32)[None, :]
     elif GROUP >= 128:
         part = tl.zeros(acc.shape, dtype=tl.float32)
         x_sum = tl.zeros((acc.shape[0],), dtype=tl.float32)
@@ -125,6 +176,8 @@ def _w4a16_gemm_kernel(
     OFFSET_BY_DOT: tl.constexpr,  # see _block_dot
     SWAP_AB: tl.constexpr,  # see _block_dot
     TICKETS: tl.constexpr,  # SPLIT_K > 1: sum the partials here (else _split_k_reduce_kernel does, after)
+    PAIRS: tl.constexpr,  # see _block_dot
+    ASM: tl.constexpr,  # PAIRS in inline PTX (NVIDIA GPUs; see _pair_step)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -156,7 +209,7 @@ def _w4a16_gemm_kernel(
         step = tl.where(kb + 128 < k_per_split, 128, 0)  # the last block re-reads itself: stays in bounds
         scale_next = tl.load(s_ptrs + ((k0 + step) // GROUP) * N, mask=mask_n, other=0.0)
         acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP, OFFSET_BY_DOT,
-                         SWAP_AB)
+                         SWAP_AB, PAIRS, ASM)
         scale = scale_next
         a_ptrs += 128
         w_ptrs += 16 * N
@@ -515,6 +568,8 @@ def w4a16_gemm(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg.setdefault("OFFSET_BY_DOT", True)
     cfg.setdefault("SWAP_AB", False)
+    cfg.setdefault("PAIRS", True)
+    cfg["ASM"] = cfg["PAIRS"] and x.is_cuda and torch.version.hip is None and not _INTERPRETER
     split_k = cfg.pop("SPLIT_K")
     if k % (split_k * KBLOCK):
         raise ValueError(f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")
