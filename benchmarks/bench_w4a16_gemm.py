@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
-                        help="also time the Triton kernel with these config overrides, e.g. sumx:OFFSET_BY_DOT=0")
+                        help="also time the Triton kernel with these config overrides, e.g. swap:SWAP_AB=1")
     parser.add_argument("--cuda-variants", default="", metavar="N,...",
                         help="also time the raw CUDA op with these variants (1 classic, 2 fold, 3 skinny: M <= 16)")
     parser.add_argument("--no-pdl-column", action="store_true",

@@ -20,10 +20,10 @@ case from T alone, sum_e ceil(c_e / BM) <= ceil(S / BM) + min(E, S).
 
 Expert weights use kernels/w4a16_gemm.py's block-interleaved layout, stacked: w13 int32 [E, H/8, 2I] (gate
 columns then up columns), scale [E, H/group, 2I]; w2 int32 [E, I/8, H], scale [E, I/group, H]. The
-magic-number dequant, the per-nibble k16 dots and the offset dot are the same as there; group_size must be a
-multiple of 128. From 48 slots per expert (prefill), WIDE configs instead dequantize each 128-row block whole
-(scale applied, one rounding) into a [128, BN] tile for a single k128 dot: on Hopper the tile goes from
-registers to shared memory for wgmma, and half the MMAs (no offset dot) run at the full-K rate.
+dequant (_pair_step) and the per-nibble k16 dots are the same as there; group_size must be a multiple of 128.
+From 48 slots per expert (prefill), WIDE configs instead dequantize each 128-row block whole (scale applied, one
+rounding) into a [128, BN] tile for a single k128 dot: on Hopper the tile goes from registers to shared memory
+for wgmma, at the full-K rate.
 Launch configs come from kernels/tuned.json (keyed by token-slots) or pick_config's rule.
 """
 
@@ -40,8 +40,6 @@ from glm_awq.kernels.w4a16_gemm import (
     _check_activation,
     _gemv_block,
     _gemv_xs,
-    _magic,
-    _offset_tile,
     _pair_step,
     _sm_count,
     split_k_tickets,
@@ -300,9 +298,8 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials [SPLIT_K, S, N] (GEMM1: gate then up, [2, SPLIT_K, S, N])
     E_PAD: tl.constexpr,
-    WIDE: tl.constexpr,  # False: a k16 dot per nibble plus an offset dot; True: one k128 dot per block
-    ASM: tl.constexpr,  # WIDE's dequant in inline PTX, two weights per instruction (GPU only; see _wide_tile)
-    PAIRS: tl.constexpr,  # not WIDE: each k16 step's (q - 8) from _pair_step, one dot (else _magic and an offset dot)
+    WIDE: tl.constexpr,  # False: a k16 dot per nibble (_pair_step); True: one k128 dot per block
+    ASM: tl.constexpr,  # the dequant in inline PTX, two weights per instruction (GPU only; _wide_tile, _pair_step)
 ):
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -331,7 +328,6 @@ def _moe_gemm_kernel(
     s_ptrs = s_ptr + e64 * (K // GROUP) * W_COLS + offs_n
     a_rows_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + k_begin  # [BM, 1]
     a_ptrs = a_rows_ptrs + tl.arange(0, 16)[None, :]
-    offset = _offset_tile(BLOCK_N, DTYPE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -355,16 +351,9 @@ def _moe_gemm_kernel(
         else:
             for j in tl.static_range(8):
                 a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
-                if PAIRS:
-                    part = tl.dot(a, _pair_step(words, j, DTYPE, ASM), part)
-                    if GATE_UP:
-                        part_up = tl.dot(a, _pair_step(words_up, j, DTYPE, ASM), part_up)
-                else:
-                    part = tl.dot(a, _magic(words, j, DTYPE), part)
-                    part = tl.dot(a, offset, part)
-                    if GATE_UP:
-                        part_up = tl.dot(a, _magic(words_up, j, DTYPE), part_up)
-                        part_up = tl.dot(a, offset, part_up)
+                part = tl.dot(a, _pair_step(words, j, DTYPE, ASM), part)
+                if GATE_UP:
+                    part_up = tl.dot(a, _pair_step(words_up, j, DTYPE, ASM), part_up)
             acc += part * scale.to(tl.float32)[None, :]
             if GATE_UP:
                 acc_up += part_up * scale_up.to(tl.float32)[None, :]
@@ -693,9 +682,8 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     # the inline-PTX dequant needs an NVIDIA GPU, and WIDE's scales already in the activation dtype (it multiplies
-    # them raw; PAIRS leaves the scales to fp32 math)
+    # them raw; the k16 steps leave the scales to fp32 math)
     cfg.setdefault("WIDE", False)
-    cfg.setdefault("PAIRS", True)
     asm = cfg.pop("ASM", True) and a.is_cuda and _NVIDIA and not _INTERPRETER
     asm = asm and (scale.dtype == a.dtype or not cfg["WIDE"])
     e, k = w.shape[0], w.shape[1] * 8
@@ -720,10 +708,10 @@ def _flat_inputs(x, topk_ids, topk_weights, expert_map, group_size):
     return x, topk_ids.reshape(-1), topk_weights.reshape(-1).float(), expert_map
 
 
-# Up to this many tokens fused_moe runs per token (no sort). H200, routing excluded, same run: T = 1 53.9 us
-# against 72.8 through the sort, T = 2 95.6 / 140.9, T = 4 173.4 / 211.9; another run: T = 8 309.4 / 370.0
-# (benchmarks/NOTES.md, twelfth session).
-PER_TOKEN_MAX_T = 8
+# Up to this many tokens fused_moe runs per token (no sort). With the paired k16 dequant the sort wins from a few
+# tokens: H200, layer with routing, % of floor, per token / sorted: T = 1 40 / 37, T = 2 44 / 41, T = 4 49 / 57,
+# T = 8 53 / 64 (benchmarks/NOTES.md, thirteenth session).
+PER_TOKEN_MAX_T = 2
 # From 2 tokens GEMM2 runs 128-column tiles x 8 splits (when 8 divides its K blocks): H200, T = 2 / 4 / 8, 94.3 /
 # 166.5 / 309.4 us against 95.6 / 172.5 / 322.6 with token_config's 64-column rule (56.8 against 53.9 at T = 1).
 PER_TOKEN_DOWN = (128, 8)

@@ -9,11 +9,12 @@ holds in nibble j (0..7) the element k = 16 j + w:
 So the 16 words of a block, shifted by 4 j, give the weights of the 16 consecutive rows 16 j .. 16 j + 15: a
 [16, N] operand for one k16 tensor-core step against x[:, 16 j : 16 j + 16], with no reshape or shuffle.
 
-Dequant without int->float conversions: OR-ing a nibble into the bits of 128.0 (bf16 0x4300) or 1024.0
-(fp16 0x6400) gives exactly 128 + nibble (1024 + nibble). The offset (128 + 8, or 1024 + 8) comes out with a
-second dot against a constant tile of -offset: both dots accumulate in fp32 and every product is exact, so
-    x . q = x . (magic) + x . (-offset)
-holds to fp32 rounding. x then feeds nothing but dots, which lets Triton pipeline its loads.
+Dequant without int->float conversions (_pair_step): OR-ing a nibble into the bits of 128.0 (bf16 0x4300) or
+1024.0 (fp16 0x6400) gives exactly 128 + nibble (1024 + nibble), and one add of -(128 + 8) (-(1024 + 8)) leaves
+q - 8, exact in either type. On an NVIDIA GPU this runs in inline PTX on two words at once: the two weights a
+tensor-core operand register holds (rows 2 i and 2 i + 1 of a k16 step, from words 2 i and 2 i + 1) are built in
+that register, 1.5 instructions per weight. The products with x are exact and accumulate in fp32; the group's
+scale multiplies the fp32 sum.
 
 Small M is memory-bound: split-K spreads the weight over every SM, each split writing fp32 partials that the
 last split of each tile to arrive (a ticket) sums in a fixed order (deterministic), adds the bias and casts, in
@@ -48,15 +49,6 @@ def _magic(words, j: tl.constexpr, DTYPE: tl.constexpr):
         return (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
-def _offset_tile(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-    """The constant [16, BLOCK_N] tile -(BIAS + 8): dotted with x it removes the magic offset."""
-    if DTYPE == tl.float16:
-        return tl.full((16, BLOCK_N), -1032.0, tl.float16)
-    else:
-        return tl.full((16, BLOCK_N), -136.0, tl.bfloat16)
-
-
 # (q - 8) of two weights of a block's word tile, nibble j of each, built in one 32-bit register: prmt gathers the
 # byte holding nibble j of the first word ($1) into the low 16 bits and of the second ($2) into the high 16 bits
 # ($3 = that byte selector), shr brings an odd nibble down ($5 = 0 or 4), lop3 masks both nibbles and ORs them into
@@ -78,8 +70,8 @@ _PAIR_F16 = tl.constexpr(_PAIR_ASM.format(one="0x3C003C00", bias="0xE408E408", m
 @triton.jit
 def _pair_step(words, j: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Nibble j of a block's words [16, BN] as (q - 8) in DTYPE, exactly: rows 16 j .. 16 j + 15 of the block's
-    W^T, one k16 tensor-core step, with no offset dot. ASM (NVIDIA GPU): _PAIR_ASM, two weights per register.
-    Else (also the interpreter): _magic plus the offset."""
+    W^T, one k16 tensor-core step. ASM (NVIDIA GPU): _PAIR_ASM, two weights per register.
+    Else (also the interpreter): _magic less 128 + 8 (1024 + 8)."""
     if ASM:
         sel = tl.full(words.shape, (4 + j // 2) * 256 + j // 2, tl.int32)  # byte j // 2 of each word
         shift = tl.full(words.shape, 4 * (j % 2), tl.int32)
@@ -90,67 +82,38 @@ def _pair_step(words, j: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
             return tl.inline_asm_elementwise(_PAIR_BF16, "=r,r,r,r,r,r,r", [words, sel, shift], tl.bfloat16,
                                              is_pure=True, pack=2)  # fmt: skip
     else:
-        return _magic(words, j, DTYPE) + _offset_tile(1, DTYPE)  # 128 + q - 136 (1024 + q - 1032): exact
+        bias = tl.full((1, 1), -1032.0 if DTYPE == tl.float16 else -136.0, DTYPE)
+        return _magic(words, j, DTYPE) + bias  # 128 + q - 136 (1024 + q - 1032): exact
 
 
 @triton.jit
-def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, offset, DTYPE: tl.constexpr,
-               GROUP: tl.constexpr, OFFSET_BY_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PAIRS: tl.constexpr,
-               ASM: tl.constexpr):
-    """acc += x[:, k0:k0+128] @ W^T[k0:k0+128, :] for one layout block.
+def _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, stride_s, mask_n, k0, DTYPE: tl.constexpr,
+               GROUP: tl.constexpr, SWAP_AB: tl.constexpr, ASM: tl.constexpr):
+    """acc += x[:, k0:k0+128] @ W^T[k0:k0+128, :] for one layout block: a k16 dot per nibble (_pair_step).
 
     a_ptrs [BM, 16]: x at columns k0 + 0..15; words [16, BN]: the block's int32 words; scale [BN]: the group's
     scale when GROUP >= 128 (one per block); for smaller groups the scale of each 16-row slice is read from
-    s_ptrs [BN] (group row 0, rows stride_s apart) instead. OFFSET_BY_DOT=False removes the magic offset with
-    row sums of x instead of the second dot (half the MMAs; x then also feeds plain arithmetic).
+    s_ptrs [BN] (group row 0, rows stride_s apart) instead.
     SWAP_AB: acc is [BN, BM] and a_ptrs [16, BM] (x transposed): the dequantized weights are the dots' A operand
-    (W [BN, 16] @ x^T [16, BM]), so the wide side of the MMA is N, not the few rows of x, and on Hopper the
-    weights can feed wgmma from registers. It always removes the offset with the second dot (OFFSET_BY_DOT is
-    not read). Measured slower than the default on an H200 (benchmarks/NOTES.md); kept as a tested option.
+    (W [BN, 16] @ x^T [16, BM]), so the wide side of the MMA is N, not the few rows of x. Measured slower than the
+    default on an H200 (benchmarks/NOTES.md); kept as a tested option.
     """
-    if SWAP_AB:
-        part = tl.zeros(acc.shape, dtype=tl.float32)
-        for j in tl.static_range(8):
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        w = _pair_step(words, j, DTYPE, ASM)  # [16, BN]
+        if SWAP_AB:
             at = tl.load(a_ptrs + 16 * j, mask=mask_m[None, :], other=0.0)  # [16, BM]
-            part = tl.dot(tl.trans(_magic(words, j, DTYPE)), at, part)
-            part = tl.dot(tl.trans(offset), at, part)
-            if GROUP < 128:  # a scale per 16-row slice
-                s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0)
-                acc += part * s.to(tl.float32)[:, None]
-                part = tl.zeros(acc.shape, dtype=tl.float32)
-        if GROUP >= 128:
-            acc += part * scale.to(tl.float32)[:, None]
-    elif PAIRS:  # (q - 8) straight from _pair_step: one dot per k16 step
-        part = tl.zeros(acc.shape, dtype=tl.float32)
-        for j in tl.static_range(8):
+            part = tl.dot(tl.trans(w), at, part)
+        else:
             a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
-            part = tl.dot(a, _pair_step(words, j, DTYPE, ASM), part)
-            if GROUP < 128:  # a scale per 16-row slice
-                s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0)
-                acc += part * s.to(tl.float32)[None, :]
-                part = tl.zeros(acc.shape, dtype=tl.float32)
-        if GROUP >= 128:
-            acc += part * scale.to(tl.float32)[None, :]
-    elif GROUP >= 128:
-        part = tl.zeros(acc.shape, dtype=tl.float32)
-        x_sum = tl.zeros((acc.shape[0],), dtype=tl.float32)
-        for j in tl.static_range(8):
-            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
-            part = tl.dot(a, _magic(words, j, DTYPE), part)
-            if OFFSET_BY_DOT:
-                part = tl.dot(a, offset, part)
-            else:
-                x_sum += tl.sum(a.to(tl.float32), axis=1)
-        if not OFFSET_BY_DOT:
-            part += x_sum[:, None] * (-1032.0 if DTYPE == tl.float16 else -136.0)
-        acc += part * scale.to(tl.float32)[None, :]
-    else:  # groups of 16..64 rows: a scale per 16-row slice
-        for j in tl.static_range(8):
-            a = tl.load(a_ptrs + 16 * j, mask=mask_m[:, None], other=0.0)
-            part = tl.dot(a, _magic(words, j, DTYPE))
-            part = tl.dot(a, offset, part)
-            s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0)
-            acc += part * s.to(tl.float32)[None, :]
+            part = tl.dot(a, w, part)
+        if GROUP < 128:  # a scale per 16-row slice
+            s = tl.load(s_ptrs + ((k0 + 16 * j) // GROUP) * stride_s, mask=mask_n, other=0.0).to(tl.float32)
+            acc += part * (s[:, None] if SWAP_AB else s[None, :])
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+    if GROUP >= 128:
+        s = scale.to(tl.float32)
+        acc += part * (s[:, None] if SWAP_AB else s[None, :])
     return acc
 
 
@@ -173,11 +136,9 @@ def _w4a16_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs along K; each covers K / SPLIT_K (a multiple of 128)
     HAS_BIAS: tl.constexpr,
-    OFFSET_BY_DOT: tl.constexpr,  # see _block_dot
     SWAP_AB: tl.constexpr,  # see _block_dot
     TICKETS: tl.constexpr,  # SPLIT_K > 1: sum the partials here (else _split_k_reduce_kernel does, after)
-    PAIRS: tl.constexpr,  # see _block_dot
-    ASM: tl.constexpr,  # PAIRS in inline PTX (NVIDIA GPUs; see _pair_step)
+    ASM: tl.constexpr,  # the dequant in inline PTX (NVIDIA GPUs; see _pair_step)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -196,7 +157,6 @@ def _w4a16_gemm_kernel(
         a_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + tl.arange(0, 16))[None, :]
     w_ptrs = w_ptr + (k_begin // 8 + tl.arange(0, 16))[:, None] * N + offs_n[None, :]
     s_ptrs = s_ptr + offs_n
-    offset = _offset_tile(BLOCK_N, DTYPE)
     # The scales feed arithmetic, which Triton's pipeliner does not stage: prefetch them one block ahead.
     scale = tl.load(s_ptrs + (k_begin // GROUP) * N, mask=mask_n, other=0.0)
     if SWAP_AB:
@@ -208,8 +168,7 @@ def _w4a16_gemm_kernel(
         words = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         step = tl.where(kb + 128 < k_per_split, 128, 0)  # the last block re-reads itself: stays in bounds
         scale_next = tl.load(s_ptrs + ((k0 + step) // GROUP) * N, mask=mask_n, other=0.0)
-        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, offset, DTYPE, GROUP, OFFSET_BY_DOT,
-                         SWAP_AB, PAIRS, ASM)
+        acc = _block_dot(acc, a_ptrs, mask_m, words, scale, s_ptrs, N, mask_n, k0, DTYPE, GROUP, SWAP_AB, ASM)
         scale = scale_next
         a_ptrs += 128
         w_ptrs += 16 * N
@@ -566,10 +525,8 @@ def w4a16_gemm(
     if cfg.pop("GEMV", False):
         return _gemv(x2, weight, scale, bias, group_size, cfg, tickets).reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg.setdefault("OFFSET_BY_DOT", True)
     cfg.setdefault("SWAP_AB", False)
-    cfg.setdefault("PAIRS", True)
-    cfg["ASM"] = cfg["PAIRS"] and x.is_cuda and torch.version.hip is None and not _INTERPRETER
+    cfg["ASM"] = x.is_cuda and torch.version.hip is None and not _INTERPRETER
     split_k = cfg.pop("SPLIT_K")
     if k % (split_k * KBLOCK):
         raise ValueError(f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")

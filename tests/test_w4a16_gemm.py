@@ -108,14 +108,13 @@ def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
     _check_backend(backend, m, n, k, group_size, dtype, with_bias=(m % 2 == 1), seed=m + n + k)
 
 
-# The two ways of removing the magic offset (a second dot, row sums of x), and the weights as the dots' A
-# operand (SWAP_AB); N = 40 leaves a ragged BLOCK_N = 32 tile and M = 5 a ragged row block in both orientations.
+# The weights as the dots' B operand (the default) and as their A operand (SWAP_AB); N = 40 leaves a ragged BLOCK_N = 32 tile and M = 5 a ragged row block in both orientations.
 # M = 21: two row blocks of 16, 4 tiles, more than prepare()'s 3 tickets (the call then takes its own); one row
 # block of 32 (past TICKETS_MAX_BLOCK_M: the partials are summed by the second kernel).
-@pytest.mark.parametrize("offset_by_dot, swap_ab", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("group_size", [128, 64, 384])  # a block inside a group, groups inside a block
 @pytest.mark.parametrize("split_k", [1, 3, 9])  # K has 9 blocks of 128
-def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_by_dot, swap_ab):
+def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, swap_ab):
     if BACKENDS[0].marks:
         pytest.skip("triton unavailable")
     from glm_awq.kernels import w4a16_gemm
@@ -123,8 +122,7 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, offset_b
     gen = torch.Generator().manual_seed(split_k)
     packed, scale = random_int4_weight(40, 1152, group_size=group_size, gen=gen)
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=2, OFFSET_BY_DOT=offset_by_dot,
-               SWAP_AB=swap_ab)  # fmt: skip
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split_k, num_warps=4, num_stages=2, SWAP_AB=swap_ab)
     for m, block_m in ((5, 16), (21, 16), (21, 32)):
         cfg["BLOCK_M"] = block_m
         x = torch.randn(m, 1152, generator=gen).to(DTYPES[-1]).to(DEVICE)
