@@ -1,7 +1,7 @@
 """Sweep the Triton MoE layer's launch configs at prefill sizes, against its current rule and bf16 grouped_mm.
 
 Each candidate is one (GEMM1, GEMM2) pair sharing BLOCK_M; WIDE selects the inner block step of
-kernels/moe.py (0: a k16 dot per nibble plus an offset dot; 1: one k128 dot on the dequantized block) and ASM
+kernels/moe.py (0: a k16 dot per nibble; 1: one k128 dot on the dequantized block) and ASM
 its dequant (inline PTX, or 0: fp32 math).
 Prints time (CUDA graph, routing excluded; the grouped_mm baseline includes it), % of the floor (measured in
 this run) and the error against the rule's output; writes sweep_triton_moe.json.
