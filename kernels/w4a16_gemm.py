@@ -52,12 +52,12 @@ def _magic(words, j: tl.constexpr, DTYPE: tl.constexpr):
 # (q - 8) of two weights of a block's word tile, nibble j of each, built in one 32-bit register: prmt gathers the
 # byte holding nibble j of the first word ($1) into the low 16 bits and of the second ($2) into the high 16 bits
 # ($3 = that byte selector), shr brings an odd nibble down ($5 = 0 or 4), lop3 masks both nibbles and ORs them into
-# the bits of 128.0 / 1024.0 (bf16 0x4300, fp16 0x6400), one fma removes 128 + 8 (1024 + 8), exactly, into $0
-# (the two outputs, packed, the first in the low half). Each output
-# depends on its own word only, so the result is right whichever two elements Triton packs together (pack=2); when
-# they are the K-adjacent rows of a tensor-core operand register (the dot layout, kWidth 2), the register is the
-# operand as it stands: 1.5 instructions per weight, where separate words take a shift and a mask per weight and a
-# prmt per pair. One line: torch.compile's inductor copies the kernel's globals into generated source as plain
+# the bits of 128.0 / 1024.0 (bf16 0x4300, fp16 0x6400), one fma removes 128 + 8 (1024 + 8), exactly, into $0 (the
+# two outputs, packed, the first in the low half). Each output depends on its own word only, so the result is right
+# whichever two elements Triton packs together (pack=2); when they are the K-adjacent rows of a tensor-core operand
+# register (the dot layout, kWidth 2), the register is the operand as it stands: 1.5 instructions per weight, where
+# separate words take a shift and a mask per weight and a prmt per pair. fma.rn.bf16x2 needs sm_80, as bf16
+# tensor-core dots do. One line: torch.compile's inductor copies the kernel's globals into generated source as plain
 # string literals.
 _PAIR_ASM = (
     "{{ .reg .b32 t, one, bias; mov.b32 one, {one}; mov.b32 bias, {bias}; prmt.b32 t, $1, $2, $3; shr.b32 t, t, $5; "

@@ -394,7 +394,8 @@ def glm_experts():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
-# 1, 2, 3: the per-token paths; triton: 1000 and 2000 take both prefill rules
+# 1, 2: per token on both backends; 3: per token on cuda, sorted on triton; triton: 1000 and 2000 take both
+# prefill rules
 @pytest.mark.parametrize("t", [1, 2, 3, 17, 100, 1000, 2000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_moe_glm_shapes(backend, t, dtype, glm_experts):

@@ -50,6 +50,9 @@ def test_torch_backend_equals_reference():
 # ------------------------------------------------------------------------------------------ fast backends
 
 import functools  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 from glm_awq.backends import UnsupportedShape  # noqa: E402
 
@@ -108,7 +111,8 @@ def test_fast_backend_small_shapes(backend, m, n, k, group_size, dtype):
     _check_backend(backend, m, n, k, group_size, dtype, with_bias=(m % 2 == 1), seed=m + n + k)
 
 
-# The weights as the dots' B operand (the default) and as their A operand (SWAP_AB); N = 40 leaves a ragged BLOCK_N = 32 tile and M = 5 a ragged row block in both orientations.
+# The weights as the dots' B operand (the default) and as their A operand (SWAP_AB); N = 40 leaves a ragged
+# BLOCK_N = 32 tile and M = 5 a ragged row block in both orientations.
 # M = 21: two row blocks of 16, 4 tiles, more than prepare()'s 3 tickets (the call then takes its own); one row
 # block of 32 (past TICKETS_MAX_BLOCK_M: the partials are summed by the second kernel).
 @pytest.mark.parametrize("swap_ab", [False, True])
@@ -193,6 +197,62 @@ def test_triton_dequantize_is_exact():
     t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DEVICE))
     dense = w4a16_gemm.dequantize(t["weight"], t["scale"], 128, torch.float32)
     assert torch.equal(dense.cpu(), quant.dequantize(packed, scale).T)
+
+
+# The interpreter never compiles the GPU branch of a kernel, so on a CPU-only machine a PTX syntax or constraint
+# error in the inline asm (_pair_step; _wide_tile) would go unnoticed until a GPU run. This compiles those
+# variants for sm_90 with Triton's bundled ptxas: no GPU needed. In a child process, because under
+# TRITON_INTERPRET=1 (set by conftest) the @triton.jit kernels are interpreter functions that cannot be compiled.
+_COMPILE_ASM_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from glm_awq.kernels import moe, w4a16_gemm
+
+def compile_ptx(fn, ptrs, ints, **constexprs):
+    sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(constexprs, "constexpr")}
+    src = ASTSource(fn, sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+
+for dt, pair in (("bf16", "fma.rn.bf16x2"), ("fp16", "fma.rn.f16x2")):
+    ptx = compile_ptx(
+        w4a16_gemm._w4a16_gemm_kernel,
+        dict(x_ptr=f"*{dt}", w_ptr="*i32", s_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}", part_ptr="*fp32",
+             ticket_ptr="*i32"),
+        ["M", "N", "K", "stride_xm", "stride_om"],
+        GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT_K=4, HAS_BIAS=False, SWAP_AB=False, TICKETS=True, ASM=True)
+    assert "prmt.b32" in ptx and pair in ptx, f"w4a16_gemm {dt}: no paired dequant in the PTX"
+    print("w4a16_gemm", dt, "ok")
+    for wide in (False, True):
+        ptx = compile_ptx(
+            moe._moe_gemm_kernel,
+            dict(a_ptr=f"*{dt}", w_ptr="*i32", s_ptr=f"*{dt}", out_ptr=f"*{dt}", sorted_ptr="*i32",
+                 counts_ptr="*i32", topk_w_ptr="*fp32"),
+            ["S", "N", "K", "E", "W_COLS", "stride_am", "stride_om"],
+            TOP_K=8, GATE_UP=True, WEIGHTED=False, GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, E_PAD=256,
+            WIDE=wide, ASM=True)
+        assert wide or ("prmt.b32" in ptx and pair in ptx), f"moe {dt}: no paired dequant in the PTX"
+        print("moe", dt, "wide" if wide else "k16", "ok")
+"""
+
+
+@pytest.mark.slow  # ~10 s on the CPU: three compiles per dtype, ptxas included
+def test_triton_inline_ptx_dequant_compiles_for_sm90(tmp_path):
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception as exc:  # no NVIDIA backend in this triton, or no ptxas bundled with it
+        pytest.skip(f"triton's ptxas unavailable: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: ptxas really runs
+    res = subprocess.run([sys.executable, "-c", _COMPILE_ASM_SM90], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]  # ptxas's, not its PTX dump
+    assert res.returncode == 0, f"{ptxas}:\n{res.stdout}\n" + "\n".join(errors[:20] or [res.stderr[-3000:]])
+    assert res.stdout.count(" ok") == 6, res.stdout
 
 
 def test_triton_rejects_fp32_activations():
