@@ -24,7 +24,7 @@ import triton.language as tl
 from glm_awq import env
 from glm_awq.kernels import w4a16_gemm
 
-_INTERPRETER = env.triton_interpret()  # read once, at import (as kernels/moe.py does)
+_INTERPRETER = env.triton_interpret()  # read once, at import (as kernels/w4a16_gemm.py does)
 
 MAX_M = 16  # the most rows of x the kernel takes (x is padded to 16 rows for the tensor cores)
 # Where `takes` sends the model's calls (H200, bench_dense.py, tenth session): up to FASTER_UP_TO_M rows, and K from

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from glm_awq import env
 from glm_awq.kernels import tuning
 from glm_awq.kernels.w4a16_gemm import (
     KBLOCK,
@@ -42,11 +41,10 @@ from glm_awq.kernels.w4a16_gemm import (
     _gemv_xs,
     _pair_step,
     _sm_count,
+    inline_ptx,
     split_k_tickets,
 )
 
-_INTERPRETER = env.triton_interpret()  # read once: launchers run under torch.compile (no environment reads there)
-_NVIDIA = torch.version.hip is None  # the inline PTX dequant (_DEQUANT_ASM) is NVIDIA-only
 
 # ------------------------------------------------------------------------------------------------- routing
 
@@ -684,8 +682,7 @@ def _grouped_gemm(a, w, scale, out, sorted_slots, counts, topk_w, n, top_k, gate
     # the inline-PTX dequant needs an NVIDIA GPU, and WIDE's scales already in the activation dtype (it multiplies
     # them raw; the k16 steps leave the scales to fp32 math)
     cfg.setdefault("WIDE", False)
-    asm = cfg.pop("ASM", True) and a.is_cuda and _NVIDIA and not _INTERPRETER
-    asm = asm and (scale.dtype == a.dtype or not cfg["WIDE"])
+    asm = cfg.pop("ASM", True) and inline_ptx(a) and (scale.dtype == a.dtype or not cfg["WIDE"])
     e, k = w.shape[0], w.shape[1] * 8
     if k % (cfg["SPLIT_K"] * KBLOCK):
         raise ValueError(f"MoE config {cfg} does not tile K={k}: K must be a multiple of SPLIT_K*128")

@@ -35,6 +35,13 @@ from glm_awq import env
 from glm_awq.kernels import tuning
 
 _INTERPRETER = env.triton_interpret()  # read once, at import: launchers run under torch.compile
+_NVIDIA = torch.version.hip is None
+
+
+def inline_ptx(x: torch.Tensor) -> bool:
+    """Whether the inline-PTX dequant (_pair_step, and kernels/moe.py's _wide_tile) runs for x: an NVIDIA GPU, not
+    the interpreter."""
+    return x.is_cuda and _NVIDIA and not _INTERPRETER
 
 KBLOCK = 128  # K rows per layout block (16 words x 8 nibbles)
 
@@ -526,7 +533,7 @@ def w4a16_gemm(
         return _gemv(x2, weight, scale, bias, group_size, cfg, tickets).reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg.setdefault("SWAP_AB", False)
-    cfg["ASM"] = x.is_cuda and torch.version.hip is None and not _INTERPRETER
+    cfg["ASM"] = inline_ptx(x)
     split_k = cfg.pop("SPLIT_K")
     if k % (split_k * KBLOCK):
         raise ValueError(f"config {config} does not tile K={k}: K must be a multiple of SPLIT_K*128={split_k * KBLOCK}")
