@@ -26,26 +26,27 @@ import common  # noqa: E402
 from bench_w4a16_gemm import ROTATE_BYTES, SHAPES, _rotating  # noqa: E402
 
 
-def candidates(m: int, n: int, k: int):
+def candidates(m: int, n: int, k: int, warps=(4,)):
     block_ms = [16] if m <= 16 else [32, 64] if m <= 64 else [64, 128]
-    for bm, bn, stages, split_k in itertools.product(block_ms, [32, 64, 128], [2, 3, 4], [1, 2, 4, 8]):
+    for bm, bn, stages, split_k, w in itertools.product(block_ms, [32, 64, 128], [2, 3, 4], [1, 2, 4, 8], warps):
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        if (k // 128) % split_k or not 64 <= tiles * split_k <= 16 * 132:
+        if (k // 128) % split_k or not 64 <= tiles * split_k <= 16 * 132 or bn < 16 * w:
             continue
-        yield dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=4, num_stages=stages)
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=w, num_stages=stages)
 
 
 MOE_E, MOE_A, MOE_H, MOE_I = 160, 8, 5120, 1536
 
 
-def moe_candidates(block_m: int, n: int, k: int):
-    for bn, split_k, warps in itertools.product([32, 64, 128], [1, 2, 4, 8], [4, 8]):
-        if (k // 128) % split_k or (warps == 8) != (bn == 128 and block_m >= 64):
+def moe_candidates(block_m: int, n: int, k: int, wide: bool = False, stages=(3,)):
+    """wide: every warp count for every tile (else 8 warps only for 128 x 64+ tiles, as before); stages: each."""
+    for bn, split_k, warps, st in itertools.product([32, 64, 128], [1, 2, 4, 8], [4, 8], stages):
+        if (k // 128) % split_k or (warps == 8) != (bn == 128 and block_m >= 64) and not (wide and bn >= 16 * warps):
             continue
-        yield dict(BLOCK_M=block_m, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps, num_stages=3)
+        yield dict(BLOCK_M=block_m, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps, num_stages=st)
 
 
-def tune_moe(ts: list[int], table: dict) -> None:
+def tune_moe(ts: list[int], table: dict, wide: bool = False, stages=(3,)) -> None:
     """Coordinate descent per token count: the best GEMM1 config with GEMM2 at its default, then GEMM2."""
     import glm_awq
     from bench_moe import _layer_weights
@@ -72,7 +73,7 @@ def tune_moe(ts: list[int], table: dict) -> None:
             cfg1["BLOCK_M"] = cfg2["BLOCK_M"] = block_m
             for which, n, k in ((0, MOE_I, MOE_H), (1, MOE_H, MOE_I)):
                 results = []
-                for cand in moe_candidates(block_m, n, k):
+                for cand in moe_candidates(block_m, n, k, wide, stages):
                     cfgs = [cfg1, cfg2]
                     cfgs[which] = cand
                     try:
@@ -98,6 +99,9 @@ def main() -> int:
     parser.add_argument("--ms", default="1,8,16,32,64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--moe-ts", default="1,16,256,4096", help="token counts for the MoE sweep ('' skips)")
+    parser.add_argument("--warps", default="4", help="num_warps to try for the tile GEMM, e.g. 4,8")
+    parser.add_argument("--moe-wide", action="store_true", help="the MoE sweep also tries 8 warps on narrow tiles")
+    parser.add_argument("--moe-stages", default="3", help="num_stages to try for the MoE GEMMs, e.g. 2,3,4")
     parser.add_argument("--merge", action="store_true",
                         help="also write the winners into kernels/tuned.json, replacing entries of the same kernel, "
                              "n, k and m_max and keeping the rest")
@@ -113,7 +117,7 @@ def main() -> int:
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             results = []
-            for cfg in candidates(m, n, k):  # noqa: B007
+            for cfg in candidates(m, n, k, [int(w) for w in args.warps.split(",")]):  # noqa: B007
                 fns = [lambda t=t, cfg=cfg: w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, 128, cfg)
                        for t in weights]  # fmt: skip
                 try:
@@ -128,7 +132,8 @@ def main() -> int:
         del weights
         torch.cuda.empty_cache()
     if args.moe_ts:
-        tune_moe([int(t) for t in args.moe_ts.split(",")], table[family])
+        stages = [int(v) for v in args.moe_stages.split(",")]
+        tune_moe([int(t) for t in args.moe_ts.split(",")], table[family], args.moe_wide, stages)
     for entries in table[family].values():
         entries.sort(key=lambda e: (e["n"], e["k"], e["m_max"]))
     path = common.out_dir() / "tuned.json"

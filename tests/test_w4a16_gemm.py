@@ -140,6 +140,31 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, swap_ab)
         w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 2})
 
 
+# The GEMV's dequant keeps each weight as 1 + q 2^-s and subtracts the constant parts once per block
+# (kernels/w4a16_gemm.py, GEMV_MAGIC): its sums run through terms 16 times x. Every nibble value in every position,
+# x with outlier channels 100 times the rest, and large scales: the error must stay at the output dtype's rounding.
+def test_triton_gemv_exact_enough_with_outliers_and_every_nibble():
+    if BACKENDS[0].marks:
+        pytest.skip("triton unavailable")
+    from glm_awq.kernels import w4a16_gemm
+
+    gen = torch.Generator().manual_seed(7)
+    n, k = 64, 512
+    q = (torch.arange(n * k) % 16).view(n, k)  # every nibble value, at every nibble position across the rows
+    q = q[:, torch.randperm(k, generator=gen)]
+    packed = quant.pack_int4(q - 8)
+    scale = torch.rand(n, k // 128, generator=gen) * 3 + 0.5
+    x = torch.randn(1, k, generator=gen)
+    x[0, torch.randperm(k, generator=gen)[:6]] *= 100.0
+    x = x.to(DTYPES[-1])
+    t = w4a16_gemm.prepare(packed.to(DEVICE), scale.to(DTYPES[-1]).to(DEVICE))
+    cfg = dict(GEMV=True, BLOCK_M=1, BLOCK_N=32, SPLIT_K=2, num_warps=4, num_stages=1)
+    out = w4a16_gemm.w4a16_gemm(x.to(DEVICE), t["weight"], t["scale"], None, 128, config=cfg, tickets=t["tickets"])
+    ref = _naive_float64(x, packed, scale.to(DTYPES[-1]), None, 128)
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu().double(), ref) < (4e-3 if DTYPES[-1] == torch.bfloat16 else 1e-3)
+
+
 # The CUDA-core GEMV path (one row of x): N = 40 leaves a ragged BLOCK_N = 32 tile; K = 1152 is 9 blocks, split 3
 # or 9 ways (the last split's program sums the partials through the tickets); group 384 spans three blocks.
 @pytest.mark.parametrize("group_size, split_k", [(128, 1), (128, 3), (384, 9), (128, 9)])
