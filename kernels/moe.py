@@ -426,7 +426,7 @@ def _sum_slots_kernel(
 # ------------------------------------------------------------------------------------ per token (decode)
 # At a few tokens a token's A experts are distinct: grouping slots by expert saves no weight reads and costs the
 # sort, a slot sum and tensor-core tiles padded from one row to 16. The per-token path runs the layer as two
-# CUDA-core GEMVs (kernels/w4a16_gemm.py's _gemv_block: lop3 + add + fma per weight), no sort:
+# CUDA-core GEMVs (kernels/w4a16_gemm.py's _gemv_block: a lop3 and an fma per weight), no sort:
 #   _token_gate_up  program (slot, I tile, K split): h[s] = w[s] * silu(x[t] @ gate_e^T) * (x[t] @ up_e^T),
 #                   e = ids[s]; gate and up columns together, so the epilogue has both
 #   _token_down     program (token, H tile, K split): out[t] = h[t * A : t * A + A] (one row of A I) @ the
