@@ -20,7 +20,7 @@ Small M is memory-bound: split-K spreads the weight over every SM, each split wr
 last split of each tile to arrive (a ticket) sums in a fixed order (deterministic), adds the bias and casts, in
 the same launch (up to TICKETS_MAX_BLOCK_M rows per tile; larger tiles leave the sum to a second small kernel,
 in the same order). Up to GEMV_MAX_M rows a CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core
-rows, lop3 + add + fma per weight, split-K summed the same way). Large M (>= DENSE_MIN_M) dequantizes W once and
+rows, a lop3 and an fma per weight, split-K summed the same way). Large M (>= DENSE_MIN_M) dequantizes W once and
 runs cuBLAS on tensor cores.
 """
 
@@ -279,10 +279,10 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    magic_bits,  # 0x4B000000, the bits of 2^23: a kernel argument, so that it lives in a register (_gemv_magic)
+    magic_bits,  # GEMV_MAGIC, the bits of 1.0: a kernel argument, so that it lives in a register (_gemv_slot)
 ):
     """One row of x on CUDA cores: no padding of x to 16 tensor-core rows; each int4 weight costs a few ALU
-    instructions (_gemv_magic; 4.9 per weight in the sm_90 SASS). Everything stays in the layout of the [16, BN]
+    instructions (_gemv_block; 4.1 per weight in the sm_90 SASS). Everything stays in the layout of the [16, BN]
     word tile (16-byte loads along N): the sum over a block's 16 words (across threads) happens once per program,
     not per block. The next block's words, scales and x are loaded before this block's math (a register double
     buffer). Split-K partials are summed by the last program of each N tile to arrive (a ticket), in split order:
