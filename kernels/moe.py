@@ -35,8 +35,6 @@ import triton.language as tl
 
 from glm_awq.kernels import tuning
 from glm_awq.kernels.w4a16_gemm import (
-    GEMV_MAGIC,
-    GEMV_UNIT,
     KBLOCK,
     _check_activation,
     _gemv_block,
@@ -426,7 +424,7 @@ def _sum_slots_kernel(
 # ------------------------------------------------------------------------------------ per token (decode)
 # At a few tokens a token's A experts are distinct: grouping slots by expert saves no weight reads and costs the
 # sort, a slot sum and tensor-core tiles padded from one row to 16. The per-token path runs the layer as two
-# CUDA-core GEMVs (kernels/w4a16_gemm.py's _gemv_block: a lop3 and an fma per weight), no sort:
+# CUDA-core GEMVs (kernels/w4a16_gemm.py's _gemv_block: lop3 + add + fma per weight), no sort:
 #   _token_gate_up  program (slot, I tile, K split): h[s] = w[s] * silu(x[t] @ gate_e^T) * (x[t] @ up_e^T),
 #                   e = ids[s]; gate and up columns together, so the epilogue has both
 #   _token_down     program (token, H tile, K split): out[t] = h[t * A : t * A + A] (one row of A I) @ the
@@ -470,7 +468,7 @@ def _token_gate_up_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_MAP: tl.constexpr,
-    magic_bits,  # GEMV_MAGIC in a register (see _gemv_slot)
+    magic_bits,  # 0x4B000000 in a register (see _gemv_magic)
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -505,8 +503,8 @@ def _token_gate_up_kernel(
         words_g, words_u, scale_g, scale_u, xs = words_g_next, words_u_next, scale_g_next, scale_u_next, xs_next
         w_ptrs += 16 * (2 * I)
         x_ptrs += 128
-    gate = tl.sum(acc_g, axis=0) * GEMV_UNIT  # [BN]
-    up = tl.sum(acc_u, axis=0) * GEMV_UNIT
+    gate = tl.sum(acc_g, axis=0)  # [BN]
+    up = tl.sum(acc_u, axis=0)
     mask_out = offs_n < I  # a slot not here still writes its zeros
     if SPLIT_K > 1:
         part = part_ptr + (pid_k * S + slot) * 2 * I + offs_n
@@ -583,7 +581,7 @@ def _token_down_kernel(
         xs_next = _gemv_xs(h_row + b * 128)
         acc += _gemv_block(words, xs, magic_bits) * scale.to(tl.float32)[None, :]
         words, scale, xs = words_next, scale_next, xs_next
-    y = tl.sum(acc, axis=0) * GEMV_UNIT  # [BN]
+    y = tl.sum(acc, axis=0)  # [BN]
     out_offs = t.to(tl.int64) * H + offs_n
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * T * H + out_offs, y, mask=mask_n)
@@ -769,7 +767,7 @@ def fused_moe_per_token(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
     else:
         tickets = out  # a dummy
     dummy_map = expert_map if expert_map is not None else tickets
-    magic = GEMV_MAGIC
+    magic = 0x4B000000
     hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
     part1 = torch.empty((split1, s, 2, i), dtype=torch.float32, device=x.device) if split1 > 1 else hidden
     _token_gate_up_kernel[(tiles1, split1)](

@@ -20,7 +20,7 @@ Small M is memory-bound: split-K spreads the weight over every SM, each split wr
 last split of each tile to arrive (a ticket) sums in a fixed order (deterministic), adds the bias and casts, in
 the same launch (up to TICKETS_MAX_BLOCK_M rows per tile; larger tiles leave the sum to a second small kernel,
 in the same order). Up to GEMV_MAX_M rows a CUDA-core GEMV kernel runs instead (no padding of x to 16 tensor-core
-rows, a lop3 and an fma per weight, split-K summed the same way). Large M (>= DENSE_MIN_M) dequantizes W once and
+rows, lop3 + add + fma per weight, split-K summed the same way). Large M (>= DENSE_MIN_M) dequantizes W once and
 runs cuBLAS on tensor cores.
 """
 
@@ -202,65 +202,49 @@ def _w4a16_gemm_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(DTYPE), mask=mask)
 
 
-# The GEMV's dequant (_gemv_block) puts each nibble in one of two 4-bit slots near the top of an fp32 mantissa,
-# OR-ed into the bits of 1.0 (GEMV_MAGIC): bits 16-19 read 1 + q 2^-7 (nibbles 0, 2, 4, 6), bits 12-15 read
-# 1 + q 2^-11 (nibbles 1, 3, 5, 7). A word, two shifts and a swap of its halves bring every nibble into a slot.
-# The weight stays 1 + q 2^-s, and x comes as x (even nibbles) or 16 x (odd; exact), so every product is
-# x 2^(s-7) + q x 2^-7, exactly (at most 12 + 8 significant bits). Each block subtracts the constant parts and the
-# +8 offset once per word row (_gemv_xs's offset), not per weight, and the caller multiplies its sum by
-# GEMV_UNIT = 2^7 once at the end. Per weight: one LOP3 (mask and OR), the FFMA and 0.375 shifts; the old form
-# (2^23 + q 16^e) needed an add per weight to remove the 2^23 before the product, since 2^23 x would have rounded
-# q x away (sm_90 SASS of the loop: 313 -> 265 instructions per 64 weights). The cost: a block's sum runs through
-# terms up to 16 |x|, so fp32 rounding leaves ~1e-4 of a term, far below a bf16 output's 4e-3.
-GEMV_MAGIC = 0x3F800000  # the bits of 1.0f; passed as a kernel argument, so that it lives in a register
-GEMV_UNIT: tl.constexpr = tl.constexpr(128.0)  # _gemv_block's sums are in units of 2^-7
-
-
 @triton.jit
-def _gemv_slot(bits, mask: tl.constexpr, magic):
-    """The fp32 1 + q 2^-s of the nibble in bits & mask (mask 0xF0000: s = 7; 0xF000: s = 11). The magic comes in
-    a register (a kernel argument): with it as a literal, ptxas emits the mask and the OR as two LOP3s, one
-    immediate each (tenth session: 368 instructions per 64 weights instead of 313, q_proj 20.3 us vs 18.6)."""
-    return ((bits & mask) | magic).to(tl.float32, bitcast=True)
+def _gemv_magic(words, j: tl.constexpr, magic):
+    """(nibble j - 8) * 16^e as fp32 [16, BN], exactly, without int->float conversions.
+
+    Nibble j sits at bits 4 j .. 4 j + 3 of a word; the caller passes words for j <= 3 and words >> 16 for
+    j >= 4, so here it sits at bits 4 e, e = j % 4. OR-ing it in place into the bits of 2^23 (magic =
+    0x4B000000) gives the float 2^23 + q 16^e exactly; subtracting 2^23 + 8 * 16^e leaves (q - 8) 16^e. The
+    caller scales x by 16^-e (a power of two: exact). Per weight: one LOP3 (mask and OR), one add and the fma.
+    The magic comes in a register (a kernel argument): with it as a literal, ptxas emits the mask and the OR as
+    two LOP3s, one immediate each (sm_90 SASS of the loop: 368 instructions per 64 weights instead of 313; H200,
+    q_proj M = 1: 20.3 us instead of 18.6).
+    """
+    e: tl.constexpr = j % 4
+    return ((words & (0xF << (4 * e))) | magic).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 16**e)
 
 
 @triton.jit
 def _gemv_x(x_ptrs, j: tl.constexpr):
-    """x[16 j + w] for the block's 16 words w, in fp32; times 16 for odd j, whose slot is 16 times finer."""
-    x = tl.load(x_ptrs + 16 * j).to(tl.float32)
-    if j % 2 == 1:
-        x = x * 16.0
-    return x[:, None]
+    """x[16 j + w] for the block's 16 words w, in fp32, scaled by 16^-(j % 4) to match _gemv_magic."""
+    e: tl.constexpr = j % 4
+    return (tl.load(x_ptrs + 16 * j).to(tl.float32) * (1.0 / 16**e))[:, None]
 
 
 @triton.jit
 def _gemv_xs(x_ptrs):
-    """A layout block's 128 values of x as eight [16, 1] fp32 columns (_gemv_x of nibbles 0..7), and the block's
-    offset per word row, which _gemv_block subtracts: the products' constant parts and the +8, in units of 2^-7,
-    sum over even j of x_j (1 + 8 2^-7) + over odd j of 16 x_j (1 + 8 2^-11)."""
-    x0, x1, x2, x3 = _gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3)
-    x4, x5, x6, x7 = _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7)
-    offset = (x0 + x2 + x4 + x6) * (1.0 + 8.0 / 2**7) + (x1 + x3 + x5 + x7) * (1.0 + 8.0 / 2**11)
-    return x0, x1, x2, x3, x4, x5, x6, x7, offset
+    """A layout block's 128 values of x as eight [16, 1] fp32 columns (_gemv_x of nibbles 0..7)."""
+    return (_gemv_x(x_ptrs, 0), _gemv_x(x_ptrs, 1), _gemv_x(x_ptrs, 2), _gemv_x(x_ptrs, 3),
+            _gemv_x(x_ptrs, 4), _gemv_x(x_ptrs, 5), _gemv_x(x_ptrs, 6), _gemv_x(x_ptrs, 7))  # fmt: skip
 
 
 @triton.jit
 def _gemv_block(words, xs, magic):
-    """One layout block's words [16, BN] against its x (_gemv_xs): sum over nibbles j of (q - 8) x[16 j + w] / 2^7,
-    [16, BN] fp32 before the group's scale (the sum over the 16 words w and the factor GEMV_UNIT are left to the
-    caller). Nibbles 3 and 4 sit in their slots already; << 8 brings 1 and 2, >> 8 brings 5 and 6 (the bits an
-    arithmetic shift fills are masked off), and swapping the word's halves brings 0 and 7."""
-    left8 = words << 8
-    right8 = words >> 8
-    part = _gemv_slot(words, 0xF000, magic) * xs[3] - xs[8]
-    part += _gemv_slot(words, 0xF0000, magic) * xs[4]
-    part += _gemv_slot(left8, 0xF000, magic) * xs[1]
-    part += _gemv_slot(left8, 0xF0000, magic) * xs[2]
-    part += _gemv_slot(right8, 0xF000, magic) * xs[5]
-    part += _gemv_slot(right8, 0xF0000, magic) * xs[6]
-    swapped = (words << 16) | ((words >> 16) & 0xFFFF)  # one funnel shift (SHF.L.W) in the SASS
-    part += _gemv_slot(swapped, 0xF0000, magic) * xs[0]
-    part += _gemv_slot(swapped, 0xF000, magic) * xs[7]
+    """One layout block's words [16, BN] against its x (_gemv_xs): sum over nibbles j of (q - 8) x[16 j + w],
+    [16, BN] fp32 before the group's scale (the sum over the 16 words w is left to the caller)."""
+    high = words >> 16
+    part = _gemv_magic(words, 0, magic) * xs[0]
+    part += _gemv_magic(words, 1, magic) * xs[1]
+    part += _gemv_magic(words, 2, magic) * xs[2]
+    part += _gemv_magic(words, 3, magic) * xs[3]
+    part += _gemv_magic(high, 4, magic) * xs[4]
+    part += _gemv_magic(high, 5, magic) * xs[5]
+    part += _gemv_magic(high, 6, magic) * xs[6]
+    part += _gemv_magic(high, 7, magic) * xs[7]
     return part
 
 
@@ -279,10 +263,10 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    magic_bits,  # GEMV_MAGIC, the bits of 1.0: a kernel argument, so that it lives in a register (_gemv_slot)
+    magic_bits,  # 0x4B000000, the bits of 2^23: a kernel argument, so that it lives in a register (_gemv_magic)
 ):
     """One row of x on CUDA cores: no padding of x to 16 tensor-core rows; each int4 weight costs a few ALU
-    instructions (_gemv_block; 4.1 per weight in the sm_90 SASS). Everything stays in the layout of the [16, BN]
+    instructions (_gemv_magic; 4.9 per weight in the sm_90 SASS). Everything stays in the layout of the [16, BN]
     word tile (16-byte loads along N): the sum over a block's 16 words (across threads) happens once per program,
     not per block. The next block's words, scales and x are loaded before this block's math (a register double
     buffer). Split-K partials are summed by the last program of each N tile to arrive (a ticket), in split order:
@@ -310,7 +294,7 @@ def _w4a16_gemv_kernel(
         words, scale, xs = words_next, scale_next, xs_next
         w_ptrs += 16 * N
         x_ptrs += 128
-    y = tl.sum(acc, axis=0) * GEMV_UNIT  # [BN]
+    y = tl.sum(acc, axis=0)  # [BN]
 
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * N + offs_n, y, mask=mask_n)
@@ -611,7 +595,7 @@ def _gemv(x2, weight, scale, bias, group_size, cfg, tickets):
     has_bias = bias is not None
     _w4a16_gemv_kernel[(n_tiles, split_k)](
         x2, weight, scale, bias if has_bias else scale, out, part, tickets if split_k > 1 else out, n, k,
-        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, magic_bits=GEMV_MAGIC,
+        GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split_k, HAS_BIAS=has_bias, magic_bits=0x4B000000,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
