@@ -74,11 +74,18 @@ def _layer_cost(ids, t):
     return unique, unique * EXPERT_BYTES + 2 * t * H * 2, t * A * 2 * (2 * I * H + H * I)
 
 
+def _inputs(t):
+    """x [T, H] and router logits [T, E] for T tokens, the same in every run (and process) for the same T, so that
+    two runs route alike and touch the same experts."""
+    gen = torch.Generator(device="cuda").manual_seed(1000 + t)
+    x = torch.randn(t, H, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return x, torch.randn(t, E, device="cuda", generator=gen)
+
+
 def _prefill_case(t, baseline, ceilings):
     """The sweeps' inputs at T tokens: x, routing (ids, weights) of random logits, the floor, and the bf16
     grouped_mm layer's time (routing included)."""
-    x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(t, E, device="cuda")
+    x, logits = _inputs(t)
     ids, w = glm_awq.route(logits, torch.zeros(E, device="cuda"))
     _, nbytes, flops = _layer_cost(ids, t)
     return x, ids, w, common.floor_us(nbytes, flops, ceilings), common.graph_time_us(lambda: baseline(x, logits))
@@ -114,8 +121,7 @@ def main() -> int:
 
     rows = []
     for t in ts:
-        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(t, E, device="cuda")
+        x, logits = _inputs(t)
         ids, _ = glm_awq.route(logits, bias, backend="torch")
         unique, nbytes, flops = _layer_cost(ids, t)
         floor = common.floor_us(nbytes, flops, ceilings)

@@ -107,9 +107,6 @@ struct Num<__half> {
         : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
   }
-  // FOLD: 0x6400 | n is the exact fp16 1024 + n; the 1032 offset and the scale come after the mma.
-  static constexpr uint32_t kMagic = 0x64006400u, kOffset = 0x64086408u;  // 1024, 1032
-  static constexpr float kOffsetF = 1032.f;
   static __device__ __forceinline__ float lo(uint32_t w) { return __half2float(__ushort_as_half(w & 0xffffu)); }
   static __device__ __forceinline__ float hi(uint32_t w) { return __half2float(__ushort_as_half(w >> 16)); }
 };
@@ -152,9 +149,6 @@ struct Num<__nv_bfloat16> {
         : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
   }
-  // FOLD: 0x4300 | n is the exact bf16 128 + n; the 136 offset and the scale come after the mma.
-  static constexpr uint32_t kMagic = 0x43004300u, kOffset = 0x43084308u;  // 128, 136
-  static constexpr float kOffsetF = 136.f;
   static __device__ __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
   static __device__ __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 };

@@ -194,10 +194,11 @@ __global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS
       s2[2 * i + 1] = __byte_perm(sw[i], 0, 0x3232);
     }
     if constexpr (FOLD) {
-      // FOLD: the mmas see the raw codes x = magic + n (one lop3 per nibble pair, no subtract, no scale), so
-      // tmp = A . X; a ninth mma per step against a constant B of (magic + 8) gives off = A . (magic + 8) in
-      // every column; after the stage acc += scale * (tmp - off) = scale * A . q, in fp32. Exact products,
-      // fp32 sums: the cancellation costs ~2^-23 * (magic + 8) * sum|a| per group, far below bf16 rounding.
+      // FOLD: the mmas see the exact codes q - 8 (no scale), so tmp = A . (q - 8) for the stage, every product
+      // exact, and after the stage acc += scale * tmp in fp32: one multiply per weight pair less than scales into
+      // B, for a second accumulator set. (The first version fed the raw codes magic + 8 + q and took a ninth mma
+      // against magic + 8 away: its fp32 sums carried magic + 8 times every activation, and an activation outlier
+      // on a zero weight cost ~1e-2 of the output; tests/test_cuda_kernels.py, outliers on zero weights.)
       // The scales now follow the C fragment's columns 2t and 2t + 1 of each n8 block (not the B operand's
       // column g): the repacked chunks of columns 2t and 2t + 1, blocks 0..7 each.
       const int4 sv0 = sS[slot * S_CHUNKS + wn * 8 + 2 * (lane & 3)], sv1 = sS[slot * S_CHUNKS + wn * 8 + 2 * (lane & 3) + 1];
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS
         sf[0][2 * i] = V::lo(c0[i]), sf[0][2 * i + 1] = V::hi(c0[i]);
         sf[1][2 * i] = V::lo(c1[i]), sf[1][2 * i + 1] = V::hi(c1[i]);
       }
-      float tmp[M_BLOCKS][8][4], off[M_BLOCKS][4];
+      float tmp[M_BLOCKS][8][4];
 #pragma unroll
       for (int kk = 0; kk < KPW; ++kk) {
         if (kk + 1 < KPW) load_step(slot, kk + 1, a[(kk + 1) & 1], bq[(kk + 1) & 1]);
@@ -221,8 +222,7 @@ __global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           uint32_t w[4];
-#pragma unroll
-          for (int p = 0; p < 4; ++p) w[p] = and_or(q[i] >> (4 * p), 0x000f000fu, V::kMagic);
+          V::dequant(q[i], w);
 #pragma unroll
           for (int mb = 0; mb < M_BLOCKS; ++mb) {
             if (kk == 0) {
@@ -234,20 +234,13 @@ __global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS
             }
           }
         }
-#pragma unroll
-        for (int mb = 0; mb < M_BLOCKS; ++mb) {
-          if (kk == 0)
-            V::mma0(off[mb], a[kk & 1][mb], V::kOffset, V::kOffset);
-          else
-            V::mma(off[mb], a[kk & 1][mb], V::kOffset, V::kOffset);
-        }
       }
 #pragma unroll
       for (int mb = 0; mb < M_BLOCKS; ++mb)
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[mb][j][e] = fmaf(sf[e & 1][j], tmp[mb][j][e] - off[mb][e], acc[mb][j][e]);
+          for (int e = 0; e < 4; ++e) acc[mb][j][e] = fmaf(sf[e & 1][j], tmp[mb][j][e], acc[mb][j][e]);
     } else {
 #pragma unroll
       for (int kk = 0; kk < KPW; ++kk) {
@@ -513,12 +506,13 @@ cudaError_t launch(const GemmLaunch& a) {
 // .variant; 0: skinny (w4a16_skinny.cu) where skinny_preferred, else FOLD at M <= 16 and classic above.
 // 1: classic (scales into B), 2: FOLD, 3: skinny.
 constexpr int kVariantFold = 2, kVariantSkinny = 3, kVariantWgmma = 4;
+constexpr int kVariantMoeFoldWide = 5;  // MoE blocks of 16: FOLD on the widest tile that divides N (up to 512)
 constexpr int kMoeWN = 2;  // MoE tiles are 128 wide: T = 1 still gives 8 experts x 24 (GEMM1) or 40 (GEMM2) CTAs
 
-template <typename T, int M_BLOCKS, int MODE, bool FOLD>
+template <typename T, int M_BLOCKS, int MODE, bool FOLD, int WN = kMoeWN>
 cudaError_t launch_moe(const MoeLaunch& a) {
-  using Cfg = Tile<M_BLOCKS, kMoeWN, FOLD>;
-  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, kMoeWN, MODE, FOLD>;
+  using Cfg = Tile<M_BLOCKS, WN, FOLD>;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, MODE, FOLD>;
   static uint64_t configured = 0;  // devices whose shared-memory attribute is set
   const cudaError_t err = allow_dynamic_smem(kernel, Cfg::SMEM, configured);
   if (err != cudaSuccess) return err;
@@ -644,6 +638,31 @@ int launch_moe_gemm(const MoeLaunch& a) {
     return launch_moe_skinny(a);
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   const int m_blocks = a.block_m / 16;
+  // Blocks of 16 (~9-14 slots per expert, T ~ 150-290 on GLM-4.6): FOLD on 512-wide tiles where the grid still
+  // fills the GPU twice over, counting the fewest blocks the slots can make. H200, GLM-4.6 layer, routing excluded,
+  // T = 256: 916 us against 1012 for scales into B on 128-wide tiles (8 warps then split each stage's K four ways
+  // and wait at every stage's barrier); FOLD on 128-wide tiles 1106, scales into B on 512-wide tiles 950
+  // (benchmarks/NOTES.md, fifteenth session).
+  if (m_blocks == 1 && (a.variant == 0 || a.variant == kVariantMoeFoldWide)) {
+    const int64_t n = a.weight.size(2) * 64, min_blocks = (a.weights.numel() + 15) / 16;
+    const bool forced = a.variant == kVariantMoeFoldWide;
+    int wn = 8;  // N % 128 == 0 (ops.cpp), so 2 always divides it
+    while (wn > 2 && (n % (64 * wn) || (!forced && min_blocks * (n / (64 * wn)) < 2 * sm_count(a.a.get_device()))))
+      wn /= 2;
+#define GLM_AWQ_MOE_WIDE_CASE(W)                                                                            \
+  if (wn == W) {                                                                                            \
+    if (bf16) return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true, W>(a)                   \
+                                       : launch_moe<__nv_bfloat16, 1, kDown, true, W>(a);                    \
+    return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true, W>(a) : launch_moe<__half, 1, kDown, true, W>(a); \
+  }
+    GLM_AWQ_MOE_WIDE_CASE(8) GLM_AWQ_MOE_WIDE_CASE(4)
+#undef GLM_AWQ_MOE_WIDE_CASE
+    if (a.variant == kVariantMoeFoldWide) {  // FOLD on 128-wide tiles
+      if (bf16)
+        return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true>(a) : launch_moe<__nv_bfloat16, 1, kDown, true>(a);
+      return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true>(a) : launch_moe<__half, 1, kDown, true>(a);
+    }
+  }
   if (m_blocks == 1 && a.variant == kVariantFold) {
     if (bf16)
       return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true>(a)

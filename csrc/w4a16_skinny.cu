@@ -12,12 +12,12 @@
 //    next 128-deep batch (8 loads per lane, 4 KB per warp) in flight while it dequantizes and multiplies this one.
 //  - x for the CTA's K range is staged once in shared memory (rows padded by 16 bytes, so an ldmatrix phase hits
 //    eight bank groups); B fragments come from ldmatrix.x4 (two k16 steps each).
-//  - Offset and scales are applied per 128-deep batch in fp32: the mmas see the raw codes magic + n (one lop3 per
-//    nibble pair: bf16 128 + n, fp16 1024 + n, n = q + 8, all exact), so tmp = sum (q + off) x for the batch with
-//    off = 136 (bf16) or 1032 (fp16); staging x also sums each row over each batch (xsum, fp32), and
-//    acc += s * (tmp - off * xsum). No rounding of w * s to bf16. The cancellation costs about 2^-24 * off * sum|x|
-//    per batch with IEEE fp32 sums (tensor-core accumulation is looser; fp16's offset is 7.6x bf16's): far below
-//    the bf16/fp16 output rounding in the tests.
+//  - Scales are applied per 128-deep batch in fp32: the mmas see the exact codes q - 8 (the dequant's lop3 and one
+//    subtract or fma per nibble pair, no scale), so tmp = sum (q - 8) x for the batch, every product exact, and
+//    acc += s * tmp. No rounding of w * s to bf16, and nothing in the sums but the products themselves. (The first
+//    version fed the raw codes 136 + q or 1032 + q and took off * sum(x) away per batch: one lop3 per pair less,
+//    but its fp32 sums then carried 136 or 1032 times every activation, and an activation outlier on a zero weight
+//    cost ~1e-2 of the output; tests/test_cuda_kernels.py, outliers on zero weights.)
 //
 // Work split: a CTA is 8 warps = WN along N (64 features each, BN = 64 WN) x WK = 8 / WN along K; the CTA covers
 // a range of K batches (split-K over gridDim.z for the dense GEMM) and its WK warps take every WK-th batch. The
@@ -80,8 +80,8 @@ struct Skinny {
   static constexpr int RED = kSkinnyWarps * MB * 16 * 32 * 4;     // bytes of the cross-warp K reduction
   static constexpr int MIN_BLOCKS = MB == 1 ? 2 : 1;              // __launch_bounds__: 128 / 255 registers
   static constexpr int KC_MAX = MB == 1 ? 5120 : 2560;            // K per CTA: x rows stay <= 80 KB of smem
-  // x rows [BM][kc + pad], the reduction, the batch sums of x [BM][kc / 128] (fp32).
-  static int smem(int kc) { return BM * (kc + kXPad) * 2 + RED + BM * (kc / kBK) * 4; }
+  // x rows [BM][kc + pad], then the reduction.
+  static int smem(int kc) { return BM * (kc + kXPad) * 2 + RED; }
 };
 
 template <typename T,  // activation, scale, bias and output dtype: __half or __nv_bfloat16
@@ -122,7 +122,6 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   const int xstride = batches_per_split * kBK + kXPad;
   T* xs = reinterpret_cast<T*>(smem);  // [BM][xstride]
   float* red = reinterpret_cast<float*>(xs + BM * xstride);
-  float* xsum = red + Skinny<MB>::RED / 4;  // [BM][batches_per_split]
 
   pdl_launch_dependents();  // sorted MoE grids too: harmless, since they are never launched to start early
   int rows_here = kToken ? 1 : min(BM, M - m0);
@@ -195,9 +194,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     load_batch(wk, wa, sa);
   }
 
-  // Stage the CTA's x rows (zeros past the real rows) for its K range, and sum each row over each batch: the 16
-  // consecutive chunks of one (row, batch) sit in 16 aligned lanes (BM * chunks is a multiple of 128, so every
-  // lane of a warp runs the same iterations) and are summed by shuffles in a fixed order.
+  // Stage the CTA's x rows (zeros past the real rows) for its K range.
   {
     const int chunks = nbatch * kBK / 8;  // 16-byte chunks per row
     for (int c = tid; c < BM * chunks; c += kSkinnyThreads) {
@@ -210,14 +207,6 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
         v = *reinterpret_cast<const int4*>(x + static_cast<size_t>(row) * K + static_cast<size_t>(b0) * kBK + cc * 8);
       }
       *reinterpret_cast<int4*>(xs + r * xstride + cc * 8) = v;
-      const uint32_t u[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                             static_cast<uint32_t>(v.w)};
-      float sum = 0.f;
-#pragma unroll
-      for (int h = 0; h < 4; ++h) sum += V::lo(u[h]) + V::hi(u[h]);
-#pragma unroll
-      for (int o = 8; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if ((lane & 15) == 0) xsum[r * batches_per_split + cc / 16] = sum;
     }
   }
   __syncthreads();
@@ -246,10 +235,9 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
                              static_cast<uint32_t>(w[st].z), static_cast<uint32_t>(w[st].w)};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        // Raw codes of nibble pairs (0,4) (1,5) (2,6) (3,7) = a0a1, a4a5, a2a3, a6a7 (see the header).
+        // q - 8 of nibble pairs (0,4) (1,5) (2,6) (3,7) = a0a1, a4a5, a2a3, a6a7 (see the header).
         uint32_t c[4];
-#pragma unroll
-        for (int p = 0; p < 4; ++p) c[p] = and_or(q[i] >> (4 * p), 0x000f000fu, V::kMagic);
+        V::dequant(q[i], c);
         const uint32_t a[4] = {c[0], c[2], c[1], c[3]};
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
@@ -265,20 +253,15 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     // the row scales are n8 blocks 2i and 2i + 1 of my column: the low and high halves of int i of the chunk.
     const uint32_t sw[4] = {static_cast<uint32_t>(sc.x), static_cast<uint32_t>(sc.y), static_cast<uint32_t>(sc.z),
                             static_cast<uint32_t>(sc.w)};
-    float off[MB][2];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) off[mb][h] = V::kOffsetF * xsum[(mb * 8 + 2 * t + h) * batches_per_split + j];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float s_lo = V::lo(sw[i]), s_hi = V::hi(sw[i]);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
-        acc[mb][i][0] = fmaf(s_lo, tmp[mb][i][0] - off[mb][0], acc[mb][i][0]);
-        acc[mb][i][1] = fmaf(s_lo, tmp[mb][i][1] - off[mb][1], acc[mb][i][1]);
-        acc[mb][i][2] = fmaf(s_hi, tmp[mb][i][2] - off[mb][0], acc[mb][i][2]);
-        acc[mb][i][3] = fmaf(s_hi, tmp[mb][i][3] - off[mb][1], acc[mb][i][3]);
+        acc[mb][i][0] = fmaf(s_lo, tmp[mb][i][0], acc[mb][i][0]);
+        acc[mb][i][1] = fmaf(s_lo, tmp[mb][i][1], acc[mb][i][1]);
+        acc[mb][i][2] = fmaf(s_hi, tmp[mb][i][2], acc[mb][i][2]);
+        acc[mb][i][3] = fmaf(s_hi, tmp[mb][i][3], acc[mb][i][3]);
       }
     }
   };

@@ -140,7 +140,7 @@ class CudaBackend:
     PER_TOKEN_GEMM1 = (256, 3)
     PER_TOKEN_TICKETS_T = 16  # the split-K tickets prepare_experts allocates for it: this many tokens, top_k <= 32
     PER_TOKEN_MAX_TOP_K = 32  # kMaxTopK in csrc/ops.h
-    SKINNY_K_MAX = 11264  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
+    SKINNY_K_MAX = 11648  # the skinny MoE stages [8, K] activations in shared memory (moe_skinny_fits in csrc/)
     SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
     _skinny_ok: dict = {}  # device index -> whether the device gives a block SKINNY_SMEM (set in prepare_experts)
     _wgmma_ok: dict = {}  # device index -> whether moe_gemm's wgmma kernel runs there (set in prepare_experts)
@@ -149,6 +149,10 @@ class CudaBackend:
     # 1356; at T = 256 (12.8) the tile kernel's blocks of 16 stay faster (1043 vs 1099). The crossover lies between
     # 12.8 and 16 (benchmarks/NOTES.md, "Eighth session").
     WGMMA_FROM_PER_EXPERT = 14
+    # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it blocks of 16 (FOLD on
+    # 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per expert) 698.6 us vs 754.6, T = 160
+    # (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth session).
+    SKINNY_MAX_PER_EXPERT = 7
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
     DENSE_FROM_M = 256
@@ -325,13 +329,14 @@ class CudaBackend:
     @classmethod
     def moe_block_m(cls, slots: int, experts: int, k_max: int, skinny_ok: bool = True, wgmma_ok: bool = False) -> int:
         """Rows per expert block: 8 (the skinny kernel, where the device runs it) while the touched experts
-        average <= 8 slots; 64 (the wgmma kernel, where the device runs it) above WGMMA_FROM_PER_EXPERT; else
-        that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3, 64 takes the
-        wgmma kernel where it runs)."""
+        average <= SKINNY_MAX_PER_EXPERT slots; 64 (the wgmma kernel, where the device runs it) above
+        WGMMA_FROM_PER_EXPERT; else that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under
+        VARIANT 3, 64 takes the wgmma kernel where it runs)."""
         if cls.VARIANT == 4:  # the wgmma kernel on request: it takes blocks of 64 only
             return 64
         per_expert = slots / max(1, min(experts, slots))
-        if per_expert <= 8 and skinny_ok and cls.VARIANT in (0, 3, 5) and k_max <= cls.SKINNY_K_MAX:
+        skinny = skinny_ok and cls.VARIANT in (0, 3, 5) and k_max <= cls.SKINNY_K_MAX
+        if skinny and per_expert <= cls.SKINNY_MAX_PER_EXPERT:
             return 8
         if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT in (0, 5):
             return 64

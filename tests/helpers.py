@@ -19,6 +19,14 @@ def random_int4_weight(*shape: int, group_size: int = 128, dtype=torch.bfloat16,
     return quantize(w, group_size)
 
 
+def codes_with_every_nibble(n: int, k: int, gen) -> torch.Tensor:
+    """int4 codes 0..15 [n, k]: random, but rows 0..15 of every column k a permutation of 0..15, so every nibble
+    position of the packed words sees every value (nibble 7 >= 8: the word's sign bit set)."""
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    q[:16] = torch.stack([torch.randperm(16, generator=gen) for _ in range(k)], dim=1)
+    return q
+
+
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write fails rel_err."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -13,7 +13,7 @@ import torch
 import glm_awq
 from glm_awq import quant
 from glm_awq.reference import fused_moe_ref, route_ref, w4a16_linear_ref
-from helpers import poison_allocator, poisoned, rel_err
+from helpers import codes_with_every_nibble, poison_allocator, poisoned, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext]
 
@@ -73,6 +73,39 @@ def test_gemm_glm_shapes(n, k, m):
     for variant in (1, 2, 3) if m <= 16 else (1, 2):  # the mma paths at every M they take
         err = rel_err(_gemm(x, p, variant=variant), ref)
         assert err < 1e-2, f"mma path variant {variant} M={m} N={n} K={k}: rel err {err:.2e}"
+
+
+def _outlier_codes(batch, n, k, outliers, gen):
+    """int4 codes [batch, n, k] with every nibble at every position, zero (code 8) under the outlier channels."""
+    q = torch.stack([codes_with_every_nibble(n, k, gen) for _ in range(batch)])
+    q[..., outliers] = 8
+    return q
+
+
+def _outlier_x(m, k, outliers, dtype, gen):
+    x = torch.randn(m, k, generator=gen)
+    x[:, outliers] = 3e4 * torch.sign(torch.randn(len(outliers), generator=gen))
+    return x.to(dtype)
+
+
+# Activation outliers (3e4) on input channels whose weights are all zero: the output must not feel them. Kernels
+# that feed the mmas raw codes (magic + 8 + q) and subtract the offset times sum(x) per batch carry 136 (bf16) or
+# 1032 (fp16) times every activation through their fp32 sums; that lost ~1e-2 here (the skinny kernel and the tile
+# kernel's FOLD until the fifteenth session). Exact codes lose only the output's rounding (and, scales into B, the
+# one rounding of w * s). Every small-M path: skinny (M = 1, 8, and 16 with two token blocks), FOLD, scales into B.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, variant", [(1, 0), (8, 3), (16, 3), (16, 2), (16, 1), (40, 1)])
+def test_gemm_exact_with_outliers_on_zero_weights(m, variant, dtype):
+    gen = torch.Generator().manual_seed(7)
+    n, k = 256, 1024
+    outliers = torch.randperm(k, generator=gen)[:6]
+    q = _outlier_codes(1, n, k, outliers, gen)[0]
+    scale = (torch.rand(n, k // 128, generator=gen) * 3 + 0.5).to(dtype)
+    x = _outlier_x(m, k, outliers, dtype, gen)
+    p = glm_awq.prepare_linear(quant.pack_int4(q - 8).cuda(), scale.cuda(), backend="cuda")
+    ref = x.double() @ ((q - 8).double() * scale.double().repeat_interleave(128, dim=1)).T
+    err = rel_err(_gemm(x.cuda(), p, variant=variant).cpu(), ref)
+    assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), f"M={m} variant={variant} {dtype}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -325,7 +358,7 @@ def test_moe_all_tokens_on_few_experts_empty_experts_and_expert_map(t):
 
 
 @pytest.mark.parametrize("t", [1, 16, 100, 256])  # 256: 12.8 slots per expert, blocks of 16
-@pytest.mark.parametrize("variant", [1, 2, 3])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])  # 0 at T = 256: FOLD on 512-wide tiles
 def test_moe_glm_shape(t, variant, monkeypatch):
     monkeypatch.setattr(glm_awq.backends.CudaBackend, "VARIANT", variant)
     e, h, i, top_k = 160, 5120, 1536, 8
@@ -335,6 +368,45 @@ def test_moe_glm_shape(t, variant, monkeypatch):
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
     err = rel_err(glm_awq.fused_moe(x, ids, weights, p), fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
     assert err < 1e-2, f"T={t}: rel err {err:.2e}"
+
+
+# The MoE's GEMM1 with activation outliers on hidden channels whose gate/up weights are zero in every expert (see
+# test_gemm_exact_with_outliers_on_zero_weights): per token (T = 1, 2), sorted blocks of 8 (skinny), 16 (the tile
+# kernel: scales into B or folded, 128 or 512 wide; skinny under variant 3), 64 (wgmma where it runs, else the tile
+# kernel).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t, block_m, variant", [(1, 0, 0), (2, 0, 0), (3, 8, 0), (24, 16, 0), (24, 16, 1),
+                                                 (24, 16, 2), (24, 16, 5), (24, 16, 3), (96, 64, 0)])  # fmt: skip
+def test_moe_exact_with_outliers_on_zero_weights(t, block_m, variant, dtype):
+    from glm_awq.kernels import moe as triton_moe
+
+    gen = torch.Generator().manual_seed(3)
+    e, h, i, top_k = 8, 1024, 256, 2
+    outliers = torch.randperm(h, generator=gen)[:6]
+    q13 = _outlier_codes(e, 2 * i, h, outliers, gen)
+    q2 = torch.randint(0, 16, (e, h, i), generator=gen)
+    s13 = (torch.rand(e, 2 * i, h // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
+    s2 = (torch.rand(e, h, i // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
+    w13, w2 = quant.pack_int4(q13 - 8).cuda(), quant.pack_int4(q2 - 8).cuda()
+    s13, s2 = s13.cuda(), s2.cuda()
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=t)
+    x = _outlier_x(t, h, outliers, dtype, gen).cuda()
+    ref = fused_moe_ref(x.double(), ids, weights, w13, s13, w2, s2)
+    if block_m == 0:  # the layer's own path: per token at T <= PER_TOKEN_MAX_T
+        out = glm_awq.fused_moe(x, ids, weights, p)
+    else:
+        if (block_m == 8 or variant == 3) and not glm_awq.backends.CudaBackend.skinny_supported(x.device):
+            pytest.skip("the skinny kernel needs sm_90 / sm_100")
+        sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
+        tt, ops, wf = p.tensors, torch.ops.glm_awq, weights.reshape(-1).float().contiguous()
+        s13c, s2c = tt["w13_scale"].to(dtype).contiguous(), tt["w2_scale"].to(dtype).contiguous()
+        hid = ops.moe_gemm(x, tt["w13"], s13c, sorted_slots, counts, wf, top_k, block_m, 1, 128, variant)
+        y = ops.moe_gemm(hid, tt["w2"], s2c, sorted_slots, counts, wf, top_k, block_m, 2, 128, variant)
+        out = ops.moe_sum(y, local, top_k)
+    err = rel_err(out.cpu(), ref.cpu())
+    # bf16: h's rounding alone costs ~3e-3 against the fp32 reference; fp16 (offset 1032) is the sharp case
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), f"T={t} block_m={block_m} v{variant}: rel err {err:.2e}"
 
 
 def _per_token(x, ids, weights, p, block_n1=0, splits1=0, block_n2=0, splits2=0, expert_map=None):

@@ -146,6 +146,8 @@ def test_cuda_moe_block_choice(monkeypatch):
     glm = dict(experts=160, k_max=5120)
     assert cls.moe_block_m(8, **glm) == 8  # T=1: the skinny kernel
     assert cls.moe_block_m(128 * 8, **glm) == 8  # 6.4 slots per expert
+    assert cls.moe_block_m(140 * 8, **glm) == 8  # 7.0: SKINNY_MAX_PER_EXPERT
+    assert cls.moe_block_m(144 * 8, **glm) == 16  # 7.2: past it, the tile kernel
     assert cls.moe_block_m(256 * 8, **glm) == 16  # 12.8: the tile kernel
     assert cls.moe_block_m(4096 * 8, **glm) == 64
     assert cls.moe_block_m(512 * 8, **glm) == 32  # 25.6: the tile kernel where wgmma does not run

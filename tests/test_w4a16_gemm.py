@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import random_int4_weight, rel_err
+from helpers import codes_with_every_nibble, random_int4_weight, rel_err
 
 import glm_awq
 from glm_awq import quant
@@ -140,14 +140,6 @@ def test_triton_split_k_is_exact_and_deterministic(split_k, group_size, swap_ab)
         w4a16_gemm.w4a16_gemm(x, t["weight"], t["scale"], None, group_size, config={**cfg, "SPLIT_K": 2})
 
 
-def _codes_with_every_nibble(n, k, gen):
-    """int4 codes 0..15 [n, k]: random, but rows 0..15 of every column k a permutation of 0..15, so every nibble
-    position of the packed words sees every value (nibble 7 >= 8: the word's sign bit set)."""
-    q = torch.randint(0, 16, (n, k), generator=gen)
-    q[:16] = torch.stack([torch.randperm(16, generator=gen) for _ in range(k)], dim=1)
-    return q
-
-
 # Activation outliers on channels whose weights are all zero (q = 8, as ~1/16 of int4 codes are): the output must
 # not feel them. A dequant that carries a constant part per weight through the fp32 sums and subtracts it per block
 # (the fourteenth session's "slot" GEMV, reverted) lost 3e-2 here in fp16; exact per-weight math loses ~2e-4, the
@@ -159,7 +151,7 @@ def test_triton_gemv_exact_with_outliers_on_zero_weights():
 
     gen = torch.Generator().manual_seed(7)
     n, k = 64, 512
-    q = _codes_with_every_nibble(n, k, gen)
+    q = codes_with_every_nibble(n, k, gen)
     outliers = torch.randperm(k, generator=gen)[:6]
     q[:, outliers] = 8  # zero weights under the outliers
     packed = quant.pack_int4(q - 8)
@@ -186,7 +178,7 @@ def test_triton_gemv_routes_every_nibble_exactly():
 
     gen = torch.Generator().manual_seed(11)
     n, k = 80, 128
-    q = _codes_with_every_nibble(n, k, gen)
+    q = codes_with_every_nibble(n, k, gen)
     packed = quant.pack_int4(q - 8)
     t = w4a16_gemm.prepare(packed.to(DEVICE), torch.ones(n, 1, dtype=DTYPES[-1], device=DEVICE))
     cfg = dict(GEMV=True, BLOCK_M=1, BLOCK_N=32, SPLIT_K=1, num_warps=4, num_stages=1)
