@@ -506,8 +506,10 @@ cudaError_t launch(const GemmLaunch& a) {
 // .variant; 0: skinny (w4a16_skinny.cu) where skinny_preferred, else FOLD at M <= 16 and classic above.
 // 1: classic (scales into B), 2: FOLD, 3: skinny.
 constexpr int kVariantFold = 2, kVariantSkinny = 3, kVariantWgmma = 4;
-constexpr int kVariantMoeFoldWide = 5;  // MoE blocks of 16: FOLD on the widest tile that divides N (up to 512)
-constexpr int kMoeWN = 2;  // MoE tiles are 128 wide: T = 1 still gives 8 experts x 24 (GEMM1) or 40 (GEMM2) CTAs
+// moe_gemm's variant 5 (not CudaBackend.VARIANT 5, the per-token path): blocks of 16, FOLD on the widest tile
+// that divides N (up to 512).
+constexpr int kVariantMoeFoldWide = 5;
+constexpr int kMoeWN = 2;  // MoE tiles 128 wide (but blocks of 16, below): T = 1 gives 8 experts x 24 or 40 CTAs
 
 template <typename T, int M_BLOCKS, int MODE, bool FOLD, int WN = kMoeWN>
 cudaError_t launch_moe(const MoeLaunch& a) {
@@ -628,7 +630,7 @@ bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at
 }
 
 // The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,
-// scales into B; plus FOLD at M_BLOCKS 1.
+// scales into B; plus FOLD at M_BLOCKS 1, BN 128, 256 and 512.
 int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
   if (moe_gemm_uses_wgmma(a.a, a.weight, a.scale, a.block_m, a.variant)) return launch_moe_wgmma(a);
@@ -638,32 +640,31 @@ int launch_moe_gemm(const MoeLaunch& a) {
     return launch_moe_skinny(a);
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   const int m_blocks = a.block_m / 16;
-  // Blocks of 16 (~9-14 slots per expert, T ~ 150-290 on GLM-4.6): FOLD on 512-wide tiles where the grid still
-  // fills the GPU twice over, counting the fewest blocks the slots can make. H200, GLM-4.6 layer, routing excluded,
-  // T = 256: 916 us against 1012 for scales into B on 128-wide tiles (8 warps then split each stage's K four ways
-  // and wait at every stage's barrier); FOLD on 128-wide tiles 1106, scales into B on 512-wide tiles 950
-  // (benchmarks/NOTES.md, fifteenth session).
+  // Blocks of 16 (7-14 slots per expert on average, T ~ 141-280 on GLM-4.6): FOLD on 512-wide tiles where the grid
+  // still fills the GPU twice over, counting the fewest blocks the slots can make. H200, GLM-4.6 layer, routing
+  // excluded, T = 256: 916 us against 1012 for scales into B on 128-wide tiles (whose 8 warps split each stage's K
+  // four ways and wait at every stage's barrier); FOLD on 128-wide tiles 1106, scales into B on 512-wide tiles 950
+  // (benchmarks/NOTES.md, fifteenth session). Under expert parallelism the slots count every rank's share, so the
+  // rule may keep wide tiles on a smaller grid than it counts (not measured).
   if (m_blocks == 1 && (a.variant == 0 || a.variant == kVariantMoeFoldWide)) {
     const int64_t n = a.weight.size(2) * 64, min_blocks = (a.weights.numel() + 15) / 16;
     const bool forced = a.variant == kVariantMoeFoldWide;
     int wn = 8;  // N % 128 == 0 (ops.cpp), so 2 always divides it
     while (wn > 2 && (n % (64 * wn) || (!forced && min_blocks * (n / (64 * wn)) < 2 * sm_count(a.a.get_device()))))
       wn /= 2;
-#define GLM_AWQ_MOE_WIDE_CASE(W)                                                                            \
-  if (wn == W) {                                                                                            \
-    if (bf16) return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true, W>(a)                   \
-                                       : launch_moe<__nv_bfloat16, 1, kDown, true, W>(a);                    \
-    return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true, W>(a) : launch_moe<__half, 1, kDown, true, W>(a); \
+#define GLM_AWQ_MOE_WIDE_CASE(W)                                                                        \
+  if (wn == W) {                                                                                        \
+    if (bf16)                                                                                           \
+      return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true, W>(a)                      \
+                               : launch_moe<__nv_bfloat16, 1, kDown, true, W>(a);                       \
+    return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true, W>(a)                               \
+                             : launch_moe<__half, 1, kDown, true, W>(a);                                \
   }
     GLM_AWQ_MOE_WIDE_CASE(8) GLM_AWQ_MOE_WIDE_CASE(4)
 #undef GLM_AWQ_MOE_WIDE_CASE
-    if (a.variant == kVariantMoeFoldWide) {  // FOLD on 128-wide tiles
-      if (bf16)
-        return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true>(a) : launch_moe<__nv_bfloat16, 1, kDown, true>(a);
-      return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true>(a) : launch_moe<__half, 1, kDown, true>(a);
-    }
   }
-  if (m_blocks == 1 && a.variant == kVariantFold) {
+  // FOLD on 128-wide tiles: on request (variant 2), and variant 5 where N allows no wider tile.
+  if (m_blocks == 1 && (a.variant == kVariantFold || a.variant == kVariantMoeFoldWide)) {
     if (bf16)
       return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true>(a)
                                : launch_moe<__nv_bfloat16, 1, kDown, true>(a);
