@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS
       // exact, and after the stage acc += scale * tmp in fp32: one multiply per weight pair less than scales into
       // B, for a second accumulator set. (The first version fed the raw codes magic + 8 + q and took a ninth mma
       // against magic + 8 away: its fp32 sums carried magic + 8 times every activation, and an activation outlier
-      // on a zero weight cost ~1e-2 of the output; tests/test_cuda_kernels.py, outliers on zero weights.)
+      // on a zero weight cost 2e-2 to 6e-2 of the output; tests/test_cuda_kernels.py, outliers on zero weights.)
       // The scales now follow the C fragment's columns 2t and 2t + 1 of each n8 block (not the B operand's
       // column g): the repacked chunks of columns 2t and 2t + 1, blocks 0..7 each.
       const int4 sv0 = sS[slot * S_CHUNKS + wn * 8 + 2 * (lane & 3)], sv1 = sS[slot * S_CHUNKS + wn * 8 + 2 * (lane & 3) + 1];

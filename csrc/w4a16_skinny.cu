@@ -15,9 +15,9 @@
 //  - Scales are applied per 128-deep batch in fp32: the mmas see the exact codes q - 8 (the dequant's lop3 and one
 //    subtract or fma per nibble pair, no scale), so tmp = sum (q - 8) x for the batch, every product exact, and
 //    acc += s * tmp. No rounding of w * s to bf16, and nothing in the sums but the products themselves. (The first
-//    version fed the raw codes 136 + q or 1032 + q and took off * sum(x) away per batch: one lop3 per pair less,
+//    version fed the raw codes 136 + q or 1032 + q and took off * sum(x) away per batch: one instruction per pair less,
 //    but its fp32 sums then carried 136 or 1032 times every activation, and an activation outlier on a zero weight
-//    cost ~1e-2 of the output; tests/test_cuda_kernels.py, outliers on zero weights.)
+//    cost 2e-2 to 6e-2 of the output; tests/test_cuda_kernels.py, outliers on zero weights.)
 //
 // Work split: a CTA is 8 warps = WN along N (64 features each, BN = 64 WN) x WK = 8 / WN along K; the CTA covers
 // a range of K batches (split-K over gridDim.z for the dense GEMM) and its WK warps take every WK-th batch. The
