@@ -1,7 +1,9 @@
 """Sweep the cuda MoE layer's block size and kernel at prefill sizes, beside the Triton rule and bf16 grouped_mm.
 
-Candidates are (block_m, variant) of glm_awq::moe_gemm: variant 1 is the mma.sync tile kernel, 4 the wgmma
-kernel (block_m 64, sm_90), "rule" what CudaBackend.fused_moe picks. Prints time (CUDA graph, routing excluded;
+Candidates are (block_m, variant) of glm_awq::moe_gemm: variant 0 the kernels' default (block_m 8: skinny; 16:
+the tile kernel with scales folded on tiles up to 512 wide; 64: wgmma where it runs), 1 the mma.sync tile kernel
+with scales into B on 128-wide tiles, 5 the folded tile kernel as wide as N allows, 4 the wgmma kernel (block_m 64,
+sm_90); "rule" is what CudaBackend.fused_moe picks. Prints time (CUDA graph, routing excluded;
 the grouped_mm baseline includes it), % of the floor (measured in this run) and the error against the first
 candidate's output; writes sweep_cuda_moe.json.
 
