@@ -27,6 +27,20 @@ def codes_with_every_nibble(n: int, k: int, gen) -> torch.Tensor:
     return q
 
 
+def outlier_codes(batch: int, n: int, k: int, outliers, gen) -> torch.Tensor:
+    """int4 codes [batch, n, k] with every nibble at every position, zero (code 8) under the outlier channels."""
+    q = torch.stack([codes_with_every_nibble(n, k, gen) for _ in range(batch)])
+    q[..., outliers] = 8
+    return q
+
+
+def outlier_x(m: int, k: int, outliers, dtype, gen) -> torch.Tensor:
+    """x [m, k]: N(0, 1), but +-3e4 on the outlier channels (fp16's range), +-3e5 in bf16."""
+    x = torch.randn(m, k, generator=gen)
+    x[:, outliers] = (3e4 if dtype == torch.float16 else 3e5) * torch.sign(torch.randn(len(outliers), generator=gen))
+    return x.to(dtype)
+
+
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write fails rel_err."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

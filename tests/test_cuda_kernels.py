@@ -13,7 +13,7 @@ import torch
 import glm_awq
 from glm_awq import quant
 from glm_awq.reference import fused_moe_ref, route_ref, w4a16_linear_ref
-from helpers import codes_with_every_nibble, poison_allocator, poisoned, rel_err
+from helpers import outlier_codes, outlier_x, poison_allocator, poisoned, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext]
 
@@ -75,20 +75,6 @@ def test_gemm_glm_shapes(n, k, m):
         assert err < 1e-2, f"mma path variant {variant} M={m} N={n} K={k}: rel err {err:.2e}"
 
 
-def _outlier_codes(batch, n, k, outliers, gen):
-    """int4 codes [batch, n, k] with every nibble at every position, zero (code 8) under the outlier channels."""
-    q = torch.stack([codes_with_every_nibble(n, k, gen) for _ in range(batch)])
-    q[..., outliers] = 8
-    return q
-
-
-def _outlier_x(m, k, outliers, dtype, gen):
-    """x [m, k]: N(0, 1), but +-3e4 on the outlier channels (fp16's range), +-3e5 in bf16."""
-    x = torch.randn(m, k, generator=gen)
-    x[:, outliers] = (3e4 if dtype == torch.float16 else 3e5) * torch.sign(torch.randn(len(outliers), generator=gen))
-    return x.to(dtype)
-
-
 # Activation outliers on input channels whose weights are all zero: the output must not feel them. Kernels that
 # feed the mmas raw codes (magic + 8 + q) and subtract the offset times sum(x) per batch carry 136 (bf16) or 1032
 # (fp16) times every activation through their fp32 sums (the skinny kernel and the tile kernel's FOLD until the
@@ -102,9 +88,9 @@ def test_gemm_exact_with_outliers_on_zero_weights(m, variant, dtype):
     gen = torch.Generator().manual_seed(7)
     n, k = 256, 1024
     outliers = torch.randperm(k, generator=gen)[:6]
-    q = _outlier_codes(1, n, k, outliers, gen)[0]
+    q = outlier_codes(1, n, k, outliers, gen)[0]
     scale = (torch.rand(n, k // 128, generator=gen) * 3 + 0.5).to(dtype)
-    x = _outlier_x(m, k, outliers, dtype, gen)
+    x = outlier_x(m, k, outliers, dtype, gen)
     p = glm_awq.prepare_linear(quant.pack_int4(q - 8).cuda(), scale.cuda(), backend="cuda")
     ref = x.double() @ ((q - 8).double() * scale.double().repeat_interleave(128, dim=1)).T
     err = rel_err(_gemm(x.cuda(), p, variant=variant).cpu(), ref)
@@ -388,7 +374,7 @@ def test_moe_exact_with_outliers_on_zero_weights(t, block_m, variant, dtype):
     gen = torch.Generator().manual_seed(3)
     e, h, i, top_k = 8, 1024, 384, 2
     outliers = torch.randperm(h, generator=gen)[:6]
-    q13 = _outlier_codes(e, 2 * i, h, outliers, gen)
+    q13 = outlier_codes(e, 2 * i, h, outliers, gen)
     q2 = torch.randint(0, 16, (e, h, i), generator=gen)
     s13 = (torch.rand(e, 2 * i, h // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
     s2 = (torch.rand(e, h, i // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
@@ -396,7 +382,7 @@ def test_moe_exact_with_outliers_on_zero_weights(t, block_m, variant, dtype):
     s13, s2 = s13.cuda(), s2.cuda()
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=t)
-    x = _outlier_x(t, h, outliers, dtype, gen).cuda()
+    x = outlier_x(t, h, outliers, dtype, gen).cuda()
     ref = fused_moe_ref(x.double(), ids, weights, w13, s13, w2, s2)
     if block_m == 0:  # the layer's own path: per token at T <= PER_TOKEN_MAX_T
         out = glm_awq.fused_moe(x, ids, weights, p)
