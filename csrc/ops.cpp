@@ -136,9 +136,9 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
               "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
               " does not fit; use block_m=16");
-  TORCH_CHECK(variant >= 0 && variant <= 7, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
-              "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma), 5 (tile kernel, "
-              "scales folded, as wide as N allows), 6 or 7 (tile kernel, scales folded, 4-warp CTAs, 256 or 128 wide)");
+  TORCH_CHECK(variant >= 0 && variant <= 5, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
+              "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma) or 5 (tile kernel, "
+              "scales folded, as wide as N allows)");
   TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a, weight, scale)), "moe_gemm: variant=4 (the "
               "wgmma kernel) needs block_m=64 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
               "), a and scale of < 2^31 elements and weight of < 2^31 16-byte chunks (got ", a.numel(), ", ",
@@ -279,8 +279,7 @@ TORCH_LIBRARY(glm_awq, m) {
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
   // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, 64 the
   // wgmma kernel on sm_90 (variant 0 or 4), else the tile kernel; at block_m = 16 variant 0 folds the scales in
-  // on tiles up to 512 wide while the grid stays large, variant 5 on the widest tile that divides N, 6 and 7 on
-  // 4-warp CTAs 256 and 128 wide).
+  // on tiles up to 512 wide while the grid stays large, variant 5 on the widest tile that divides N).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.
@@ -347,11 +346,26 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// glm_awq._C.set_skinny_x_staging(mode): how the skinny kernel stages its x rows, 0 cp.async (the default) or 1 plain
+// loads (the kernel before the sixteenth session), for same-run comparisons. Read at each launch, like set_skinny_pdl.
+static PyObject* py_set_skinny_x_staging(PyObject*, PyObject* arg) {
+  const long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred()) return nullptr;
+  if (mode < 0 || mode > 1) {
+    PyErr_Format(PyExc_ValueError, "set_skinny_x_staging: mode=%ld must be 0 (cp.async) or 1 (plain loads)", mode);
+    return nullptr;
+  }
+  glm_awq::set_skinny_x_staging(static_cast<int>(mode));
+  Py_RETURN_NONE;
+}
+
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
+      {"set_skinny_x_staging", py_set_skinny_x_staging, METH_O,
+       "set_skinny_x_staging(mode: int) -> None (0 cp.async: default, 1 plain loads)"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};

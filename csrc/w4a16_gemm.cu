@@ -15,12 +15,10 @@
 //   8 * b + g, so the lane with column g reads the scales of its eight n8 blocks with one 16-byte load.
 //
 // Work split: a CTA computes a BM x BN tile over a contiguous range of K (split-K when M is small, so that the
-// grid fills every SM). Its WARPS warps (8; 4 for the MoE's blocks of 16 on request) are WN along N (64 columns
-// each) by WK = WARPS / WN along K: each warp runs its 8 / WK of the 8 16-deep k steps of every stage (register
-// double-buffered: the next step's fragments load while this one's dequant and mmas run), and the WK partial tiles
-// are summed in shared memory in a fixed order. Split-K partials go to an fp32 workspace; the CTA that finishes a
-// tile last (an atomic ticket per tile) sums the splits in split order, adds the bias and writes the output, then
-// resets the ticket to zero.
+// grid fills every SM). Its 8 warps are WN along N (64 columns each) by WK = 8 / WN along K: each warp runs its
+// WN of the 8 16-deep k steps of every stage (register double-buffered: the next step's fragments load while
+// this one's dequant and mmas run), and the WK partial tiles are summed in shared memory in a fixed order. Split-K partials go to an fp32 workspace; the CTA that finishes a tile last (an atomic ticket per
+// tile) sums the splits in split order, adds the bias and writes the output, then resets the ticket to zero.
 // Every sum has a fixed order, so the output bits do not depend on scheduling.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
@@ -30,32 +28,29 @@
 namespace glm_awq {
 namespace {
 
+constexpr int kThreads = 256;  // 8 warps per CTA
+
 // -------------------------------------------------------------------------------------------------- GEMM
 
-template <int M_BLOCKS, int WN, bool FOLD = false, int WARPS = 8>
+template <int M_BLOCKS, int WN, bool FOLD = false>
 struct Tile {
-  static constexpr int THREADS = 32 * WARPS;
-  static constexpr int WK = WARPS / WN;           // warps splitting each stage's K
-  static constexpr int KPW = kBK / 16 / WK;       // 16-deep k steps per warp per stage
+  static constexpr int WK = 8 / WN;               // warps splitting each stage's K
+  static constexpr int KPW = kBK / 16 / WK;       // 16-deep k steps per warp per stage (= WN)
   static constexpr int BM = 16 * M_BLOCKS, BN = 64 * WN;
-  static constexpr int A_CHUNKS = BM * kBK / 8;   // 16-byte chunks of activations per stage
-  static constexpr int B_CHUNKS = kBK * BN / 32;  // 16-byte chunks of int4 weights per stage
+  static constexpr int A_CHUNKS = BM * kBK / 8;   // 16-byte chunks of activations per stage: M_BLOCKS per thread
+  static constexpr int B_CHUNKS = kBK * BN / 32;  // 16-byte chunks of int4 weights per stage: WN per thread
   static constexpr int S_CHUNKS = BN / 8;         // 16-byte chunks of scales per stage
-  static constexpr int A_PER = A_CHUNKS / THREADS, B_PER = B_CHUNKS / THREADS;  // chunks per thread per stage
   static constexpr int bytes(int stages) { return stages * (A_CHUNKS + B_CHUNKS + S_CHUNKS) * 16; }
   // Occupancy: at M <= 16 the SM is issue-latency bound (ncu, H200: 3.5 warps per scheduler, 0.49 issued per
   // cycle), so small tiles ask for 3 CTAs per SM (registers capped at 80) and drop to 3 stages where 4 don't fit.
-  // FOLD keeps a second accumulator set (tmp) per stage: 2 CTAs of 8 warps, 128 registers. 4-warp CTAs (the MoE's
-  // blocks of 16) ask for 3 per SM, 170 registers.
-  static constexpr int WANT = WARPS == 4 ? 3 : M_BLOCKS == 1 ? (FOLD ? 2 : 3) : M_BLOCKS == 2 ? 2 : 1;
+  // FOLD keeps a second accumulator set (tmp) per stage: 2 CTAs, 128 registers.
+  static constexpr int WANT = M_BLOCKS == 1 ? (FOLD ? 2 : 3) : M_BLOCKS == 2 ? 2 : 1;
   static constexpr int STAGES = WANT * (bytes(4) + 1024) <= kSmemPerSM ? 4 : 3;  // cp.async pipeline depth
   static constexpr int SMEM = bytes(STAGES);
   static constexpr int FIT = kSmemPerSM / (SMEM + 1024);
   static constexpr int MIN_BLOCKS = FIT < 1 ? 1 : FIT < WANT ? FIT : WANT;  // __launch_bounds__ minimum
   static constexpr int RED = WK > 1 ? WN * M_BLOCKS * 32 * 32 * 4 : 0;  // bytes of the cross-warp K reduction
-  static_assert(WARPS % WN == 0 && kBK / 16 % WK == 0, "warps split N, then K");
-  static_assert(A_PER * THREADS == A_CHUNKS && B_PER * THREADS == B_CHUNKS && S_CHUNKS <= THREADS,
-                "whole chunks per thread");
+  static_assert(A_CHUNKS == M_BLOCKS * kThreads && B_CHUNKS == WN * kThreads, "whole chunks per thread");
   static_assert(RED <= SMEM, "the K reduction reuses the pipeline's shared memory");
 };
 
@@ -63,9 +58,8 @@ template <typename T,      // activation, scale, bias and output dtype: __half o
           int M_BLOCKS,    // 16-row token blocks per CTA tile: BM = 16 * M_BLOCKS (1..4)
           int WN,          // warps along N, 64 columns each: BN = 64 * WN (1, 2, 4, 8); the other 8 / WN warps split K
           int MODE,        // kDense, kGateUp or kDown (see Mode)
-          bool FOLD,       // scales folded in after each stage (see the k loop) instead of multiplied into B
-          int WARPS>       // 8, or 4 (the MoE's blocks of 16: 3 CTAs per SM)
-__global__ void __launch_bounds__(32 * WARPS, Tile<M_BLOCKS, WN, FOLD, WARPS>::MIN_BLOCKS) w4a16_gemm_kernel(
+          bool FOLD>       // scales folded in after each stage (see the k loop) instead of multiplied into B
+__global__ void __launch_bounds__(kThreads, Tile<M_BLOCKS, WN, FOLD>::MIN_BLOCKS) w4a16_gemm_kernel(
     const T* __restrict__ x,       // [M, K] row-major, 16-byte aligned rows
     const int4* __restrict__ wq,   // [K/16, N/64, 32] int4 chunks: the cuda layout above
     const T* __restrict__ wsc,     // [G, N] repacked scales
@@ -74,11 +68,10 @@ __global__ void __launch_bounds__(32 * WARPS, Tile<M_BLOCKS, WN, FOLD, WARPS>::M
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [m_tiles * n_tiles] zeros, left zero
     int M, int N, int K, int group_size, int k_tiles_per_split, MoeArgs moe) {
-  using Cfg = Tile<M_BLOCKS, WN, FOLD, WARPS>;
+  using Cfg = Tile<M_BLOCKS, WN, FOLD>;
   using V = Num<T>;
   constexpr int WK = Cfg::WK, KPW = Cfg::KPW, BM = Cfg::BM, BN = Cfg::BN, kStages = Cfg::STAGES;
   constexpr int A_CHUNKS = Cfg::A_CHUNKS, B_CHUNKS = Cfg::B_CHUNKS, S_CHUNKS = Cfg::S_CHUNKS;
-  constexpr int A_PER = Cfg::A_PER, B_PER = Cfg::B_PER, kThreads = Cfg::THREADS;
 
   extern __shared__ int4 smem[];
   int4* sA = smem;                          // [kStages][BM rows][16 chunks], chunk XOR-swizzled by row % 8
@@ -109,15 +102,15 @@ __global__ void __launch_bounds__(32 * WARPS, Tile<M_BLOCKS, WN, FOLD, WARPS>::M
     wsc += s_info[0] * moe.s_stride;
   }
 
-  // The copy plan, computed once: this thread's A_PER activation chunks (c = tid + THREADS i: row c / 16, chunk
-  // c % 16 of the 128-wide row) and B_PER weight chunks (tid + THREADS i of the stage, which is WN * 512 contiguous
+  // The copy plan, computed once: this thread's M_BLOCKS activation chunks (row (tid / 16) + 16 i, chunk
+  // tid % 16 of the 128-wide row) and WN weight chunks (tid + 256 i of the stage, which is WN * 512 contiguous
   // bytes per k16 row); each k tile then only adds a fixed stride.
-  const T* a_src[A_PER];
-  int a_dst[A_PER];
-  bool a_ok[A_PER];
+  const T* a_src[M_BLOCKS];
+  int a_dst[M_BLOCKS];
+  bool a_ok[M_BLOCKS];
 #pragma unroll
-  for (int i = 0; i < A_PER; ++i) {
-    const int c = tid + kThreads * i, r = c >> 4, cc = c & 15;
+  for (int i = 0; i < M_BLOCKS; ++i) {
+    const int r = (tid >> 4) + 16 * i, cc = tid & 15;
     a_ok[i] = r < rows_here;
     int row = m0 + r;
     if constexpr (MODE == kGateUp) row = s_slot[a_ok[i] ? r : 0] / moe.top_k;
@@ -125,9 +118,9 @@ __global__ void __launch_bounds__(32 * WARPS, Tile<M_BLOCKS, WN, FOLD, WARPS>::M
     a_src[i] = x + static_cast<size_t>(a_ok[i] ? row : 0) * K + static_cast<size_t>(kt0) * kBK + cc * 8;
     a_dst[i] = r * 16 + (cc ^ (r & 7));  // the XOR swizzle puts the 8 rows one ldmatrix phase reads in 8 bank groups
   }
-  const int4* b_src[B_PER];
+  const int4* b_src[WN];
 #pragma unroll
-  for (int i = 0; i < B_PER; ++i) {
+  for (int i = 0; i < WN; ++i) {
     const int c = tid + kThreads * i, r = c / (WN * 32), cc = c % (WN * 32);
     b_src[i] = wq + (static_cast<size_t>(kt0 * 8 + r) * n64 + nt * WN) * 32 + cc;
   }
@@ -135,7 +128,7 @@ __global__ void __launch_bounds__(32 * WARPS, Tile<M_BLOCKS, WN, FOLD, WARPS>::M
 
   // Rows past M are zero in every stage, written once here and never copied over.
 #pragma unroll
-  for (int i = 0; i < A_PER; ++i)
+  for (int i = 0; i < M_BLOCKS; ++i)
     if (!a_ok[i])
 #pragma unroll
       for (int s = 0; s < kStages; ++s) sA[s * A_CHUNKS + a_dst[i]] = make_int4(0, 0, 0, 0);
@@ -146,10 +139,10 @@ __global__ void __launch_bounds__(32 * WARPS, Tile<M_BLOCKS, WN, FOLD, WARPS>::M
     if (it < iters) {
       const int slot = it % kStages;
 #pragma unroll
-      for (int i = 0; i < A_PER; ++i)
+      for (int i = 0; i < M_BLOCKS; ++i)
         if (a_ok[i]) cp_async16(&sA[slot * A_CHUNKS + a_dst[i]], a_src[i] + it * kBK, true);
 #pragma unroll
-      for (int i = 0; i < B_PER; ++i) cp_async16_stream(&sB[slot * B_CHUNKS + tid + kThreads * i], b_src[i] + it * b_step);
+      for (int i = 0; i < WN; ++i) cp_async16_stream(&sB[slot * B_CHUNKS + tid + kThreads * i], b_src[i] + it * b_step);
       if (tid < S_CHUNKS) {
         const int g = (kt0 + it) * kBK / group_size;
         cp_async16(&sS[slot * S_CHUNKS + tid], wsc + static_cast<size_t>(g) * N + n0 + tid * 8, true);
@@ -473,12 +466,12 @@ constexpr int64_t kMinTilesPerSplit = 5;
 template <typename T, int M_BLOCKS, int WN, bool FOLD>
 cudaError_t launch(const GemmLaunch& a) {
   using Cfg = Tile<M_BLOCKS, WN, FOLD>;
-  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, kDense, FOLD, 8>;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, kDense, FOLD>;
   static uint64_t configured = 0;  // devices whose shared-memory attribute is set
   static int per_sm = 0;           // CTAs per SM, from the first device (the split heuristic only)
   cudaError_t err = allow_dynamic_smem(kernel, Cfg::SMEM, configured);
   if (err == cudaSuccess && per_sm == 0)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, Cfg::SMEM);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg::SMEM);
   if (err != cudaSuccess) return err;
   if (per_sm <= 0) return cudaErrorInvalidConfiguration;
   const int64_t m_tiles = (a.m + Cfg::BM - 1) / Cfg::BM, n_tiles = a.n / Cfg::BN, k_tiles = a.k / kBK;
@@ -502,7 +495,7 @@ cudaError_t launch(const GemmLaunch& a) {
   at::Tensor partial;
   if (s > 1) partial = at::empty({s, a.m, a.n}, a.x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(s));
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<grid, kThreads, Cfg::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(a.x.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
       reinterpret_cast<const T*>(a.scale.data_ptr()), a.bias ? reinterpret_cast<const T*>(a.bias->data_ptr()) : nullptr,
       reinterpret_cast<T*>(a.out.data_ptr()), s > 1 ? partial.data_ptr<float>() : nullptr, a.tickets.data_ptr<int>(),
@@ -516,16 +509,12 @@ constexpr int kVariantFold = 2, kVariantSkinny = 3, kVariantWgmma = 4;
 // moe_gemm's variant 5 (not CudaBackend.VARIANT 5, the per-token path): blocks of 16, FOLD on the widest tile
 // that divides N (up to 512).
 constexpr int kVariantMoeFoldWide = 5;
-// moe_gemm's variants 6 and 7: blocks of 16, FOLD, on 4-warp CTAs (3 per SM): 6 on 256-wide tiles (one warp per 64
-// columns, every k step of a stage; 128 wide where N is not a multiple of 256), 7 on 128-wide tiles (two warps
-// along K).
-constexpr int kVariantMoeFold4W = 6, kVariantMoeFold4W128 = 7;
 constexpr int kMoeWN = 2;  // MoE tiles 128 wide (but blocks of 16, below): T = 1 gives 8 experts x 24 or 40 CTAs
 
-template <typename T, int M_BLOCKS, int MODE, bool FOLD, int WN = kMoeWN, int WARPS = 8>
+template <typename T, int M_BLOCKS, int MODE, bool FOLD, int WN = kMoeWN>
 cudaError_t launch_moe(const MoeLaunch& a) {
-  using Cfg = Tile<M_BLOCKS, WN, FOLD, WARPS>;
-  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, MODE, FOLD, WARPS>;
+  using Cfg = Tile<M_BLOCKS, WN, FOLD>;
+  auto kernel = w4a16_gemm_kernel<T, M_BLOCKS, WN, MODE, FOLD>;
   static uint64_t configured = 0;  // devices whose shared-memory attribute is set
   const cudaError_t err = allow_dynamic_smem(kernel, Cfg::SMEM, configured);
   if (err != cudaSuccess) return err;
@@ -536,7 +525,7 @@ cudaError_t launch_moe(const MoeLaunch& a) {
   const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
                     a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
   const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(n / Cfg::BN), 1);
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<grid, kThreads, Cfg::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(a.a.data_ptr()), reinterpret_cast<const int4*>(a.weight.data_ptr()),
       reinterpret_cast<const T*>(a.scale.data_ptr()), nullptr, reinterpret_cast<T*>(a.out.data_ptr()), nullptr,
       nullptr, 0, n, k, a.group_size, k / kBK, moe);
@@ -673,20 +662,6 @@ int launch_moe_gemm(const MoeLaunch& a) {
   }
     GLM_AWQ_MOE_WIDE_CASE(8) GLM_AWQ_MOE_WIDE_CASE(4)
 #undef GLM_AWQ_MOE_WIDE_CASE
-  }
-  if (m_blocks == 1 && (a.variant == kVariantMoeFold4W || a.variant == kVariantMoeFold4W128)) {
-    const int64_t n = a.weight.size(2) * 64;
-    const bool wide = a.variant == kVariantMoeFold4W && n % 256 == 0;
-#define GLM_AWQ_MOE_4W_CASE(W)                                                                          \
-  if (bf16)                                                                                             \
-    return a.mode == kGateUp ? launch_moe<__nv_bfloat16, 1, kGateUp, true, W, 4>(a)                     \
-                             : launch_moe<__nv_bfloat16, 1, kDown, true, W, 4>(a);                      \
-  return a.mode == kGateUp ? launch_moe<__half, 1, kGateUp, true, W, 4>(a) : launch_moe<__half, 1, kDown, true, W, 4>(a);
-    if (wide) {
-      GLM_AWQ_MOE_4W_CASE(4)
-    }
-    GLM_AWQ_MOE_4W_CASE(2)
-#undef GLM_AWQ_MOE_4W_CASE
   }
   // FOLD on 128-wide tiles: on request (variant 2), and variant 5 where N allows no wider tile.
   if (m_blocks == 1 && (a.variant == kVariantFold || a.variant == kVariantMoeFoldWide)) {
