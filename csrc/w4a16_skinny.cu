@@ -10,8 +10,9 @@
 //    a6a7 (row g+8, k 2t+8), so A = {w0, w2, w1, w3}.
 //  - Weights go global -> registers (16-byte streaming loads, no shared memory, no ldmatrix): each warp keeps the
 //    next 128-deep batch (8 loads per lane, 4 KB per warp) in flight while it dequantizes and multiplies this one.
-//  - x for the CTA's K range is staged once in shared memory (rows padded by 16 bytes, so an ldmatrix phase hits
-//    eight bank groups); B fragments come from ldmatrix.x4 (two k16 steps each).
+//  - x for the CTA's K range is staged once in shared memory by cp.async, every copy in flight at once (rows padded
+//    by 16 bytes, so an ldmatrix phase hits eight bank groups); B fragments come from ldmatrix.x4 (two k16 steps
+//    each).
 //  - Scales are applied per 128-deep batch in fp32: the mmas see the exact codes q - 8 (the dequant's lop3 and one
 //    subtract or fma per nibble pair, no scale), so tmp = sum (q - 8) x for the batch, every product exact, and
 //    acc += s * tmp. No rounding of w * s to bf16, and nothing in the sums but the products themselves. (The first
