@@ -1,10 +1,10 @@
 """Same-run A/B of a cuda kernel knob (a glm_awq._C setter read at each launch, e.g. set_skinny_x_staging).
 
-Times the GLM-4.6 MoE layer (routing included, `bench_moe.py`'s seeded inputs, layers cycled) and dense GEMMs at
-GLM-4.6's shapes on the cuda backend, each from a CUDA graph captured under setting A and under setting B, in
-alternating rounds (the card's power cap moves its clock between consecutive measurements); prints the medians,
-% of the floor (measured in this run) and B / A, checks that both settings give the same output bits, and writes
-ab_knob.json. The setter is left at A.
+Times the GLM-4.6 MoE layer (routing included; `bench_moe.py`'s x and logits, and its routing too when --layers
+matches its own) and dense GEMMs at GLM-4.6's shapes on the cuda backend, each from a CUDA graph captured under
+setting A and under setting B, in rounds ordered A B, B A, A B, ... (the card's power cap moves its clock between
+consecutive measurements); prints the medians, % of the floor (measured in this run) and B / A, checks that both
+settings give the same output bits, and writes ab_knob.json. The setter is left at A.
 
     python benchmarks/ab_knob.py --setter set_skinny_x_staging --a 0 --b 1 [--ts 1,16,64] [--ms 1,8] [--rounds 3]
 """
@@ -12,6 +12,7 @@ ab_knob.json. The setter is left at A.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 
@@ -29,17 +30,22 @@ from bench_w4a16_gemm import ROTATE_BYTES, SHAPES, _rotating  # noqa: E402
 def _ab(name, calls, setter, a, b, rounds, floor):
     """Graph-time `calls` (one callable per weight copy) under settings a and b, alternating; a result row."""
     out = {}
-    for setting in (a, b):
-        setter(setting)
-        out[setting] = calls[0]()
-        torch.cuda.synchronize()
+    try:
+        for setting in (a, b):
+            setter(setting)
+            out[setting] = calls[0]()
+            torch.cuda.synchronize()
+    finally:
+        setter(a)
     same = torch.equal(out[a], out[b])
     times = {a: [], b: []}
-    for _ in range(rounds):
-        for setting in (a, b):
-            setter(setting)  # read at launch: the graph captured now keeps it
-            times[setting].append(common.graph_time_us(_rotating(calls), calls=len(calls)))
-    setter(a)
+    try:
+        for r in range(rounds):
+            for setting in (a, b) if r % 2 == 0 else (b, a):  # neither setting always goes first
+                setter(setting)  # read at launch: the graph captured now keeps it
+                times[setting].append(common.graph_time_us(_rotating(calls), calls=len(calls)))
+    finally:
+        setter(a)
     us_a, us_b = statistics.median(times[a]), statistics.median(times[b])
     print(f"{name:24} A {us_a:9.1f} us ({100 * floor / us_a:5.1f}%)  B {us_b:9.1f} us ({100 * floor / us_b:5.1f}%)  "
           f"B/A {us_b / us_a:.3f}  same bits: {same}", flush=True)  # fmt: skip
@@ -54,7 +60,7 @@ def main() -> int:
     parser.add_argument("--b", type=int, default=1)
     parser.add_argument("--ts", default="1,2,4,8,16,32,64,128", help="MoE layer token counts ('' for none)")
     parser.add_argument("--ms", default="1,8", help="dense GEMM rows ('' for none)")
-    parser.add_argument("--shapes", default="q_proj,o_proj,expert_gate_up")
+    parser.add_argument("--shapes", default="q_proj,o_proj,expert_gate_up", help="dense shapes ('' for none)")
     parser.add_argument("--layers", type=int, default=2, help="MoE layers of weights cycled (1.95 GB each)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -83,11 +89,12 @@ def main() -> int:
             calls = [lambda p=p, layer=layer: layer(p) for p in layers]
             rows.append(_ab(f"MoE T={t}", calls, setter, args.a, args.b, args.rounds,
                             common.floor_us(nbytes, flops, ceilings)))  # fmt: skip
-        del layers
-    for name in args.shapes.split(","):
+        layers = calls = None  # the MoE weights (~2 GB a layer) go before the dense ones are made
+        torch.cuda.empty_cache()
+    for name in (s for s in args.shapes.split(",") if s):
         n, k = SHAPES[name]
         wbytes = n * k // 2 + n * (k // 128) * 2
-        copies = max(1, ROTATE_BYTES // wbytes)
+        copies = max(2, math.ceil(ROTATE_BYTES / wbytes))  # as bench_w4a16_gemm.py
         preps = []
         for _ in range(copies):
             w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
