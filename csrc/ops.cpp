@@ -347,7 +347,8 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
 }
 
 // glm_awq._C.set_skinny_x_staging(mode): how the skinny kernel stages its x rows, 0 cp.async (the default) or 1 plain
-// loads (the kernel before the sixteenth session), for same-run comparisons. Read at each launch, like set_skinny_pdl.
+// loads (the loop the kernel had before the sixteenth session), for same-run comparisons (benchmarks/ab_knob.py).
+// Read at each launch, like set_skinny_pdl.
 static PyObject* py_set_skinny_x_staging(PyObject*, PyObject* arg) {
   const long mode = PyLong_AsLong(arg);
   if (mode == -1 && PyErr_Occurred()) return nullptr;

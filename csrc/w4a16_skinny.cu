@@ -74,7 +74,8 @@ __device__ __forceinline__ void pdl_wait() {
 // set_skinny_pdl: 0 off, 1 on (the dense GEMM waits before its first load, but for a settled weight's first batch),
 // 2 on with the first weight batch loaded before the wait, settled or not.
 std::atomic<int> g_pdl{1};
-// set_skinny_x_staging: 0 cp.async (the default), 1 plain loads (the earlier kernel, for comparisons).
+// set_skinny_x_staging: 0 cp.async (the default), 1 plain loads (the earlier loop, for comparisons). The runtime
+// branch costs the fp16 sorted-MoE instantiations spills (benchmarks/NOTES.md, sixteenth session).
 std::atomic<int> g_x_plain{0};
 
 template <int MB>
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
 
   // Stage the CTA's x rows (zeros past the real rows) for its K range: every copy of the thread in flight at once
   // (cp.async; a row past the real ones is zero-filled without a read), then one wait. Flag bit 1 stages with plain
-  // loads instead (the kernel before the sixteenth session; set_skinny_x_staging), one load in flight per store.
+  // loads instead (the loop before the sixteenth session; set_skinny_x_staging), one load in flight per store.
   {
     const int chunks = nbatch * kBK / 8;  // 16-byte chunks per row
     const bool plain = flags & 2;
@@ -451,7 +452,8 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   // slower with it at T = 16 and 64 (H200, benchmarks/NOTES.md). The per-token ones wait before their first load.
   const int pdl = g_pdl.load(std::memory_order_relaxed);
   cfg.numAttrs = (MODE == kDense || MODE == kTokenGateUp || MODE == kTokenDown) && pdl && pdl_device(device) ? 1 : 0;
-  const int flags = (pdl == 2 || (pdl == 1 && weight_settled) ? 1 : 0) | (g_x_plain.load(std::memory_order_relaxed) ? 2 : 0);
+  const int flags = (pdl == 2 || (pdl == 1 && weight_settled) ? 1 : 0) |  // kernel argument `flags`
+                    (g_x_plain.load(std::memory_order_relaxed) ? 2 : 0);
   err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
                            batches_per_split, moe, flags);
   if (err != cudaSuccess) return err;
