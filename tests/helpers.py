@@ -2,7 +2,7 @@
 
 import torch
 
-from glm_awq.quant import quantize
+from glm_awq.quant import pack_int4, quantize
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -32,6 +32,16 @@ def outlier_codes(batch: int, n: int, k: int, outliers, gen) -> torch.Tensor:
     q = torch.stack([codes_with_every_nibble(n, k, gen) for _ in range(batch)])
     q[..., outliers] = 8
     return q
+
+
+def outlier_experts(e: int, h: int, i: int, outliers, gen) -> list[torch.Tensor]:
+    """E experts (CPU, checkpoint layout) [w13_packed, w13_scale, w2_packed, w2_scale] whose gate/up weights are zero
+    on the outlier hidden channels (outlier_codes), with random down codes and bf16 scales in [0.01, 0.03)."""
+    q13 = outlier_codes(e, 2 * i, h, outliers, gen)
+    q2 = torch.randint(0, 16, (e, h, i), generator=gen)
+    s13 = (torch.rand(e, 2 * i, h // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
+    s2 = (torch.rand(e, h, i // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
+    return [pack_int4(q13 - 8), s13, pack_int4(q2 - 8), s2]
 
 
 def outlier_x(m: int, k: int, outliers, dtype, gen) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import glm_awq
 from glm_awq import quant
 from glm_awq.reference import fused_moe_ref, route_ref, w4a16_linear_ref
-from helpers import outlier_codes, outlier_x, poison_allocator, poisoned, rel_err
+from helpers import outlier_codes, outlier_experts, outlier_x, poison_allocator, poisoned, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext]
 
@@ -414,12 +414,7 @@ def test_moe_exact_with_outliers_on_zero_weights(t, block_m, variant, dtype):
     gen = torch.Generator().manual_seed(3)
     e, h, i, top_k = 8, 1024, 384, 2
     outliers = torch.randperm(h, generator=gen)[:6]
-    q13 = outlier_codes(e, 2 * i, h, outliers, gen)
-    q2 = torch.randint(0, 16, (e, h, i), generator=gen)
-    s13 = (torch.rand(e, 2 * i, h // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
-    s2 = (torch.rand(e, h, i // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
-    w13, w2 = quant.pack_int4(q13 - 8).cuda(), quant.pack_int4(q2 - 8).cuda()
-    s13, s2 = s13.cuda(), s2.cuda()
+    w13, s13, w2, s2 = (v.cuda() for v in outlier_experts(e, h, i, outliers, gen))
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=t)
     x = outlier_x(t, h, outliers, dtype, gen).cuda()

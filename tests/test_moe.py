@@ -177,16 +177,12 @@ def test_fused_moe_small(backend, t, e, top_k, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t", [1, 7, 40])
 def test_fused_moe_exact_with_outliers_on_zero_weights(backend, t):
-    from helpers import outlier_codes, outlier_x
+    from helpers import outlier_experts, outlier_x
 
     gen = torch.Generator().manual_seed(t)
     e, h, i, top_k = 6, 256, 128, 2
     outliers = torch.randperm(h, generator=gen)[:4]
-    q13 = outlier_codes(e, 2 * i, h, outliers, gen)
-    q2 = torch.randint(0, 16, (e, h, i), generator=gen)
-    s13 = (torch.rand(e, 2 * i, h // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
-    s2 = (torch.rand(e, h, i // 128, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
-    experts = [quant.pack_int4(q13 - 8), s13, quant.pack_int4(q2 - 8), s2]
+    experts = outlier_experts(e, h, i, outliers, gen)
     dtype = DTYPES[-1]  # fp16 on the CPU and the GPU: the sharp case (the raw-code offset was 1032)
     xd = outlier_x(t, h, outliers, dtype, gen)
     ids, w = route_ref(torch.randn(t, e, generator=gen), torch.zeros(e), top_k=top_k)
