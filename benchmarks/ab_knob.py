@@ -1,4 +1,4 @@
-"""Same-run A/B of a cuda kernel knob (a glm_awq._C setter read at each launch, e.g. set_skinny_x_staging).
+"""Same-run A/B of a cuda kernel knob (a glm_awq._C setter read at each launch, e.g. set_skinny_pdl).
 
 Times the GLM-4.6 MoE layer (routing included; `bench_moe.py`'s x and logits, and its routing too when --layers
 matches its own) and dense GEMMs at GLM-4.6's shapes on the cuda backend, each from a CUDA graph captured under
@@ -6,7 +6,7 @@ setting A and under setting B, in rounds ordered A B, B A, A B, ... (the card's 
 consecutive measurements); prints the medians, % of the floor (measured in this run) and B / A, checks that both
 settings give the same output bits, and writes ab_knob.json. The setter is left at A.
 
-    python benchmarks/ab_knob.py --setter set_skinny_x_staging --a 0 --b 1 [--ts 1,16,64] [--ms 1,8] [--rounds 3]
+    python benchmarks/ab_knob.py --setter set_skinny_pdl --a 1 --b 0 [--ts 1,16,64] [--ms 1,8] [--rounds 3]
 """
 
 from __future__ import annotations

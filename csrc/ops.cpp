@@ -346,27 +346,11 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// glm_awq._C.set_skinny_x_staging(mode): how the skinny kernel stages its x rows, 0 cp.async (the default) or 1 plain
-// loads (the loop the kernel had before the sixteenth session), for same-run comparisons (benchmarks/ab_knob.py).
-// Read at each launch, like set_skinny_pdl.
-static PyObject* py_set_skinny_x_staging(PyObject*, PyObject* arg) {
-  const long mode = PyLong_AsLong(arg);
-  if (mode == -1 && PyErr_Occurred()) return nullptr;
-  if (mode < 0 || mode > 1) {
-    PyErr_Format(PyExc_ValueError, "set_skinny_x_staging: mode=%ld must be 0 (cp.async) or 1 (plain loads)", mode);
-    return nullptr;
-  }
-  glm_awq::set_skinny_x_staging(static_cast<int>(mode));
-  Py_RETURN_NONE;
-}
-
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
-      {"set_skinny_x_staging", py_set_skinny_x_staging, METH_O,
-       "set_skinny_x_staging(mode: int) -> None (0 cp.async: default, 1 plain loads)"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};

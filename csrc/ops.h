@@ -52,8 +52,6 @@ bool skinny_supported(int device);
 // before that wait), 2 on with the first weight batch loaded before that wait, settled or not (benchmarks and tests
 // only). Read at launch: a captured CUDA graph keeps the mode it was captured with.
 void set_skinny_pdl(int mode);
-// How the skinny kernel stages x in shared memory: 0 cp.async (default), 1 plain loads (the earlier loop; benchmarks).
-void set_skinny_x_staging(int mode);
 
 struct MoeLaunch {
   const at::Tensor& a;        // GEMM1 (mode 1): x [T, H]; GEMM2 (mode 2): h [S, I]; bf16/fp16, contiguous, aligned

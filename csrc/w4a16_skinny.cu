@@ -74,9 +74,6 @@ __device__ __forceinline__ void pdl_wait() {
 // set_skinny_pdl: 0 off, 1 on (the dense GEMM waits before its first load, but for a settled weight's first batch),
 // 2 on with the first weight batch loaded before the wait, settled or not.
 std::atomic<int> g_pdl{1};
-// set_skinny_x_staging: 0 cp.async (the default), 1 plain loads (the earlier loop, for comparisons). The runtime
-// branch costs the fp16 sorted-MoE instantiations spills (benchmarks/NOTES.md, sixteenth session).
-std::atomic<int> g_x_plain{0};
 
 template <int MB>
 struct Skinny {
@@ -101,7 +98,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
     float* __restrict__ partial,   // [splits, M, N] fp32 when gridDim.z > 1
     int* __restrict__ tickets,     // [gridDim.x * gridDim.y] zeros, left zero
     int M, int N, int K, int group_size, int batches_per_split, MoeArgs moe,
-    int flags) {  // bit 0 (dense): the first weight batch before griddepcontrol.wait; bit 1: x staged by plain loads
+    int flags) {  // bit 0 (dense): the first weight batch before griddepcontrol.wait
   using V = Num<T>;
   constexpr int WK = kSkinnyWarps / WN, BM = Skinny<MB>::BM, BN = 64 * WN;
   constexpr bool kSorted = MODE == kGateUp || MODE == kDown, kToken = MODE == kTokenGateUp || MODE == kTokenDown;
@@ -200,11 +197,9 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
   }
 
   // Stage the CTA's x rows (zeros past the real rows) for its K range: every copy of the thread in flight at once
-  // (cp.async; a row past the real ones is zero-filled without a read), then one wait. Flag bit 1 stages with plain
-  // loads instead (the loop before the sixteenth session; set_skinny_x_staging), one load in flight per store.
+  // (cp.async; a row past the real ones is zero-filled without a read), then one wait.
   {
     const int chunks = nbatch * kBK / 8;  // 16-byte chunks per row
-    const bool plain = flags & 2;
     for (int c = tid; c < BM * chunks; c += kSkinnyThreads) {
       const int r = c / chunks, cc = c % chunks;
       const bool real = r < rows_here;
@@ -212,11 +207,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, Skinny<MB>::MIN_BLOCKS) w4a16_
       if constexpr (MODE == kGateUp) row = s_slot[r] / moe.top_k;
       if constexpr (MODE == kDown) row = s_slot[r];
       const T* src = x + static_cast<size_t>(real ? row : 0) * K + static_cast<size_t>(b0) * kBK + cc * 8;
-      if (plain)
-        *reinterpret_cast<int4*>(xs + r * xstride + cc * 8) =
-            real ? *reinterpret_cast<const int4*>(src) : make_int4(0, 0, 0, 0);
-      else
-        cp_async16(xs + r * xstride + cc * 8, src, real);
+      cp_async16(xs + r * xstride + cc * 8, src, real);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -452,8 +443,7 @@ cudaError_t launch_skinny(dim3 grid, int smem_bytes, const T* x, const int4* wq,
   // slower with it at T = 16 and 64 (H200, benchmarks/NOTES.md). The per-token ones wait before their first load.
   const int pdl = g_pdl.load(std::memory_order_relaxed);
   cfg.numAttrs = (MODE == kDense || MODE == kTokenGateUp || MODE == kTokenDown) && pdl && pdl_device(device) ? 1 : 0;
-  const int flags = (pdl == 2 || (pdl == 1 && weight_settled) ? 1 : 0) |  // kernel argument `flags`
-                    (g_x_plain.load(std::memory_order_relaxed) ? 2 : 0);
+  const int flags = pdl == 2 || (pdl == 1 && weight_settled) ? 1 : 0;  // kernel argument `flags`
   err = cudaLaunchKernelEx(&cfg, kernel, x, wq, wsc, bias, out, partial, tickets, m, n, k, group_size,
                            batches_per_split, moe, flags);
   if (err != cudaSuccess) return err;
@@ -613,7 +603,6 @@ cudaError_t moe_per_token(const TokenLaunch& a) {
 bool skinny_supported(int device) { return smem_optin(device) >= kSkinnySmemMax; }
 
 void set_skinny_pdl(int mode) { g_pdl.store(mode, std::memory_order_relaxed); }
-void set_skinny_x_staging(int mode) { g_x_plain.store(mode, std::memory_order_relaxed); }
 
 bool skinny_preferred(const GemmLaunch& a, int block_n) {
   if (a.m > 16 || block_n > 256 || !skinny_supported(a.x.get_device())) return false;

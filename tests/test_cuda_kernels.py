@@ -221,46 +221,6 @@ def test_skinny_chain_with_programmatic_launch(m, splits, dtype):
     assert all(not layer[3].tensors["tickets"].any() for layer in layers), "tickets must be left at zero"
 
 
-# The skinny kernel stages x by cp.async; glm_awq._C.set_skinny_x_staging(1) stages it with plain loads (a benchmark
-# hook, benchmarks/ab_knob.py). Both must give the reference's result and the same bits: dense M = 1 and 5 (split K)
-# and the MoE per token (T = 2) and in sorted blocks of 8 (T = 12), fp16 and bf16.
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_skinny_x_staging_modes_agree(dtype):
-    if not glm_awq.backends.CudaBackend.skinny_supported(torch.device("cuda")):
-        pytest.skip("the skinny kernel needs sm_90 / sm_100")
-    from glm_awq import _C
-
-    packed, scale = _weight(1536, 5120, seed=60)
-    p = glm_awq.prepare_linear(packed, scale, backend="cuda")
-    e, h, i, top_k = 16, 256, 128, 4
-    w13, s13, w2, s2 = _experts(e, h, i, seed=61)
-    pe = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
-    outs = {}
-    try:
-        for mode in (0, 1):
-            _C.set_skinny_x_staging(mode)
-            got = []
-            for m in (1, 5):
-                gen = torch.Generator(device="cuda").manual_seed(m)
-                x = torch.randn(m, 5120, generator=gen, device="cuda").to(dtype)
-                y = _gemm(x, p, variant=3)  # the skinny kernel
-                err = rel_err(y, w4a16_linear_ref(x.float(), packed, scale))
-                assert torch.isfinite(y).all() and err < 1e-2, f"mode {mode}, M={m}: rel err {err:.2e}"
-                got.append(y)
-            for t in (2, 12):  # per token (CudaBackend.PER_TOKEN_MAX_T = 4), then blocks of 8
-                ids, weights = _routing(t, e, top_k, seed=t)
-                gen = torch.Generator(device="cuda").manual_seed(100 + t)
-                x = torch.randn(t, h, generator=gen, device="cuda").to(dtype)
-                y = glm_awq.fused_moe(x, ids, weights, pe) if t == 2 else _moe_direct(x, ids, weights, pe, 8, 0)
-                err = rel_err(y, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
-                assert torch.isfinite(y).all() and err < 1e-2, f"mode {mode}, MoE T={t}: rel err {err:.2e}"
-                got.append(y)
-            outs[mode] = got
-    finally:
-        _C.set_skinny_x_staging(0)
-    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1])), "both stagings give the same bits"
-
-
 def test_prepare_linear_settles_the_weight(monkeypatch):
     """linear promises the skinny GEMM a settled weight (it reads the first batch before the previous kernel ends):
     prepare_linear must synchronize the weight's stream after the repack (CudaBackend.prepare_linear)."""
