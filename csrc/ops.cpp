@@ -139,8 +139,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(variant >= 0 && variant <= 5, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
               "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma) or 5 (tile kernel, "
               "scales folded, as wide as N allows)");
-  TORCH_CHECK(variant != 4 || (block_m == 64 && moe_wgmma_supported(a, weight, scale)), "moe_gemm: variant=4 (the "
-              "wgmma kernel) needs block_m=64 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
+  TORCH_CHECK(variant != 4 || ((block_m == 64 || block_m == 32) && moe_wgmma_supported(a, weight, scale)),
+              "moe_gemm: variant=4 (the wgmma kernel) needs block_m=64 or 32 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
               "), a and scale of < 2^31 elements and weight of < 2^31 16-byte chunks (got ", a.numel(), ", ",
               scale.numel(), " and ", weight.numel() / 4, ") and an sm_90 GPU with a build that includes sm_90a (",
               a.device(), "); use variant=0");
@@ -163,7 +163,7 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   if (reinterpret_cast<uintptr_t>(ac.data_ptr()) % 16) ac = ac.clone();
   at::Tensor workspace;
   if (moe_gemm_uses_wgmma(ac, weight, scale, static_cast<int>(block_m), static_cast<int>(variant)))
-    workspace = at::empty({moe_wgmma_workspace_bytes(sorted.numel(), slots, e)}, a.options().dtype(at::kByte));
+    workspace = at::empty({moe_wgmma_workspace_bytes(sorted.numel(), slots, e, static_cast<int>(block_m))}, a.options().dtype(at::kByte));
   const MoeLaunch args{ac, weight, scale, out, sorted, counts, topk_weights, static_cast<int>(top_k),
                        static_cast<int>(block_m), static_cast<int>(mode), static_cast<int>(group_size),
                        static_cast<int>(variant), workspace};
@@ -277,8 +277,8 @@ TORCH_LIBRARY(glm_awq, m) {
       "w4a16_gemm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor tickets, int group_size, int block_n, "
       "int splits, int variant=0, bool weight_settled=False) -> Tensor");
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
-  // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, 64 the
-  // wgmma kernel on sm_90 (variant 0 or 4), else the tile kernel; at block_m = 16 variant 0 folds the scales in
+  // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, 64 and 32
+  // the wgmma kernel on sm_90 (variant 0 or 4), else the tile kernel; at block_m = 16 variant 0 folds the scales in
   // on tiles up to 512 wide while the grid stays large, variant 5 on the widest tile that divides N).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
@@ -319,13 +319,14 @@ static PyObject* py_wgmma_supported(PyObject*, PyObject* arg) {
   return PyBool_FromLong(glm_awq::wgmma_device_supported(static_cast<int>(device)));
 }
 
-// glm_awq._C.set_wgmma_grid_cap(ctas): at most `ctas` CTAs in the wgmma kernel's persistent grid (0: one per SM, the
-// default), so that a small test problem runs many tiles per CTA.
+// glm_awq._C.set_wgmma_grid_cap(ctas): at most `ctas` CTAs in the wgmma kernel's persistent grid (0, the default:
+// as many as fit the SMs, one per SM or two for the tiles of 32 slots), so that a small test problem runs many tiles
+// per CTA.
 static PyObject* py_set_wgmma_grid_cap(PyObject*, PyObject* arg) {
   const long long ctas = PyLong_AsLongLong(arg);
   if (ctas == -1 && PyErr_Occurred()) return nullptr;
   if (ctas < 0) {
-    PyErr_Format(PyExc_ValueError, "set_wgmma_grid_cap: ctas=%lld must be >= 0 (0 = one CTA per SM)", ctas);
+    PyErr_Format(PyExc_ValueError, "set_wgmma_grid_cap: ctas=%lld must be >= 0 (0 = as many as fit the SMs)", ctas);
     return nullptr;
   }
   glm_awq::set_moe_wgmma_grid_cap(ctas);
@@ -346,11 +347,17 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_wgmma_small_one_wg(PyObject*, PyObject* arg) {
+  glm_awq::set_wgmma_small_one_wg(static_cast<int>(PyLong_AsLong(arg)));
+  Py_RETURN_NONE;
+}
+
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
-      {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: one per SM)"},
+      {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: as many as fit the SMs)"},
+      {"set_wgmma_small_one_wg", py_set_wgmma_small_one_wg, METH_O, "experiment"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};

@@ -67,11 +67,11 @@ struct MoeLaunch {
   const at::Tensor& workspace;
 };
 int launch_moe_gemm(const MoeLaunch& args);
-// Whether launch_moe_gemm takes the wgmma kernel for these arguments (block_m 64, variant 0 or 4, and
-// moe_wgmma_supported), and the workspace that kernel needs: its work list, at most one record per pair.
+// Whether launch_moe_gemm takes the wgmma kernel for these arguments (block_m 64 or 32, variant 0 or 4, and
+// moe_wgmma_supported), and the workspace that kernel needs: its work list, at most one record per tile.
 bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
                          int variant);
-int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts);
+int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts, int block_m);
 // block_m = 8 always, and block_m = 16 under variant 3 where it fits, run the skinny kernel
 // (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
 // moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
@@ -97,7 +97,7 @@ struct TokenLaunch {
 };
 int launch_moe_per_token(const TokenLaunch& args);
 bool moe_skinny_fits(int64_t k, int block_m, int device);
-// The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 slots on an sm_90 device with sm_90a code in this build
+// The Hopper MoE kernel (w4a16_wgmma.cu): blocks of 64 or 32 slots on an sm_90 device with sm_90a code in this build
 // (wgmma_device_supported), N % 128 == 0, at most kMoeWgmmaMaxExperts local experts (its work-list kernel scans them
 // in 2 E + 1 ints of shared memory), and a, scale (elements) and weight (16-byte chunks) below 2^31 (its copy
 // addresses are 32-bit offsets): moe_wgmma_supported says whether all of that holds.
@@ -106,6 +106,7 @@ int launch_moe_wgmma(const MoeLaunch& args);
 bool wgmma_device_supported(int device);
 bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale);
 void set_moe_wgmma_grid_cap(int64_t ctas);
+void set_wgmma_small_one_wg(int v);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,

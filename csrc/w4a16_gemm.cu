@@ -623,10 +623,11 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
   return cudaGetLastError();
 }
 
-// Blocks of 64 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4 elsewhere).
+// Blocks of 64 and of 32 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4
+// elsewhere).
 bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
                          int variant) {
-  return block_m == 64 && (variant == 0 || variant == kVariantWgmma) && moe_wgmma_supported(a, weight, scale);
+  return (block_m == 64 || block_m == 32) && (variant == 0 || variant == kVariantWgmma) && moe_wgmma_supported(a, weight, scale);
 }
 
 // The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,

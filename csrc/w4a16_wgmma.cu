@@ -3,12 +3,15 @@
 // as w4a16_gemm.cu, whose mma.sync tile kernel is mma-rate bound from ~128 slots per expert (benchmarks/NOTES.md);
 // wgmma has twice its tensor-core rate on this card.
 //
-// Legend: BT = 128 token-slots per tile (a pair: two consecutive 64-slot blocks of one expert's sorted run), N
-// output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output features per N tile.
+// Legend: BT = token-slots per tile: 128 (a pair: two consecutive 64-slot blocks of one expert's sorted run; the
+// sort's block_m 64) or 32 (one 32-slot block; block_m 32, for few slots per expert, where the kernel streams
+// weights: x stages a quarter the size, more stages in flight, wgmma N down to 8). "Pair" below means a tile's
+// slots in either case. N output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output
+// features per N tile.
 //
 // Work: a small kernel first lists the pairs (moe_pair_kernel: expert, rows, slot ids, x offsets, routing weights).
-// A tile is one pair's BT slots x ROWS features over the whole K. From 5 k tiles (K >= 640) one CTA per SM runs
-// every grid-th tile (persistent); below that, one CTA per tile.
+// A tile is one pair's BT slots x ROWS features over the whole K. From Wg::LOOKAHEAD k tiles (5: K >= 640) one CTA
+// per SM (BT 32: two) runs every grid-th tile (persistent); below that, one CTA per tile.
 // Data flow of one CTA:
 //  - A = weights, m64 x k16 per wgmma, in registers. In the cuda layout a lane's 16-byte chunk of a 16 x 64
 //    (k x n) sub-tile holds, in int i, the A fragment of features 16i .. 16i+15 (w4a16_skinny.cu's header works
@@ -20,7 +23,8 @@
 //    rounding of q * s, as the tile kernel).
 //  - B = x rows of the tile's slots, [BT, 128] per stage, K-major with the 128-byte swizzle (16-byte chunk c of
 //    row r stored at chunk c ^ (r % 8)), two 64-wide halves; one descriptor per stage, + 32 bytes per k16 step. The
-//    wgmmas' N is the pair's real rows rounded up to 32 (m64n32 .. m64n128); rows past them are zero-filled.
+//    wgmmas' N is the pair's real rows rounded up to 32 (m64n32 .. m64n128; BT 32: to 8, 16 or 32); rows past them
+//    are zero-filled.
 //  - A cp.async pipeline of STAGES slots of (x tile, weight chunks, scales), STAGES - 1 in flight, running through
 //    all of the CTA's tiles (a tile's first stages load during the previous tile's last ones and its epilogue; its
 //    pair's record is copied in during the previous tile's first stage).
@@ -50,53 +54,59 @@
 namespace glm_awq {
 namespace {
 
-constexpr int kBT = 128;         // token-slots per tile: two 64-slot blocks of the sort
-constexpr int kSortBlock = 64;   // the sort's block (block_m)
-constexpr int kWgStages = 4;     // pipeline slots
-// A CTA copies its next tile's pair record (below) in this tile's first stage; it has landed and is published
-// PREFETCH - 1 stages later, and the next tile's first stage is fetched PREFETCH stages before this tile ends. Both
-// fit from 2 PREFETCH - 1 = 5 k tiles per tile (K >= 640); below that each CTA takes one tile.
-constexpr int kWgLookaheadIters = 2 * (kWgStages - 1) - 1;
-
-template <int WGS>
+template <int WGS,  // warpgroups per CTA (1 or 2): 128 WGS output features per N tile
+          int BT>   // token-slots per tile: 128 (two of the sort's 64-slot blocks) or 32 (one 32-slot block)
 struct Wg {
   static constexpr int THREADS = 128 * WGS, ROWS = 128 * WGS, NB = ROWS / 64;  // NB 64-feature blocks
-  static constexpr int A_BYTES = kBT * kBK * 2;     // x tile of a stage: 32 KB
+  // Pipeline slots, and CTAs per SM. The small tiles' stages are a third the size (8 KB of x, not 32): two CTAs fit
+  // an SM, so that four warpgroups (not two) hide the wgmma chain's latency where few slots per expert leave each
+  // wgmma short (N = 8 to 32).
+  static constexpr int STAGES = BT == 128 || WGS == 2 ? 4 : 3, CTAS_PER_SM = BT == 128 ? 1 : 2 * (3 - WGS);
+  static constexpr int A_BYTES = BT * kBK * 2;      // x tile of a stage: 32 KB (BT 128) or 8 KB (BT 32)
   static constexpr int B_BYTES = 8 * NB * 512;      // weight chunks of a stage: 8 k16 steps x NB blocks x 32 lanes
   static constexpr int S_BYTES = ROWS * 2;          // scales of a stage
-  static constexpr int PREFETCH = kWgStages - 1;    // stages in flight while one is computed
-  static constexpr int PIPE = kWgStages * (A_BYTES + B_BYTES + S_BYTES);
+  static constexpr int PREFETCH = STAGES - 1;       // stages in flight while one is computed
+  // A CTA copies its next tile's pair record (below) in this tile's first stage; it has landed and is published
+  // PREFETCH - 1 stages later, and the next tile's first stage is fetched PREFETCH stages before this tile ends. Both
+  // fit from 2 PREFETCH - 1 = 5 k tiles per tile (K >= 640); below that each CTA takes one tile.
+  static constexpr int LOOKAHEAD = 2 * PREFETCH - 1;
+  static constexpr int PIPE = STAGES * (A_BYTES + B_BYTES + S_BYTES);
   static constexpr int SMEM = 1024 + PIPE;          // + alignment of the swizzled x tiles
-  static constexpr int A_PER = kBT * 16 / THREADS;  // x chunks per thread per stage
+  static constexpr int A_PER = BT * 16 / THREADS;   // x chunks per thread per stage
   static constexpr int B_PER = 8 * NB * 32 / THREADS, B_STEPS = THREADS / (NB * 32);  // weight chunks, k16 steps apart
   static_assert(A_BYTES % 1024 == 0, "x tiles stay 1024-byte aligned (the swizzle pattern repeats every 1 KB)");
-  static_assert(SMEM <= kSmemPerSM, "one CTA per SM");
+  static_assert(CTAS_PER_SM * (SMEM + 2 * (16 + 12 * BT) + 1024) <= kSmemPerSM, "CTAS_PER_SM CTAs per SM");
 };
 
 // ------------------------------------------------------------------------------------------------- pair table
 
-// The CTAs' work list: pairs of 64-slot blocks, numbered expert by expert (ceil(count / 128) pairs each; the sort
-// padded each expert's run to 64 slots). moe_pair_kernel writes one record per pair into a workspace before each
-// GEMM, so a CTA finds its next tile's rows with one copy and no search: [header: 16 bytes, int 0 = pairs][records].
+// The CTAs' work list: tiles of BT sorted slots ("pairs": for BT 128, two of the sort's 64-slot blocks), numbered
+// expert by expert (ceil(count / BT) each; the sort padded each expert's run to block_m slots, 64 for BT 128 and 32
+// for BT 32). moe_pair_kernel writes one record per pair into a workspace before each GEMM, so a CTA finds its next
+// tile's rows with one copy and no search: [header: 16 bytes, int 0 = pairs][records].
+template <int BT>
 struct alignas(16) PairRecord {
+  static constexpr int kChunks = (16 + 12 * BT) / 16, kChunksNoW = kChunks - BT / 4;  // 16 bytes each
   int expert, rows, unused[2];
-  int slot[kBT];  // slot ids of the pair's rows (0 past them)
-  int xoff[kBT];  // where each row's x starts (x row * K; GEMM1's x row is the token, GEMM2's the slot; 0 past the
-                  // rows), in the copy plan's order: row r at (r % r_step) * (kBT / r_step) + r / r_step, so that a
-                  // thread's rows sit side by side
-  float w[kBT];   // routing weight per row (0 past them); last, so that GEMM1 need not copy it
+  int slot[BT];  // slot ids of the pair's rows (0 past them)
+  int xoff[BT];  // where each row's x starts (x row * K; GEMM1's x row is the token, GEMM2's the slot; 0 past the
+                 // rows), in the copy plan's order: row r at (r % r_step) * (BT / r_step) + r / r_step, so that a
+                 // thread's rows sit side by side
+  float w[BT];   // routing weight per row (0 past them); last, so that GEMM1 need not copy it
 };
-constexpr int kRecordChunks = sizeof(PairRecord) / 16, kRecordChunksNoW = kRecordChunks - kBT / 4;  // 16 bytes each
-static_assert(offsetof(PairRecord, w) == kRecordChunksNoW * 16, "w last: GEMM1 copies the record without it");
-static_assert(Wg<2>::SMEM + 2 * sizeof(PairRecord) + 1024 <= kSmemPerSM &&
-                  Wg<1>::SMEM + 2 * sizeof(PairRecord) + 1024 <= kSmemPerSM,
-              "the pipeline, two records and the rest of the static shared memory fit one CTA");
+static_assert(sizeof(PairRecord<128>) == PairRecord<128>::kChunks * 16 &&
+                  sizeof(PairRecord<32>) == PairRecord<32>::kChunks * 16 &&
+                  offsetof(PairRecord<128>, w) == PairRecord<128>::kChunksNoW * 16 &&
+                  offsetof(PairRecord<32>, w) == PairRecord<32>::kChunksNoW * 16,
+              "w last: GEMM1 copies the record without it");
 
 // Every CTA scans the counts (warp 0, into shared memory: first pair and first sorted row per expert), then its
 // warps write the records of pairs warp, warp + all warps, ... . Dynamic shared memory: (2 E + 1) ints. At most
 // `capacity` records (the workspace's): counts that disagree with the sort cannot make it write past them.
-__global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, int r_step, int k, int capacity,
-                                                       int* __restrict__ header, PairRecord* __restrict__ recs) {
+template <int BT>
+__global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, int block_m, int r_step, int k,
+                                                       int capacity, int* __restrict__ header,
+                                                       PairRecord<BT>* __restrict__ recs) {
   extern __shared__ int s_scan[];
   int* first = s_scan;                       // [E + 1]
   int* off = s_scan + moe.num_experts + 1;  // [E]
@@ -105,7 +115,7 @@ __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, in
     int base_pair = 0, base_row = 0;
     for (int e0 = 0; e0 < moe.num_experts; e0 += 32) {  // inclusive scans of 32 experts' pairs and padded rows
       const int e = e0 + lane, c = e < moe.num_experts ? moe.counts[e] : 0;
-      const int pairs = (c + kBT - 1) / kBT, padded = (c + kSortBlock - 1) / kSortBlock * kSortBlock;
+      const int pairs = (c + BT - 1) / BT, padded = (c + block_m - 1) / block_m * block_m;
       int incl_pairs = pairs, incl_rows = padded;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -129,13 +139,13 @@ __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, in
       const int mid = (lo + hi + 1) >> 1;
       if (first[mid] <= pair) lo = mid; else hi = mid - 1;
     }
-    const int q = pair - first[lo], rows = min(kBT, moe.counts[lo] - q * kBT), row0 = off[lo] + q * kBT;
-    PairRecord& rec = recs[pair];
+    const int q = pair - first[lo], rows = min(BT, moe.counts[lo] - q * BT), row0 = off[lo] + q * BT;
+    PairRecord<BT>& rec = recs[pair];
     if (lane == 0) rec.expert = lo, rec.rows = rows;
-    for (int r = lane; r < kBT; r += 32) {
+    for (int r = lane; r < BT; r += 32) {
       const int slot = r < rows ? moe.sorted[row0 + r] : 0;
       rec.slot[r] = slot;
-      rec.xoff[(r % r_step) * (kBT / r_step) + r / r_step] = (mode == kGateUp ? slot / moe.top_k : slot) * k;
+      rec.xoff[(r % r_step) * (BT / r_step) + r / r_step] = (mode == kGateUp ? slot / moe.top_k : slot) * k;
       if (mode == kDown) rec.w[r] = r < rows ? moe.weights[slot] : 0.f;  // GEMM1 does not read w
     }
   }
@@ -143,7 +153,9 @@ __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, in
 
 // One warp: starts copying pair `pair`'s record (its first `chunks` 16-byte chunks) into shared memory; the caller
 // commits, and reads it after a wait and a barrier.
-__device__ __forceinline__ void copy_record(const PairRecord* recs, int pair, int chunks, int lane, PairRecord& dst) {
+template <int BT>
+__device__ __forceinline__ void copy_record(const PairRecord<BT>* recs, int pair, int chunks, int lane,
+                                            PairRecord<BT>& dst) {
   const int4* src = reinterpret_cast<const int4*>(recs + pair);
   for (int c = lane; c < chunks; c += 32) cp_async16(reinterpret_cast<int4*>(&dst) + c, src + c, true);
 }
@@ -178,6 +190,8 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
 }
 
 #ifdef GLM_AWQ_WGMMA_DEVICE
+#define GLM_AWQ_ACC_N8 "%0, %1, %2, %3"
+#define GLM_AWQ_ACC_N16 "%0, %1, %2, %3, %4, %5, %6, %7"
 #define GLM_AWQ_ACC0 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define GLM_AWQ_ACC1 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define GLM_AWQ_ACC2 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
@@ -187,9 +201,11 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
   "+f"(d[(o) + 4]), "+f"(d[(o) + 5]), "+f"(d[(o) + 6]), "+f"(d[(o) + 7]),            \
   "+f"(d[(o) + 8]), "+f"(d[(o) + 9]), "+f"(d[(o) + 10]), "+f"(d[(o) + 11]),          \
   "+f"(d[(o) + 12]), "+f"(d[(o) + 13]), "+f"(d[(o) + 14]), "+f"(d[(o) + 15])
+#define GLM_AWQ_OUT4 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define GLM_AWQ_OUT8 GLM_AWQ_OUT4, "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
 
 // d[64 x N] += a[64 x 16] (registers: this warp's 16 rows) . B[16 x N] (shared memory, K-major, descriptor):
-// D row 16 w + g (+8) of warp w, column 8 j + 2 t (+1) in d[4 j + (0, 1) (+2)]. N = 32, 64, 96 or 128 slots.
+// D row 16 w + g (+8) of warp w, column 8 j + 2 t (+1) in d[4 j + (0, 1) (+2)]. N = 8, 16, 32, 64, 96 or 128 slots.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint64_t desc);
 // One specialization per dtype for wgmma N: ACC names the N / 2 accumulator operands, A_OPS the operand numbers of
@@ -207,6 +223,8 @@ __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint6
                  : __VA_ARGS__                                                                                 \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));                                     \
   }
+GLM_AWQ_WGMMA_RS(8, GLM_AWQ_ACC_N8, "{%4, %5, %6, %7}, %8", GLM_AWQ_OUT4)
+GLM_AWQ_WGMMA_RS(16, GLM_AWQ_ACC_N16, "{%8, %9, %10, %11}, %12", GLM_AWQ_OUT8)
 GLM_AWQ_WGMMA_RS(32, GLM_AWQ_ACC0, "{%16, %17, %18, %19}, %20", GLM_AWQ_OUT16(0))
 GLM_AWQ_WGMMA_RS(64, GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1, "{%32, %33, %34, %35}, %36", GLM_AWQ_OUT16(0), GLM_AWQ_OUT16(16))
 GLM_AWQ_WGMMA_RS(96, GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2, "{%48, %49, %50, %51}, %52", GLM_AWQ_OUT16(0),
@@ -219,6 +237,10 @@ GLM_AWQ_WGMMA_RS(128, GLM_AWQ_ACC0 ", " GLM_AWQ_ACC1 ", " GLM_AWQ_ACC2 ", " GLM_
 #undef GLM_AWQ_ACC2
 #undef GLM_AWQ_ACC3
 #undef GLM_AWQ_OUT16
+#undef GLM_AWQ_OUT8
+#undef GLM_AWQ_OUT4
+#undef GLM_AWQ_ACC_N8
+#undef GLM_AWQ_ACC_N16
 #else
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float*, const uint32_t (&)[4], uint64_t) {
@@ -230,8 +252,9 @@ __device__ __forceinline__ void wgmma_rs(float*, const uint32_t (&)[4], uint64_t
 
 template <typename T,  // activation, scale and output dtype: __half or __nv_bfloat16
           int WGS,     // warpgroups per CTA (1 or 2): 128 WGS output features
+          int BT,      // token-slots per tile (Wg): 128 or 32
           int MODE>    // kGateUp or kDown (w4a16_common.h)
-__global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
+__global__ void __launch_bounds__(Wg<WGS, BT>::THREADS, Wg<WGS, BT>::CTAS_PER_SM) moe_wgmma_kernel(
     const T* __restrict__ x,      // GEMM1: x [T, K]; GEMM2: h [S, K]; 16-byte aligned rows
     const int4* __restrict__ wq,  // [E, K/16, N/64, 32] int4 chunks: the cuda layout
     const T* __restrict__ wsc,    // [E, G, N] repacked scales
@@ -239,27 +262,27 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
     int N, int K, int group_size,
     int w_stride, int s_stride,                     // expert strides of wq (chunks) and wsc (elements)
     const int* __restrict__ header,                 // moe_pair_kernel's: int 0 = pairs
-    const PairRecord* __restrict__ recs) {
-  using C = Wg<WGS>;
+    const PairRecord<BT>* __restrict__ recs) {
+  using C = Wg<WGS, BT>;
   using V = Num<T>;
-  constexpr int THREADS = C::THREADS, NB = C::NB, STAGES = kWgStages;
+  constexpr int THREADS = C::THREADS, NB = C::NB, STAGES = C::STAGES;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint8_t* sA = base;                                           // [STAGES][2 halves][BT rows][128 B], swizzled
   int4* sB = reinterpret_cast<int4*>(sA + STAGES * C::A_BYTES);  // [STAGES][8 k16][NB][32 lanes]
   int4* sS = sB + STAGES * C::B_BYTES / 16;                     // [STAGES][ROWS / 8] scale chunks
-  __shared__ PairRecord s_tile[2];  // my i-th tile's pair is s_tile[i % 2], its first feature s_n0[i % 2]
+  __shared__ PairRecord<BT> s_tile[2];  // my i-th tile's pair is s_tile[i % 2], its first feature s_n0[i % 2]
   __shared__ int s_n0[2];
 
   // Tiles: pair p's N tile j is tile p * n_tiles + j (the N tiles run fastest, so the CTAs working at one time share
   // a few pairs' x rows in L2). CTA c takes tiles c, c + grid, c + 2 grid, ...: persistent, one pipeline through all
-  // of them, so the prologue (the first record, the first stages' latency) is paid once per SM, not once per tile.
+  // of them, so the prologue (the first record, the first stages' latency) is paid once per CTA, not once per tile.
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_tiles = N / C::ROWS, iters = K / kBK, tiles = header[0] * n_tiles;
   if (static_cast<int>(blockIdx.x) >= tiles) return;
   const int my_tiles = (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1;
   const int total = my_tiles * iters;  // stages over all my tiles
-  constexpr int kChunks = MODE == kDown ? kRecordChunks : kRecordChunksNoW;  // GEMM1 needs no routing weights
+  constexpr int kChunks = MODE == kDown ? PairRecord<BT>::kChunks : PairRecord<BT>::kChunksNoW;  // GEMM1: no weights
   if (warp == 0) {
     if (lane == 0) s_n0[0] = static_cast<int>(blockIdx.x) % n_tiles * C::ROWS;
     copy_record(recs, blockIdx.x / n_tiles, kChunks, lane, s_tile[0]);
@@ -276,9 +299,9 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   // source address comes from shared memory per stage, not from registers: registers are what this kernel runs out
   // of.
   constexpr int R_STEP = THREADS / 16;
-  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == kBT && C::A_PER % 4 == 0, "16 chunks per row, rows R_STEP apart");
+  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == BT && C::A_PER % 2 == 0, "16 chunks per row, rows R_STEP apart");
   const int r0 = tid >> 4, cc = tid & 15;
-  const int a_dst0 = (cc >> 3) * (kBT * 128) + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4);
+  const int a_dst0 = (cc >> 3) * (BT * 128) + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4);
   // Copy addresses are 32-bit element offsets (moe_wgmma_supported checks that they fit), and the fetched stage's
   // tile and k tile come from the caller's counters: no 64-bit math and no division per stage.
   const int b_step = N / 64 * 32, b_stride = 8 * b_step;  // weight chunks per k16 step / k tile
@@ -286,16 +309,24 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   auto fetch = [&](int fi, int fit, int slot) {  // k tile fit of my tile fi (fit may run past the tile's end)
     while (fit >= iters) fit -= iters, ++fi;     // (more than once only at K = 128: the prologue's third stage)
     if (fi < my_tiles) {
-      const PairRecord& ts = s_tile[fi & 1];
+      const PairRecord<BT>& ts = s_tile[fi & 1];
       const int n0 = s_n0[fi & 1], expert = ts.expert, lim = ts.rows - r0, col = fit * kBK + cc * 8;
+      // My rows' x offsets, side by side in the record: 16-byte reads (8-byte ones for 2 rows per thread).
+      constexpr int OV = C::A_PER % 4 == 0 ? 4 : 2;
 #pragma unroll
-      for (int i4 = 0; i4 < C::A_PER / 4; ++i4) {
-        const int4 off4 = reinterpret_cast<const int4*>(ts.xoff + r0 * C::A_PER)[i4];
-        const int off[4] = {off4.x, off4.y, off4.z, off4.w};
+      for (int iv = 0; iv < C::A_PER / OV; ++iv) {
+        int off[OV];
+        if constexpr (OV == 4) {
+          const int4 v = reinterpret_cast<const int4*>(ts.xoff + r0 * C::A_PER)[iv];
+          off[0] = v.x, off[1] = v.y, off[2] = v.z, off[3] = v.w;
+        } else {
+          const int2 v = reinterpret_cast<const int2*>(ts.xoff + r0 * C::A_PER)[iv];
+          off[0] = v.x, off[1] = v.y;
+        }
 #pragma unroll
-        for (int i = 4 * i4; i < 4 * i4 + 4; ++i)
+        for (int i = OV * iv; i < OV * iv + OV; ++i)
           cp_async16(sA + slot * C::A_BYTES + a_dst0 + i * (R_STEP * 128),
-                     x + static_cast<uint32_t>(off[i % 4] + col), R_STEP * i < lim);
+                     x + static_cast<uint32_t>(off[i % OV] + col), R_STEP * i < lim);
       }
       const int b0 = expert * w_stride + fit * b_stride + b_thread + n0 / 64 * 32;
 #pragma unroll
@@ -313,11 +344,11 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 
   const int blk = 2 * (warp >> 2) + ((warp & 3) >> 1), p = warp & 1;  // my 64-feature block and first int
   const int g = lane >> 2, t = lane & 3;
-  float acc[2][kBT / 2];  // wgmma j = 0, 1: features 64 blk + 32 j + 16 p + (g, g + 8)
+  float acc[2][BT / 2];  // wgmma j = 0, 1: features 64 blk + 32 j + 16 p + (g, g + 8)
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
-    for (int e = 0; e < kBT / 2; ++e) {
+    for (int e = 0; e < BT / 2; ++e) {
       acc[j][e] = 0.f;
       asm volatile("" : "+f"(acc[j][e])::"memory");  // the zeros are defined before the first wgmma's fence
     }
@@ -373,7 +404,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
   // Epilogue of one tile, straight from the accumulators: D column 8 jj + 2 t (+1) is slot row 8 jj + 2 t (+1) of
   // the pair, and lanes g, g + 1 (lane ^ 4) hold features f, f + 1 of both rows; one shuffle gives each an adjacent
   // pair of one row: 4-byte stores, no shared memory (the pipeline's slots hold the next tile's stages).
-  auto store_pair = [&](const PairRecord& ts, float v0, float v1, int r, int col, int out_n) {
+  auto store_pair = [&](const PairRecord<BT>& ts, float v0, float v1, int r, int col, int out_n) {
     const bool odd = g & 1;
     const float recv = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
     const int row = odd ? r + 1 : r;
@@ -381,11 +412,11 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
       *reinterpret_cast<uint32_t*>(&out[static_cast<size_t>(ts.slot[row]) * out_n + (odd ? col - 1 : col)]) =
           odd ? V::pack(recv, v1) : V::pack(v0, recv);
   };
-  auto epilogue = [&](const PairRecord& ts, int n0) {
+  auto epilogue = [&](const PairRecord<BT>& ts, int n0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int jj = 0; jj < kBT / 8; ++jj) {
+      for (int jj = 0; jj < BT / 8; ++jj) {
         const int r = 8 * jj + 2 * t;
         if constexpr (MODE == kGateUp) {
           float v[2];
@@ -423,7 +454,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 #pragma unroll
         for (int st = 0; st < 2; ++st) {
           const int kk = 2 * kp + st;
-          const uint64_t desc = desc0 + (((kk >> 2) * (kBT * 128) + (kk & 3) * 32) >> 4);
+          const uint64_t desc = desc0 + (((kk >> 2) * (BT * 128) + (kk & 3) * 32) >> 4);
           wgmma_rs<T, NT>(acc[0], afr[kp & 1][st][0], desc);
           wgmma_rs<T, NT>(acc[1], afr[kp & 1][st][1], desc);
         }
@@ -435,7 +466,7 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
           cp_async_wait<C::PREFETCH - 2>();  // stage gs + 1 has landed (this thread's copies)
           fence_proxy_async();
           __syncthreads();  // ... everyone's; and every warp is done with stage gs - 1's slot
-          // The next tile's record (kWgLookaheadIters says why the stages fit); its buffer's last reader was tile
+          // The next tile's record (Wg::LOOKAHEAD says why the stages fit); its buffer's last reader was tile
           // i - 1's epilogue, before this barrier.
           if (warp == 0 && it == 0 && i + 1 < my_tiles) {
             const int next = blockIdx.x + (i + 1) * gridDim.x;
@@ -454,67 +485,82 @@ __global__ void __launch_bounds__(Wg<WGS>::THREADS, 1) moe_wgmma_kernel(
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int e = 0; e < kBT / 2; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");  // reads after the wait
+      for (int e = 0; e < BT / 2; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");  // reads after the wait
     epilogue(s_tile[i & 1], s_n0[i & 1]);
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int e = 0; e < kBT / 2; ++e) {
+      for (int e = 0; e < BT / 2; ++e) {
         acc[j][e] = 0.f;
         asm volatile("" : "+f"(acc[j][e])::"memory");
       }
   };
   // wgmma N per tile: the pair's real rows rounded up to 32 (the sort pads each expert's run to 64 slots; N = 128 for
-  // every pair would run 256 rows for an expert of ~205 slots, not 224). Columns past a short pair's N stay zero.
+  // every pair would run 256 rows for an expert of ~205 slots, not 224); small tiles round up to 8, 16 or 32.
+  // Columns past a short pair's N stay zero.
   for (int i = 0; i < my_tiles; ++i) {
     const int rows = s_tile[i & 1].rows;
-    if (rows > 96)
-      tile_loop(i, std::integral_constant<int, 128>{});
-    else if (rows > 64)
-      tile_loop(i, std::integral_constant<int, 96>{});
-    else if (rows > 32)
-      tile_loop(i, std::integral_constant<int, 64>{});
-    else
-      tile_loop(i, std::integral_constant<int, 32>{});
+    if constexpr (BT == 128) {
+      if (rows > 96)
+        tile_loop(i, std::integral_constant<int, 128>{});
+      else if (rows > 64)
+        tile_loop(i, std::integral_constant<int, 96>{});
+      else if (rows > 32)
+        tile_loop(i, std::integral_constant<int, 64>{});
+      else
+        tile_loop(i, std::integral_constant<int, 32>{});
+    } else {
+      if (rows > 16)
+        tile_loop(i, std::integral_constant<int, 32>{});
+      else if (rows > 8)
+        tile_loop(i, std::integral_constant<int, 16>{});
+      else
+        tile_loop(i, std::integral_constant<int, 8>{});
+    }
   }
   cp_async_wait<0>();
 }
 
 std::atomic<int64_t> g_wgmma_grid_cap{0};  // set_moe_wgmma_grid_cap
+std::atomic<int> g_small_one_wg{0};  // EXPERIMENT
 
-// Pairs: sum over experts of ceil(count / 128) <= slots / 128 + experts, and no more than the sort's 64-slot blocks.
-int64_t max_pairs(int64_t sorted_numel, int64_t slots, int64_t experts) {
-  return std::min<int64_t>(sorted_numel / kSortBlock, slots / kBT + experts);
+// Tiles of BT slots per block_m the sort pads to: 128 per 64 (pairs of blocks), 32 per 32.
+int tile_slots(int block_m) { return block_m == 64 ? 128 : 32; }
+
+// Pairs: sum over experts of ceil(count / BT) <= slots / BT + experts, and no more than the sort's blocks.
+int64_t max_pairs(int64_t sorted_numel, int64_t slots, int64_t experts, int block_m) {
+  return std::min<int64_t>(sorted_numel / block_m, slots / tile_slots(block_m) + experts);
 }
 
-template <typename T, int WGS, int MODE>
+template <typename T, int WGS, int BT, int MODE>
 cudaError_t launch_wgmma(const MoeLaunch& a) {
-  using C = Wg<WGS>;
-  auto kernel = moe_wgmma_kernel<T, WGS, MODE>;
+  using C = Wg<WGS, BT>;
+  auto kernel = moe_wgmma_kernel<T, WGS, BT, MODE>;
   static uint64_t configured = 0;
   const cudaError_t err = allow_dynamic_smem(kernel, C::SMEM, configured);
   if (err != cudaSuccess) return err;
   const int num_experts = static_cast<int>(a.weight.size(0));
   const int k = static_cast<int>(a.weight.size(1) * 16), n = static_cast<int>(a.weight.size(2) * 64);
-  const int64_t pairs = max_pairs(a.sorted.numel(), a.weights.numel(), num_experts);
+  const int64_t pairs = max_pairs(a.sorted.numel(), a.weights.numel(), num_experts, a.block_m);
   if (num_experts > kMoeWgmmaMaxExperts || pairs > 0x7fffffff ||
-      a.workspace.numel() < moe_wgmma_workspace_bytes(a.sorted.numel(), a.weights.numel(), num_experts))
+      a.workspace.numel() < moe_wgmma_workspace_bytes(a.sorted.numel(), a.weights.numel(), num_experts, a.block_m))
     return cudaErrorInvalidValue;
   if (pairs == 0) return cudaSuccess;
-  // One CTA per SM, each through every grid-th tile; with fewer k tiles than the lookahead needs, one CTA per tile
-  // (CTAs past the last real tile exit at once).
+  // CTAS_PER_SM CTAs per SM, each through every grid-th tile; with fewer k tiles than the lookahead needs, one CTA
+  // per tile (CTAs past the last real tile exit at once).
   const int sms = sm_count(a.a.get_device());
   const int64_t tiles = pairs * (n / C::ROWS);
   const int64_t cap = g_wgmma_grid_cap.load(std::memory_order_relaxed);
-  const int64_t ctas = k / kBK >= kWgLookaheadIters ? std::min<int64_t>({tiles, sms, cap > 0 ? cap : sms}) : tiles;
+  const int64_t resident = C::CTAS_PER_SM * static_cast<int64_t>(sms);
+  const int64_t ctas = k / kBK >= C::LOOKAHEAD ? std::min<int64_t>({tiles, resident, cap > 0 ? cap : resident}) : tiles;
   if (ctas > 0x7fffffff || tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
                     a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
   int* header = reinterpret_cast<int*>(a.workspace.data_ptr());
-  auto* recs = reinterpret_cast<PairRecord*>(reinterpret_cast<uint8_t*>(a.workspace.data_ptr()) + 16);
+  auto* recs = reinterpret_cast<PairRecord<BT>*>(reinterpret_cast<uint8_t*>(a.workspace.data_ptr()) + 16);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   moe_pair_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 7) / 8, 2 * sms)), 256,
-                    (2 * num_experts + 1) * sizeof(int), stream>>>(moe, a.mode, C::THREADS / 16, k,
+                    (2 * num_experts + 1) * sizeof(int), stream>>>(moe, a.mode, a.block_m, C::THREADS / 16, k,
                                                                    static_cast<int>(pairs), header, recs);
   const cudaError_t pair_err = cudaGetLastError();  // the GEMM must not read a work list that was never written
   if (pair_err != cudaSuccess) return pair_err;
@@ -542,10 +588,12 @@ __global__ void wgmma_build_probe(int* out) {
 
 }  // namespace
 
-int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts) {
-  return 16 + max_pairs(sorted_numel, slots, experts) * static_cast<int64_t>(sizeof(PairRecord));
+int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts, int block_m) {
+  const int64_t record = tile_slots(block_m) == 128 ? sizeof(PairRecord<128>) : sizeof(PairRecord<32>);
+  return 16 + max_pairs(sorted_numel, slots, experts, block_m) * record;
 }
 
+void set_wgmma_small_one_wg(int v) { g_small_one_wg.store(v); }
 void set_moe_wgmma_grid_cap(int64_t ctas) { g_wgmma_grid_cap.store(ctas, std::memory_order_relaxed); }
 
 bool wgmma_device_supported(int device) {
@@ -572,21 +620,30 @@ bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at
          weight.numel() / 4 < kMax32 && scale.numel() < kMax32 && wgmma_device_supported(a.get_device());
 }
 
-// The table: dtype x {2 warpgroups (N % 256 == 0), 1 (N % 128 == 0; 162 KB of shared memory, still one CTA and 4
-// warps per SM: for odd N only)} x {GEMM1, GEMM2}; the sort's block_m must be 64.
+// The table: dtype x {2 warpgroups (N % 256 == 0), 1 (N % 128 == 0; still one CTA and 4 warps per SM: for odd N
+// only)} x {tiles of 128 slots (the sort's block_m 64), of 32 (block_m 32)} x {GEMM1, GEMM2}.
 int launch_moe_wgmma(const MoeLaunch& a) {
   const int64_t n = a.weight.size(2) * 64;
-  if (a.block_m != kSortBlock || n % 128) return cudaErrorInvalidValue;
-  const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 256 == 0;
-#define GLM_AWQ_WGMMA_CASE(T, WGS) \
-  return a.mode == kGateUp ? launch_wgmma<T, WGS, kGateUp>(a) : launch_wgmma<T, WGS, kDown>(a);
+  if ((a.block_m != 64 && a.block_m != 32) || n % 128) return cudaErrorInvalidValue;
+  const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 256 == 0, small = a.block_m == 32;
+#define GLM_AWQ_WGMMA_MODES(T, WGS, BT) \
+  return a.mode == kGateUp ? launch_wgmma<T, WGS, BT, kGateUp>(a) : launch_wgmma<T, WGS, BT, kDown>(a);
+#define GLM_AWQ_WGMMA_CASE(T, WGS)      \
+  if (small && g_small_one_wg.load()) GLM_AWQ_WGMMA_MODES(T, 1, 32) \
+  if (small) GLM_AWQ_WGMMA_MODES(T, WGS, 32) \
+  GLM_AWQ_WGMMA_MODES(T, WGS, 128)
   if (bf16) {
-    if (wide) GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 2)
+    if (wide) {
+      GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 2)
+    }
     GLM_AWQ_WGMMA_CASE(__nv_bfloat16, 1)
   }
-  if (wide) GLM_AWQ_WGMMA_CASE(__half, 2)
+  if (wide) {
+    GLM_AWQ_WGMMA_CASE(__half, 2)
+  }
   GLM_AWQ_WGMMA_CASE(__half, 1)
 #undef GLM_AWQ_WGMMA_CASE
+#undef GLM_AWQ_WGMMA_MODES
 }
 
 }  // namespace glm_awq

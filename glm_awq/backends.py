@@ -144,11 +144,13 @@ class CudaBackend:
     SKINNY_SMEM = 200 * 1024  # shared memory per block the skinny kernel is built for (kSkinnySmemMax in csrc/)
     _skinny_ok: dict = {}  # device index -> whether the device gives a block SKINNY_SMEM (set in prepare_experts)
     _wgmma_ok: dict = {}  # device index -> whether moe_gemm's wgmma kernel runs there (set in prepare_experts)
-    # Above this many slots per expert the MoE takes the wgmma kernel (blocks of 64) where it runs. H200, GLM-4.6
-    # layer: T = 320 (16 per expert) 1101 us vs 1155 for the tile kernel's best blocks (32), T = 512 (25.6) 1139 vs
-    # 1356; at T = 256 (12.8) the tile kernel's blocks of 16 stay faster (1043 vs 1099). The crossover lies between
-    # 12.8 and 16 (benchmarks/NOTES.md, "Eighth session").
-    WGMMA_FROM_PER_EXPERT = 14
+    # Where the wgmma kernel runs, the MoE takes its tiles of 128 slots (blocks of 64) above this many slots per
+    # expert, and its tiles of 32 (blocks of 32) above WGMMA_SMALL_FROM_PER_EXPERT up to it. H200, GLM-4.6 layer,
+    # routing excluded, same run: T = 512 (25.6 per expert) 983 us for tiles of 32 vs 1136 for tiles of 128, T = 768
+    # (38.4) 1667 vs 1323; T = 160 (8.0) 763 vs 789 for the tile kernel's blocks of 16 and 878 for the skinny
+    # kernel's blocks of 8, T = 128 (6.4) 728 vs 677-762 for blocks of 8 (benchmarks/NOTES.md, seventeenth session).
+    WGMMA_FROM_PER_EXPERT = 28
+    WGMMA_SMALL_FROM_PER_EXPERT = 7
     # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it blocks of 16 (FOLD on
     # 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per expert) 698.6 us vs 754.6, T = 160
     # (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth session).
@@ -329,17 +331,21 @@ class CudaBackend:
     @classmethod
     def moe_block_m(cls, slots: int, experts: int, k_max: int, skinny_ok: bool = True, wgmma_ok: bool = False) -> int:
         """Rows per expert block: 8 (the skinny kernel, where the device runs it) while the touched experts
-        average <= SKINNY_MAX_PER_EXPERT slots; 64 (the wgmma kernel, where the device runs it) above
-        WGMMA_FROM_PER_EXPERT; else that average rounded up to 16, at most 64 (the tile kernel; 16 runs skinny under
-        VARIANT 3, 64 takes the wgmma kernel where it runs)."""
+        average <= SKINNY_MAX_PER_EXPERT slots; where the device runs the wgmma kernel, 64 above
+        WGMMA_FROM_PER_EXPERT and 32 (its small tiles) above WGMMA_SMALL_FROM_PER_EXPERT; else that average rounded
+        up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3, 64 and 32 take the wgmma kernel where
+        it runs)."""
         if cls.VARIANT == 4:  # the wgmma kernel on request: it takes blocks of 64 only
             return 64
         per_expert = slots / max(1, min(experts, slots))
         skinny = skinny_ok and cls.VARIANT in (0, 3, 5) and k_max <= cls.SKINNY_K_MAX
         if skinny and per_expert <= cls.SKINNY_MAX_PER_EXPERT:
             return 8
-        if per_expert > cls.WGMMA_FROM_PER_EXPERT and wgmma_ok and cls.VARIANT in (0, 5):
-            return 64
+        if wgmma_ok and cls.VARIANT in (0, 5):
+            if per_expert > cls.WGMMA_FROM_PER_EXPERT:
+                return 64
+            if per_expert > cls.WGMMA_SMALL_FROM_PER_EXPERT:
+                return 32
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
     def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):

@@ -346,28 +346,36 @@ def test_moe_all_tokens_on_few_experts_empty_experts_and_expert_map(t):
     assert glm_awq.fused_moe(x[:0], ids[:0], weights[:0], p).shape == (0, h)
 
 
-@pytest.mark.parametrize("t", [1, 16, 100, 256])  # 256: 12.8 slots per expert, blocks of 16
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])  # 0 at T = 256: FOLD on 512-wide tiles
+# 256: 12.8 slots per expert: blocks of 32 on the wgmma kernel's small tiles (sm_90), else blocks of 16 (variant 0:
+# FOLD on 512-wide tiles); block_m 16 below runs those on sm_90 too.
+@pytest.mark.parametrize("t", [1, 16, 100, 256])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, "fold16"])
 def test_moe_glm_shape(t, variant, monkeypatch):
-    monkeypatch.setattr(glm_awq.backends.CudaBackend, "VARIANT", variant)
+    if variant == "fold16" and t != 256:
+        pytest.skip("blocks of 16 forced at T = 256 only")
+    monkeypatch.setattr(glm_awq.backends.CudaBackend, "VARIANT", 0 if variant == "fold16" else variant)
     e, h, i, top_k = 160, 5120, 1536, 8
     w13, s13, w2, s2 = _experts(e, h, i, seed=7)
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=t)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-    err = rel_err(glm_awq.fused_moe(x, ids, weights, p), fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
-    assert err < 1e-2, f"T={t}: rel err {err:.2e}"
+    poison_allocator("cuda")
+    out = _moe_direct(x, ids, weights, p, 16, 0) if variant == "fold16" else glm_awq.fused_moe(x, ids, weights, p)
+    assert torch.isfinite(out).all(), f"T={t} variant={variant}: NaN"
+    err = rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
+    assert err < 1e-2, f"T={t} variant={variant}: rel err {err:.2e}"
 
 
 # The MoE's GEMM1 with activation outliers on hidden channels whose gate/up weights are zero in every expert (see
 # test_gemm_exact_with_outliers_on_zero_weights): per token (T = 1, 2), sorted blocks of 8 (skinny), 16 (the tile
-# kernel: scales into B or folded, 128 to 512 wide; skinny under variant 3), 64 (wgmma where it runs, else the tile
-# kernel).
+# kernel: scales into B or folded, 128 to 512 wide; skinny under variant 3), 64 and 32 (wgmma where it runs, else the
+# tile kernel).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 # I = 384: GEMM1's N = 768 takes 256-wide FOLD tiles (variant 5; variant 0 at T = 1100, 138+ blocks), GEMM2's
 # N = 1024 512-wide ones.
 @pytest.mark.parametrize("t, block_m, variant", [(1, 0, 0), (2, 0, 0), (3, 8, 0), (1100, 16, 0), (24, 16, 1),
-                                                 (24, 16, 2), (24, 16, 5), (24, 16, 3), (96, 64, 0)])  # fmt: skip
+                                                 (24, 16, 2), (24, 16, 5), (24, 16, 3), (96, 64, 0),
+                                                 (24, 32, 0)])  # fmt: skip
 def test_moe_exact_with_outliers_on_zero_weights(t, block_m, variant, dtype):
     from glm_awq.kernels import moe as triton_moe
 
@@ -550,28 +558,32 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
     return ops.moe_sum(y, local, top_k)
 
 
-# The wgmma kernel (variant 4, sm_90 only): a tile is up to 128 slots of one expert (two blocks of the sort), with
-# wgmma N = its real rows rounded up to 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one.
-# T = 1: four experts with one row each (N = 32). 150 x 4 over 16 experts: ~37 slots each (N = 64, some 32).
+# The wgmma kernel (variant 4, sm_90 only). block_m 64: a tile is up to 128 slots of one expert (two blocks of the
+# sort), with wgmma N = its real rows rounded up to 32; block_m 32: up to 32 slots (one block), N rounded up to 8, 16
+# or 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one.
+# T = 1: four experts with one row each (N = 32; small tiles 8). 48 x 4 over 16 experts: ~12 slots each (small
+# tiles: N = 16, some 8). 150 x 4 over 16 experts: ~37 slots each (N = 64, some 32; small tiles 32 + 8).
 # 600 x 4 over 16 experts: ~150 each, pairs of 128 rows and a ragged tail pair (N = 32).
 # 97 x 8 over 8 experts: every token on every expert (N = 128);
 # GEMM1 N = 768 (two warpgroups, 3 tiles), GEMM2 N = 384 (one warpgroup) and K = 384 (3 k tiles: no more than the
 # pipeline keeps in flight). The skew puts every token on 4 experts (200 slots each: 128 + 72, N = 96), 12 get
-# nothing. H or I = 640 (5 k tiles) runs that GEMM persistent: with a grid of 3 CTAs (`cap`) each CTA takes several
-# tiles, of several experts; cap 0 is one CTA per SM (one tile each at these sizes).
+# nothing. H or I >= 640 (5 k tiles) runs that GEMM persistent: with a grid of 3 CTAs (`cap`) each CTA takes several
+# tiles, of several experts; cap 0 is one CTA per SM, two for the small tiles (one tile each at these sizes).
 @pytest.mark.parametrize(
     "t, e, h, i, top_k, skew",
-    [(1, 16, 512, 256, 4, None), (150, 16, 256, 256, 4, None), (600, 16, 512, 256, 4, None), (97, 8, 384, 384, 8, None),
-     (200, 16, 256, 256, 4, [3, 7, 11, 12]), (1, 16, 640, 640, 4, None), (600, 16, 640, 384, 4, None),
-     (200, 16, 640, 640, 4, [3, 7, 11, 12])],
-)
+    [(1, 16, 512, 256, 4, None), (48, 16, 512, 256, 4, None), (150, 16, 256, 256, 4, None),
+     (600, 16, 512, 256, 4, None), (97, 8, 384, 384, 8, None), (200, 16, 256, 256, 4, [3, 7, 11, 12]),
+     (1, 16, 640, 640, 4, None), (600, 16, 640, 384, 4, None), (200, 16, 640, 640, 4, [3, 7, 11, 12]),
+     (48, 16, 1152, 1280, 4, None)],
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cap", [0, 3])
-def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap):
+@pytest.mark.parametrize("block_m", [64, 32])
+def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap, block_m):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
     if cap and max(h, i) < 640:
-        pytest.skip("below 5 k tiles each CTA takes one tile: the grid cap does not apply")
+        pytest.skip("below 5 k tiles (Wg::LOOKAHEAD) each CTA takes one tile: the grid cap does not apply")
     from glm_awq import _C
 
     w13, s13, w2, s2 = _experts(e, h, i, seed=t + e)
@@ -582,36 +594,39 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap):
     _C.set_wgmma_grid_cap(cap)
     try:
         poison_allocator("cuda")  # the GEMMs' outputs come from torch.empty: unwritten rows would read NaN
-        out = _moe_direct(x, ids, weights, p, 64, 4)
+        out = _moe_direct(x, ids, weights, p, block_m, 4)
+        assert torch.isfinite(out).all(), f"T={t} E={e} H={h} I={i} {dtype} cap={cap} block_m={block_m}: NaN"
         err = rel_err(out, ref)
-        assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype} cap={cap}: rel err {err:.2e}"
+        assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype} cap={cap} block_m={block_m}: rel err {err:.2e}"
         # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order
         # differs.
-        assert rel_err(out, _moe_direct(x, ids, weights, p, 64, 1)) < 2e-3
+        assert rel_err(out, _moe_direct(x, ids, weights, p, block_m, 1)) < 2e-3
         poison_allocator("cuda")  # not the tile kernel's freed (correct) buffers either
-        assert torch.equal(_moe_direct(x, ids, weights, p, 64, 4), out), "same bits on a second run"
+        assert torch.equal(_moe_direct(x, ids, weights, p, block_m, 4), out), "same bits on a second run"
     finally:
         _C.set_wgmma_grid_cap(0)
 
 
 # Several tiles per CTA: ~640 pairs over 160 experts give hundreds of tiles for one CTA per SM, so a CTA runs through
 # several pairs and experts with the next tile's record copied while one computes. Persistent: GEMM1 at K = 1024 and
-# 640 (5 k tiles: the least that runs persistent), GEMM2 at K = 640 with N = 640 (one warpgroup). One CTA per tile:
-# GEMM1 at K = 512, GEMM2 at K = 128 and 256 (fewer k tiles than the pipeline holds). Also the layer captured in a
-# CUDA graph and replayed with new routing.
-@pytest.mark.parametrize("h, i", [(1024, 128), (512, 256), (640, 640)])
-def test_moe_wgmma_persistent_and_cuda_graph(h, i):
+# 640 (5 k tiles: the least that runs persistent), GEMM2 at K = 640 with N = 640 (one warpgroup); small tiles (block_m
+# 32: T = 8000 gives ~13 tiles per expert, T = 250 ~12.5 slots per expert, two CTAs per SM) at K = 640 and 1280, and
+# one CTA per tile at K = 256. One CTA per tile: GEMM1 at K = 512, GEMM2 at K = 128 and 256 (fewer k tiles than the
+# pipeline holds). Also the layer captured in a CUDA graph and replayed with new routing.
+@pytest.mark.parametrize("h, i, block_m, t", [(1024, 128, 64, 8000), (512, 256, 64, 8000), (640, 640, 64, 8000),
+                                              (640, 640, 32, 8000), (1280, 256, 32, 250)])  # fmt: skip
+def test_moe_wgmma_persistent_and_cuda_graph(h, i, block_m, t):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
-    e, top_k, t = 160, 8, 8000
+    e, top_k = 160, 8
     w13, s13, w2, s2 = _experts(e, h, i, seed=h + i)
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     ids, weights = _routing(t, e, top_k, seed=3)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
     poison_allocator("cuda", 512 << 20)  # GEMM2's output is 131 MB at H = 1024
-    out = _moe_direct(x, ids, weights, p, 64, 4)
+    out = _moe_direct(x, ids, weights, p, block_m, 4)
     assert rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
-    replayed = _replay_with_new_routing(lambda: _moe_direct(x, ids, weights, p, 64, 4), ids, weights, e, seed=4)
+    replayed = _replay_with_new_routing(lambda: _moe_direct(x, ids, weights, p, block_m, 4), ids, weights, e, seed=4)
     assert rel_err(replayed, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
 
 
@@ -641,7 +656,7 @@ def test_moe_opcheck_and_cuda_graph():
     tt = p.tensors
     configs = [(16, 1), (16, 3), (8, 0)]  # the tile kernel, skinny with 16 and with 8 rows
     if _hopper():
-        configs.append((64, 4))  # wgmma
+        configs += [(64, 4), (32, 4)]  # wgmma, its tiles of 128 and of 32 slots
     for block_m, variant in configs:
         sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
         args1 = (x, tt["w13"], tt["w13_scale.bfloat16"], sorted_slots, counts, w, top_k, block_m, 1, 128, variant)
@@ -690,6 +705,7 @@ torch.ops.glm_awq.moe_per_token(x3, t["w13"], t["w13_scale.bfloat16"], t["w2"], 
                                 None, t["per_token_tickets"], 128, 128, 2, 128, 3)
 if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
     layer(t, x, ids, w, 64, 4)
+    layer(t, x, ids, w, 32, 4)  # tiles of 32 slots: N = 32 and 8
     # K = 640 (5 k tiles) is the least that runs persistent; a grid of 3 CTAs gives each ~7 of the 20 tiles (GEMM1
     # N = 1280: two warpgroups, GEMM2 N = 640: one), so the next tile's record is copied while this one computes.
     glm_awq._C.set_wgmma_grid_cap(3)
@@ -700,6 +716,15 @@ if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
     s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     layer(p.tensors, torch.randn(150, h, device="cuda").to(torch.bfloat16), ids, w, 64, 4)
+    # Tiles of 32 slots, persistent, two CTAs per SM (still capped at 3): GEMM1 N = 2304 (two warpgroups), GEMM2
+    # N = 1152 (one); 12 tokens x 2 over 4 experts: ~6 slots each, m64n8 wgmmas.
+    h = i = 1152
+    w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
+    w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
+    s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    layer(p.tensors, torch.randn(12, h, device="cuda").to(torch.bfloat16), ids[:12].contiguous(), w[:24], 32, 4)
 torch.cuda.synchronize()
 """
 

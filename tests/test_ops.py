@@ -151,10 +151,13 @@ def test_cuda_moe_block_choice(monkeypatch):
     assert cls.moe_block_m(256 * 8, **glm) == 16  # 12.8: the tile kernel
     assert cls.moe_block_m(4096 * 8, **glm) == 64
     assert cls.moe_block_m(512 * 8, **glm) == 32  # 25.6: the tile kernel where wgmma does not run
-    assert cls.moe_block_m(512 * 8, **glm, wgmma_ok=True) == 64  # ... and the wgmma kernel where it does
-    assert cls.moe_block_m(256 * 8, **glm, wgmma_ok=True) == 16  # 12.8: the tile kernel either way
-    assert cls.moe_block_m(280 * 8, **glm, wgmma_ok=True) == 16  # 14.0: not past WGMMA_FROM_PER_EXPERT (14)
-    assert cls.moe_block_m(288 * 8, **glm, wgmma_ok=True) == 64  # 14.4: past it
+    assert cls.moe_block_m(512 * 8, **glm, wgmma_ok=True) == 32  # ... and the wgmma kernel's tiles of 32 where it does
+    assert cls.moe_block_m(1024 * 8, **glm, wgmma_ok=True) == 64  # 51.2: its tiles of 128
+    assert cls.moe_block_m(128 * 8, **glm, wgmma_ok=True) == 8  # 6.4: the skinny kernel either way
+    assert cls.moe_block_m(144 * 8, **glm, wgmma_ok=True) == 32  # 7.2: past WGMMA_SMALL_FROM_PER_EXPERT, small tiles
+    assert cls.moe_block_m(256 * 8, **glm, wgmma_ok=True) == 32  # 12.8: the wgmma kernel's small tiles
+    assert cls.moe_block_m(560 * 8, **glm, wgmma_ok=True) == 32  # 28.0: not past WGMMA_FROM_PER_EXPERT (28)
+    assert cls.moe_block_m(576 * 8, **glm, wgmma_ok=True) == 64  # 28.8: past it, tiles of 128
     assert cls.moe_block_m(8, **glm, skinny_ok=False) == 16  # sm_80/86/89: no 200 KB of shared memory per block
     assert cls.moe_block_m(8, experts=160, k_max=cls.SKINNY_K_MAX + 128) == 16  # [8, K] rows do not fit
     monkeypatch.setattr(cls, "VARIANT", 1)  # the tile kernel on request
