@@ -320,7 +320,7 @@ static PyObject* py_wgmma_supported(PyObject*, PyObject* arg) {
 }
 
 // glm_awq._C.set_wgmma_grid_cap(ctas): at most `ctas` CTAs in the wgmma kernel's persistent grid (0, the default:
-// as many as fit the SMs, one per SM or two for the tiles of 32 slots), so that a small test problem runs many tiles
+// as many as fit the SMs, one per SM or four for the tiles of 32 slots), so that a small test problem runs many tiles
 // per CTA.
 static PyObject* py_set_wgmma_grid_cap(PyObject*, PyObject* arg) {
   const long long ctas = PyLong_AsLongLong(arg);
@@ -347,17 +347,11 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-static PyObject* py_set_wgmma_small_one_wg(PyObject*, PyObject* arg) {
-  glm_awq::set_wgmma_small_one_wg(static_cast<int>(PyLong_AsLong(arg)));
-  Py_RETURN_NONE;
-}
-
 // `import glm_awq._C` needs a module init; the ops register themselves through the static initializers above.
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
       {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: as many as fit the SMs)"},
-      {"set_wgmma_small_one_wg", py_set_wgmma_small_one_wg, METH_O, "experiment"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};

@@ -106,7 +106,6 @@ int launch_moe_wgmma(const MoeLaunch& args);
 bool wgmma_device_supported(int device);
 bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale);
 void set_moe_wgmma_grid_cap(int64_t ctas);
-void set_wgmma_small_one_wg(int v);
 int launch_moe_sum(const at::Tensor& y, const at::Tensor& local, const at::Tensor& out, int top_k);
 int launch_repack_int4(const at::Tensor& src, const at::Tensor& dst, int64_t n, int64_t k);
 int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& out,

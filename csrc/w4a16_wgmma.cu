@@ -10,8 +10,8 @@
 // features per N tile.
 //
 // Work: a small kernel first lists the pairs (moe_pair_kernel: expert, rows, slot ids, x offsets, routing weights).
-// A tile is one pair's BT slots x ROWS features over the whole K. From Wg::LOOKAHEAD k tiles (5: K >= 640) one CTA
-// per SM (BT 32: two) runs every grid-th tile (persistent); below that, one CTA per tile.
+// A tile is one pair's BT slots x ROWS features over the whole K. From Wg::LOOKAHEAD k tiles (BT 128: K >= 640; BT
+// 32: K >= 384) one CTA per SM (BT 32: four) runs every grid-th tile (persistent); below that, one CTA per tile.
 // Data flow of one CTA:
 //  - A = weights, m64 x k16 per wgmma, in registers. In the cuda layout a lane's 16-byte chunk of a 16 x 64
 //    (k x n) sub-tile holds, in int i, the A fragment of features 16i .. 16i+15 (w4a16_skinny.cu's header works
@@ -58,17 +58,18 @@ template <int WGS,  // warpgroups per CTA (1 or 2): 128 WGS output features per 
           int BT>   // token-slots per tile: 128 (two of the sort's 64-slot blocks) or 32 (one 32-slot block)
 struct Wg {
   static constexpr int THREADS = 128 * WGS, ROWS = 128 * WGS, NB = ROWS / 64;  // NB 64-feature blocks
-  // Pipeline slots, and CTAs per SM. The small tiles' stages are a third the size (8 KB of x, not 32): two CTAs fit
-  // an SM, so that four warpgroups (not two) hide the wgmma chain's latency where few slots per expert leave each
-  // wgmma short (N = 8 to 32).
-  static constexpr int STAGES = BT == 128 || WGS == 2 ? 4 : 3, CTAS_PER_SM = BT == 128 ? 1 : 2 * (3 - WGS);
+  // Pipeline slots, and CTAs per SM. The small tiles run one warpgroup per CTA (the launcher's choice) with stages
+  // of 8 KB of x and 8 KB of weights: four CTAs fit an SM, so that four warpgroups (not two) hide the wgmma chain's
+  // latency where few slots per expert leave each wgmma short (N = 8 to 32).
+  static constexpr int STAGES = BT == 128 ? 4 : 3, CTAS_PER_SM = BT == 128 ? 1 : 4;
   static constexpr int A_BYTES = BT * kBK * 2;      // x tile of a stage: 32 KB (BT 128) or 8 KB (BT 32)
   static constexpr int B_BYTES = 8 * NB * 512;      // weight chunks of a stage: 8 k16 steps x NB blocks x 32 lanes
   static constexpr int S_BYTES = ROWS * 2;          // scales of a stage
   static constexpr int PREFETCH = STAGES - 1;       // stages in flight while one is computed
   // A CTA copies its next tile's pair record (below) in this tile's first stage; it has landed and is published
   // PREFETCH - 1 stages later, and the next tile's first stage is fetched PREFETCH stages before this tile ends. Both
-  // fit from 2 PREFETCH - 1 = 5 k tiles per tile (K >= 640); below that each CTA takes one tile.
+  // fit from 2 PREFETCH - 1 k tiles per tile (BT 128: 5, K >= 640; BT 32: 3, K >= 384); below that each CTA takes
+  // one tile.
   static constexpr int LOOKAHEAD = 2 * PREFETCH - 1;
   static constexpr int PIPE = STAGES * (A_BYTES + B_BYTES + S_BYTES);
   static constexpr int SMEM = 1024 + PIPE;          // + alignment of the swizzled x tiles
@@ -522,7 +523,6 @@ __global__ void __launch_bounds__(Wg<WGS, BT>::THREADS, Wg<WGS, BT>::CTAS_PER_SM
 }
 
 std::atomic<int64_t> g_wgmma_grid_cap{0};  // set_moe_wgmma_grid_cap
-std::atomic<int> g_small_one_wg{0};  // EXPERIMENT
 
 // Tiles of BT slots per block_m the sort pads to: 128 per 64 (pairs of blocks), 32 per 32.
 int tile_slots(int block_m) { return block_m == 64 ? 128 : 32; }
@@ -593,7 +593,6 @@ int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t e
   return 16 + max_pairs(sorted_numel, slots, experts, block_m) * record;
 }
 
-void set_wgmma_small_one_wg(int v) { g_small_one_wg.store(v); }
 void set_moe_wgmma_grid_cap(int64_t ctas) { g_wgmma_grid_cap.store(ctas, std::memory_order_relaxed); }
 
 bool wgmma_device_supported(int device) {
@@ -620,17 +619,18 @@ bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at
          weight.numel() / 4 < kMax32 && scale.numel() < kMax32 && wgmma_device_supported(a.get_device());
 }
 
-// The table: dtype x {2 warpgroups (N % 256 == 0), 1 (N % 128 == 0; still one CTA and 4 warps per SM: for odd N
-// only)} x {tiles of 128 slots (the sort's block_m 64), of 32 (block_m 32)} x {GEMM1, GEMM2}.
+// The table: dtype x {tiles of 128 slots (the sort's block_m 64) on 2 warpgroups (N % 256 == 0) or 1 (N % 128 == 0;
+// still one CTA and 4 warps per SM: for odd N only), tiles of 32 (block_m 32) on 1 warpgroup, four CTAs per SM} x
+// {GEMM1, GEMM2}. The tiles of 32 measured 1.5-3.4% faster on one warpgroup x 4 CTAs than on two x 2 at T = 160..384
+// (GLM-4.6 layer, H200, same run; 1% slower at T = 512: benchmarks/NOTES.md, seventeenth session).
 int launch_moe_wgmma(const MoeLaunch& a) {
   const int64_t n = a.weight.size(2) * 64;
   if ((a.block_m != 64 && a.block_m != 32) || n % 128) return cudaErrorInvalidValue;
   const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 256 == 0, small = a.block_m == 32;
 #define GLM_AWQ_WGMMA_MODES(T, WGS, BT) \
   return a.mode == kGateUp ? launch_wgmma<T, WGS, BT, kGateUp>(a) : launch_wgmma<T, WGS, BT, kDown>(a);
-#define GLM_AWQ_WGMMA_CASE(T, WGS)      \
-  if (small && g_small_one_wg.load()) GLM_AWQ_WGMMA_MODES(T, 1, 32) \
-  if (small) GLM_AWQ_WGMMA_MODES(T, WGS, 32) \
+#define GLM_AWQ_WGMMA_CASE(T, WGS)    \
+  if (small) GLM_AWQ_WGMMA_MODES(T, 1, 32) \
   GLM_AWQ_WGMMA_MODES(T, WGS, 128)
   if (bf16) {
     if (wide) {

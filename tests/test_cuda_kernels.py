@@ -560,15 +560,16 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
 
 # The wgmma kernel (variant 4, sm_90 only). block_m 64: a tile is up to 128 slots of one expert (two blocks of the
 # sort), with wgmma N = its real rows rounded up to 32; block_m 32: up to 32 slots (one block), N rounded up to 8, 16
-# or 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one.
+# or 32. N % 256 == 0 runs two warpgroups per CTA, N % 128 == 0 one; tiles of 32 always one, four CTAs per SM.
 # T = 1: four experts with one row each (N = 32; small tiles 8). 48 x 4 over 16 experts: ~12 slots each (small
 # tiles: N = 16, some 8). 150 x 4 over 16 experts: ~37 slots each (N = 64, some 32; small tiles 32 + 8).
 # 600 x 4 over 16 experts: ~150 each, pairs of 128 rows and a ragged tail pair (N = 32).
 # 97 x 8 over 8 experts: every token on every expert (N = 128);
 # GEMM1 N = 768 (two warpgroups, 3 tiles), GEMM2 N = 384 (one warpgroup) and K = 384 (3 k tiles: no more than the
 # pipeline keeps in flight). The skew puts every token on 4 experts (200 slots each: 128 + 72, N = 96), 12 get
-# nothing. H or I >= 640 (5 k tiles) runs that GEMM persistent: with a grid of 3 CTAs (`cap`) each CTA takes several
-# tiles, of several experts; cap 0 is one CTA per SM, two for the small tiles (one tile each at these sizes).
+# nothing. H or I >= 640 (5 k tiles; tiles of 32: >= 384, 3 k tiles) runs that GEMM persistent: with a grid of 3 CTAs
+# (`cap`) each CTA takes several tiles, of several experts; cap 0 is as many CTAs as fit the SMs (one tile each at
+# these sizes).
 @pytest.mark.parametrize(
     "t, e, h, i, top_k, skew",
     [(1, 16, 512, 256, 4, None), (48, 16, 512, 256, 4, None), (150, 16, 256, 256, 4, None),
@@ -582,8 +583,8 @@ def _moe_direct(x, ids, weights, p, block_m, variant):
 def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap, block_m):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
-    if cap and max(h, i) < 640:
-        pytest.skip("below 5 k tiles (Wg::LOOKAHEAD) each CTA takes one tile: the grid cap does not apply")
+    if cap and max(h, i) < (640 if block_m == 64 else 384):
+        pytest.skip("below Wg::LOOKAHEAD k tiles each CTA takes one tile: the grid cap does not apply")
     from glm_awq import _C
 
     w13, s13, w2, s2 = _experts(e, h, i, seed=t + e)
@@ -610,11 +611,11 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap, block_
 # Several tiles per CTA: ~640 pairs over 160 experts give hundreds of tiles for one CTA per SM, so a CTA runs through
 # several pairs and experts with the next tile's record copied while one computes. Persistent: GEMM1 at K = 1024 and
 # 640 (5 k tiles: the least that runs persistent), GEMM2 at K = 640 with N = 640 (one warpgroup); small tiles (block_m
-# 32: T = 8000 gives ~13 tiles per expert, T = 250 ~12.5 slots per expert, two CTAs per SM) at K = 640 and 1280, and
-# one CTA per tile at K = 256. One CTA per tile: GEMM1 at K = 512, GEMM2 at K = 128 and 256 (fewer k tiles than the
+# 32: T = 8000 gives ~13 tiles per expert, T = 250 ~12.5 slots per expert, four CTAs per SM) at K = 384 (3 k tiles,
+# their least), 640 and 1280. One CTA per tile: GEMM1 at K = 512, GEMM2 at K = 128 and 256 (fewer k tiles than the
 # pipeline holds). Also the layer captured in a CUDA graph and replayed with new routing.
 @pytest.mark.parametrize("h, i, block_m, t", [(1024, 128, 64, 8000), (512, 256, 64, 8000), (640, 640, 64, 8000),
-                                              (640, 640, 32, 8000), (1280, 256, 32, 250)])  # fmt: skip
+                                              (640, 640, 32, 8000), (1280, 384, 32, 250)])  # fmt: skip
 def test_moe_wgmma_persistent_and_cuda_graph(h, i, block_m, t):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
@@ -716,8 +717,8 @@ if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
     s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
     p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
     layer(p.tensors, torch.randn(150, h, device="cuda").to(torch.bfloat16), ids, w, 64, 4)
-    # Tiles of 32 slots, persistent, two CTAs per SM (still capped at 3): GEMM1 N = 2304 (two warpgroups), GEMM2
-    # N = 1152 (one); 12 tokens x 2 over 4 experts: ~6 slots each, m64n8 wgmmas.
+    # Tiles of 32 slots (one warpgroup per CTA), persistent, the grid still capped at 3: GEMM1 N = 2304, GEMM2
+    # N = 1152; 12 tokens x 2 over 4 experts: ~6 slots each, m64n8 wgmmas.
     h = i = 1152
     w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
     w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
