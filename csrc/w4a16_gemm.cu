@@ -641,11 +641,11 @@ int launch_moe_gemm(const MoeLaunch& a) {
     return launch_moe_skinny(a);
   const bool bf16 = a.a.scalar_type() == at::kBFloat16;
   const int m_blocks = a.block_m / 16;
-  // Blocks of 16 (7-14 slots per expert on average, T ~ 141-280 on GLM-4.6): FOLD on 512-wide tiles where the grid
-  // still fills the GPU twice over, counting the fewest blocks the slots can make. H200, GLM-4.6 layer, routing
-  // excluded, T = 256: 916 us against 1012 for scales into B on 128-wide tiles (whose 8 warps split each stage's K
-  // four ways and wait at every stage's barrier); FOLD on 128-wide tiles 1106, scales into B on 512-wide tiles 950
-  // (benchmarks/NOTES.md, fifteenth session). Under expert parallelism the slots count every rank's share, so the
+  // Blocks of 16 (7-16 slots per expert on average, T ~ 141-320 on GLM-4.6, where the wgmma kernel does not run):
+  // FOLD on 512-wide tiles where the grid still fills the GPU twice over, counting the fewest blocks the slots can
+  // make. H200, GLM-4.6 layer, routing excluded, T = 256: 916 us against 1012 for scales into B on 128-wide tiles
+  // (whose 8 warps split each stage's K four ways and wait at every stage's barrier); FOLD on 128-wide tiles 1106,
+  // scales into B on 512-wide tiles 950 (benchmarks/NOTES.md, fifteenth session). Under expert parallelism the slots count every rank's share, so the
   // rule may keep wide tiles on a smaller grid than it counts (not measured).
   if (m_blocks == 1 && (a.variant == 0 || a.variant == kVariantMoeFoldWide)) {
     const int64_t n = a.weight.size(2) * 64, min_blocks = (a.weights.numel() + 15) / 16;

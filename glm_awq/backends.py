@@ -151,8 +151,8 @@ class CudaBackend:
     # kernel's blocks of 8, T = 128 (6.4) 728 vs 677-762 for blocks of 8 (benchmarks/NOTES.md, seventeenth session).
     WGMMA_FROM_PER_EXPERT = 28
     WGMMA_SMALL_FROM_PER_EXPERT = 7
-    # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it blocks of 16 (FOLD on
-    # 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per expert) 698.6 us vs 754.6, T = 160
+    # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it the wgmma kernel's tiles
+    # of 32 (sm_90) or blocks of 16 (FOLD on 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per expert) 698.6 us vs 754.6, T = 160
     # (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth session).
     SKINNY_MAX_PER_EXPERT = 7
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
