@@ -140,7 +140,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
               "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma) or 5 (tile kernel, "
               "scales folded, as wide as N allows)");
   TORCH_CHECK(variant != 4 || ((block_m == 64 || block_m == 32) && moe_wgmma_supported(a, weight, scale)),
-              "moe_gemm: variant=4 (the wgmma kernel) needs block_m=64 or 32 (got ", block_m, "), at most ", kMoeWgmmaMaxExperts, " experts (got ", e,
+              "moe_gemm: variant=4 (the wgmma kernel) needs block_m=64 or 32 (got ", block_m, "), at most ",
+              kMoeWgmmaMaxExperts, " experts (got ", e,
               "), a and scale of < 2^31 elements and weight of < 2^31 16-byte chunks (got ", a.numel(), ", ",
               scale.numel(), " and ", weight.numel() / 4, ") and an sm_90 GPU with a build that includes sm_90a (",
               a.device(), "); use variant=0");
@@ -163,7 +164,8 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   if (reinterpret_cast<uintptr_t>(ac.data_ptr()) % 16) ac = ac.clone();
   at::Tensor workspace;
   if (moe_gemm_uses_wgmma(ac, weight, scale, static_cast<int>(block_m), static_cast<int>(variant)))
-    workspace = at::empty({moe_wgmma_workspace_bytes(sorted.numel(), slots, e, static_cast<int>(block_m))}, a.options().dtype(at::kByte));
+    workspace = at::empty({moe_wgmma_workspace_bytes(sorted.numel(), slots, e, static_cast<int>(block_m))},
+                          a.options().dtype(at::kByte));
   const MoeLaunch args{ac, weight, scale, out, sorted, counts, topk_weights, static_cast<int>(top_k),
                        static_cast<int>(block_m), static_cast<int>(mode), static_cast<int>(group_size),
                        static_cast<int>(variant), workspace};
@@ -351,7 +353,8 @@ static PyObject* py_set_skinny_pdl(PyObject*, PyObject* arg) {
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"wgmma_supported", py_wgmma_supported, METH_O, "wgmma_supported(device: int) -> bool"},
-      {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O, "set_wgmma_grid_cap(ctas: int) -> None (0: as many as fit the SMs)"},
+      {"set_wgmma_grid_cap", py_set_wgmma_grid_cap, METH_O,
+       "set_wgmma_grid_cap(ctas: int) -> None (0: as many as fit the SMs)"},
       {"set_skinny_pdl", py_set_skinny_pdl, METH_O,
        "set_skinny_pdl(mode: int) -> None (0 off, 1 on: default, 2 weights first)"},
       {nullptr, nullptr, 0, nullptr}};

@@ -627,7 +627,8 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 // elsewhere).
 bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
                          int variant) {
-  return (block_m == 64 || block_m == 32) && (variant == 0 || variant == kVariantWgmma) && moe_wgmma_supported(a, weight, scale);
+  return (block_m == 64 || block_m == 32) && (variant == 0 || variant == kVariantWgmma) &&
+         moe_wgmma_supported(a, weight, scale);
 }
 
 // The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,
@@ -645,8 +646,8 @@ int launch_moe_gemm(const MoeLaunch& a) {
   // FOLD on 512-wide tiles where the grid still fills the GPU twice over, counting the fewest blocks the slots can
   // make. H200, GLM-4.6 layer, routing excluded, T = 256: 916 us against 1012 for scales into B on 128-wide tiles
   // (whose 8 warps split each stage's K four ways and wait at every stage's barrier); FOLD on 128-wide tiles 1106,
-  // scales into B on 512-wide tiles 950 (benchmarks/NOTES.md, fifteenth session). Under expert parallelism the slots count every rank's share, so the
-  // rule may keep wide tiles on a smaller grid than it counts (not measured).
+  // scales into B on 512-wide tiles 950 (benchmarks/NOTES.md, fifteenth session). Under expert parallelism the slots
+  // count every rank's share, so the rule may keep wide tiles on a smaller grid than it counts (not measured).
   if (m_blocks == 1 && (a.variant == 0 || a.variant == kVariantMoeFoldWide)) {
     const int64_t n = a.weight.size(2) * 64, min_blocks = (a.weights.numel() + 15) / 16;
     const bool forced = a.variant == kVariantMoeFoldWide;

@@ -5,8 +5,8 @@
 //
 // Legend: BT = token-slots per tile: 128 (a pair: two consecutive 64-slot blocks of one expert's sorted run; the
 // sort's block_m 64) or 32 (one 32-slot block; block_m 32, for few slots per expert, where the kernel streams
-// weights: x stages a quarter the size, more stages in flight, wgmma N down to 8). "Pair" below means a tile's
-// slots in either case. N output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output
+// weights: x stages a quarter the size, one warpgroup per CTA and four CTAs per SM, wgmma N down to 8). "Pair"
+// below means a tile's slots in either case. N output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output
 // features per N tile.
 //
 // Work: a small kernel first lists the pairs (moe_pair_kernel: expert, rows, slot ids, x offsets, routing weights).
@@ -300,7 +300,8 @@ __global__ void __launch_bounds__(Wg<WGS, BT>::THREADS, Wg<WGS, BT>::CTAS_PER_SM
   // source address comes from shared memory per stage, not from registers: registers are what this kernel runs out
   // of.
   constexpr int R_STEP = THREADS / 16;
-  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == BT && C::A_PER % 2 == 0, "16 chunks per row, rows R_STEP apart");
+  static_assert(R_STEP % 8 == 0 && R_STEP * C::A_PER == BT && C::A_PER % 2 == 0,
+                "16 chunks per row, rows R_STEP apart");
   const int r0 = tid >> 4, cc = tid & 15;
   const int a_dst0 = (cc >> 3) * (BT * 128) + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4);
   // Copy addresses are 32-bit element offsets (moe_wgmma_supported checks that they fit), and the fetched stage's
@@ -621,8 +622,9 @@ bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at
 
 // The table: dtype x {tiles of 128 slots (the sort's block_m 64) on 2 warpgroups (N % 256 == 0) or 1 (N % 128 == 0;
 // still one CTA and 4 warps per SM: for odd N only), tiles of 32 (block_m 32) on 1 warpgroup, four CTAs per SM} x
-// {GEMM1, GEMM2}. The tiles of 32 measured 1.5-3.4% faster on one warpgroup x 4 CTAs than on two x 2 at T = 160..384
-// (GLM-4.6 layer, H200, same run; 1% slower at T = 512: benchmarks/NOTES.md, seventeenth session).
+// {GEMM1, GEMM2}. The tiles of 32 on one warpgroup x 4 CTAs tie two x 2 (GLM-4.6 layer, H200, same run: medians
+// 1.5-3.4% faster at T = 160..384, 1% slower at 512, within the rounds' spread; benchmarks/NOTES.md, seventeenth
+// session) and need half the instantiations.
 int launch_moe_wgmma(const MoeLaunch& a) {
   const int64_t n = a.weight.size(2) * 64;
   if ((a.block_m != 64 && a.block_m != 32) || n % 128) return cudaErrorInvalidValue;

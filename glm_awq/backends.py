@@ -152,8 +152,10 @@ class CudaBackend:
     WGMMA_FROM_PER_EXPERT = 28
     WGMMA_SMALL_FROM_PER_EXPERT = 7
     # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it the wgmma kernel's tiles
-    # of 32 (sm_90) or blocks of 16 (FOLD on 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per expert) 698.6 us vs 754.6, T = 160
-    # (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth session).
+    # of 32 (sm_90) or blocks of 16 (FOLD on 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per
+    # expert) 698.6 us vs 754.6 for blocks of 16, T = 160 (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth
+    # session); against the tiles of 32 (seventeenth, one run): T = 128 691.7 (the rule's blocks of 8; 762.2 in a
+    # second timing of the same kernel) vs 728.2, T = 160 877.5 vs 763.1.
     SKINNY_MAX_PER_EXPERT = 7
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
