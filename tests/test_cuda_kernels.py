@@ -685,12 +685,13 @@ for m, splits, variant in ((1, 3, 1), (17, 1, 1), (70, 2, 1), (1, 3, 3), (9, 2, 
 # 150 tokens x 2 over 4 experts: ~75 slots each, m64n96 wgmmas
 from glm_awq.kernels import moe
 e, h, i, k = 4, 384, 256, 2
-w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
-w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
-s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
-t = p.tensors
+def experts(h, i):  # random int4 experts over e, prepared for cuda: their tensors
+    w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
+    w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
+    s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    return glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda").tensors
+t = experts(h, i)
 ids = torch.randint(0, e, (150, k), device="cuda", dtype=torch.int32)
 w = torch.rand(150 * k, device="cuda")
 x = torch.randn(150, h, device="cuda").to(torch.bfloat16)
@@ -711,21 +712,11 @@ if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
     # N = 1280: two warpgroups, GEMM2 N = 640: one), so the next tile's record is copied while this one computes.
     glm_awq._C.set_wgmma_grid_cap(3)
     h = i = 640
-    w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
-    w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
-    s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-    s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
-    layer(p.tensors, torch.randn(150, h, device="cuda").to(torch.bfloat16), ids, w, 64, 4)
+    layer(experts(h, i), torch.randn(150, h, device="cuda").to(torch.bfloat16), ids, w, 64, 4)
     # Tiles of 32 slots (one warpgroup per CTA), persistent, the grid still capped at 3: GEMM1 N = 2304, GEMM2
     # N = 1152; 12 tokens x 2 over 4 experts: ~6 slots each, m64n8 wgmmas.
     h = i = 1152
-    w13 = quant.pack_int4(torch.randint(-8, 8, (e, 2 * i, h), device="cuda", dtype=torch.int8))
-    w2 = quant.pack_int4(torch.randint(-8, 8, (e, h, i), device="cuda", dtype=torch.int8))
-    s13 = (torch.rand(e, 2 * i, h // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-    s2 = (torch.rand(e, h, i // 128, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
-    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
-    layer(p.tensors, torch.randn(12, h, device="cuda").to(torch.bfloat16), ids[:12].contiguous(), w[:24], 32, 4)
+    layer(experts(h, i), torch.randn(12, h, device="cuda").to(torch.bfloat16), ids[:12].contiguous(), w[:24], 32, 4)
 torch.cuda.synchronize()
 """
 
