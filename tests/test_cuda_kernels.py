@@ -598,10 +598,13 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap, block_
         out = _moe_direct(x, ids, weights, p, block_m, 4)
         assert torch.isfinite(out).all(), f"T={t} E={e} H={h} I={i} {dtype} cap={cap} block_m={block_m}: NaN"
         err = rel_err(out, ref)
-        assert err < 1e-2, f"T={t} E={e} H={h} I={i} {dtype} cap={cap} block_m={block_m}: rel err {err:.2e}"
-        # Same weights (scale multiplied in before the mma, one rounding) as the tile kernel: only the sum order
-        # differs.
-        assert rel_err(out, _moe_direct(x, ids, weights, p, block_m, 1)) < 2e-3
+        case = f"T={t} E={e} H={h} I={i} {dtype} cap={cap} block_m={block_m}"
+        assert err < 1e-2, f"{case}: rel err {err:.2e}"
+        tile = _moe_direct(x, ids, weights, p, block_m, 1)
+        if block_m == 64:  # the same weights as the tile kernel (q * s rounded once): only the sum order differs
+            assert rel_err(out, tile) < 2e-3, case
+        else:  # exact codes, each stage's fp32 sum scaled: closer to the reference than the tile kernel's weights
+            assert err <= 1.05 * rel_err(tile, ref), f"{case}: rel err {err:.2e}, tile kernel {rel_err(tile, ref):.2e}"
         poison_allocator("cuda")  # not the tile kernel's freed (correct) buffers either
         assert torch.equal(_moe_direct(x, ids, weights, p, block_m, 4), out), "same bits on a second run"
     finally:
