@@ -32,10 +32,11 @@
 //    pair's record is copied in during the previous tile's first stage).
 //    The one barrier per stage sits in its last pair of k16 steps, after the wait for the one before: it
 //    publishes the next stage and frees the slot of the previous one (whose last wgmmas every warp waited for in
-//    this stage's first pair), which is refilled right after it.
+//    this stage's first pair; tiles of 32 wait for them, and read its scales, at the end of that stage, below),
+//    which is refilled right after it.
 //  - Per pair of k16 steps: fence, four wgmmas (async, one group), commit, wait for the previous group, then
 //    dequantize the next pair's ints (the next stage's first, in the last pair) into the other A register set while
-//    these run.
+//    these run. Tiles of 32 then wait for the stage's last group too (the chain drains once per stage) and fold.
 //  - Epilogue per tile, straight from the accumulators: SiLU(gate) * up (GEMM1) or routing weight * acc (GEMM2);
 //    a lane shuffle gives each thread two adjacent features of one slot row, written as one 4-byte store.
 #include <c10/cuda/CUDAGuard.h>
@@ -368,19 +369,24 @@ __global__ void __launch_bounds__(Wg<WGS, BT>::THREADS, Wg<WGS, BT>::CTAS_PER_SM
       asm volatile("" : "+f"(acc[j][e])::"memory");  // the zeros are defined before the first wgmma's fence
     }
 
-  // Scales of my column g in n8 blocks 2p, 2p+1 (int p) and 2p+4, 2p+5 (int p + 2) of my 64-feature block (the repack
-  // put a block's eight side by side), each broadcast to both halves of a register.
+  // Scales of my column g in n8 blocks 2p, 2p+1 (int p: wgmma 0's rows g, g + 8) and 2p+4, 2p+5 (int p + 2: wgmma
+  // 1's) of my 64-feature block (the repack put a block's eight side by side): {lo, hi}, two scales each.
+  auto scale_words = [&](int slot) {
+    const int4 sv = sS[slot * (C::ROWS / 8) + blk * 8 + g];
+    return uint2{p ? static_cast<uint32_t>(sv.y) : static_cast<uint32_t>(sv.x),
+                 p ? static_cast<uint32_t>(sv.w) : static_cast<uint32_t>(sv.z)};
+  };
+  // Tiles of 128: those scales, each broadcast to both halves of a register, for the dequant.
   uint32_t s2[4];
   auto load_scales = [&](int slot) {
-    const int4 sv = sS[slot * (C::ROWS / 8) + blk * 8 + g];
-    const uint32_t lo = p ? static_cast<uint32_t>(sv.y) : static_cast<uint32_t>(sv.x);
-    const uint32_t hi = p ? static_cast<uint32_t>(sv.w) : static_cast<uint32_t>(sv.z);
-    s2[0] = __byte_perm(lo, 0, 0x1010), s2[1] = __byte_perm(lo, 0, 0x3232);
-    s2[2] = __byte_perm(hi, 0, 0x1010), s2[3] = __byte_perm(hi, 0, 0x3232);
+    const uint2 sw = scale_words(slot);
+    s2[0] = __byte_perm(sw.x, 0, 0x1010), s2[1] = __byte_perm(sw.x, 0, 0x3232);
+    s2[2] = __byte_perm(sw.y, 0, 0x1010), s2[3] = __byte_perm(sw.y, 0, 0x3232);
   };
   // A fragments of two k16 steps (one wgmma group): ints p and p + 2 of my chunk of each step; their nibble pairs
-  // (0,4) (1,5) (2,6) (3,7) are a0a1, a4a5, a2a3, a6a7 of features 16 i + (g, g + 8), times the scales of n8 blocks
-  // 2i (row g) and 2i+1 (row g + 8). Two steps per group measured 2% faster than one (benchmarks/NOTES.md).
+  // (0,4) (1,5) (2,6) (3,7) are a0a1, a4a5, a2a3, a6a7 of features 16 i + (g, g + 8); tiles of 128 multiply them by
+  // the scales of n8 blocks 2i (row g) and 2i+1 (row g + 8). Two steps per group measured 2% faster than one
+  // (benchmarks/NOTES.md).
   uint32_t afr[2][2][2][4];  // [buffer][step of the group][wgmma j][register]
   auto dequant_steps = [&](const int4 (&chunk)[2], uint32_t (&a)[2][2][4]) {
 #pragma unroll
@@ -456,15 +462,14 @@ __global__ void __launch_bounds__(Wg<WGS, BT>::THREADS, Wg<WGS, BT>::CTAS_PER_SM
       }
   };
 
-  // FOLD: the wgmmas of a stage (one 128-deep k tile, one scale group when group_size is 128) multiply the exact
-  // codes into `part`, which the stage's first wgmma starts afresh (scale-d 0); once the stage's last wgmma is done,
-  // acc += scale * part per row, one FFMA per accumulator instead of a multiply per dequantized weight pair.
+  // FOLD: the wgmmas of a stage (one 128-deep k tile, which lies in one scale group: group_size is a multiple of
+  // 128) multiply the exact codes into `part`, which the stage's first wgmma starts afresh (scale-d 0); once the
+  // stage's last wgmma is done, acc += scale * part per row, one FFMA per accumulator instead of a multiply per
+  // dequantized weight pair.
   auto fold = [&](auto& part, int slot) {
     constexpr int NH = sizeof(part[0]) / sizeof(float);
-    const int4 sv = sS[slot * (C::ROWS / 8) + blk * 8 + g];
-    const uint32_t lo = p ? static_cast<uint32_t>(sv.y) : static_cast<uint32_t>(sv.x);
-    const uint32_t hi = p ? static_cast<uint32_t>(sv.w) : static_cast<uint32_t>(sv.z);
-    const float sc[2][2] = {{V::lo(lo), V::hi(lo)}, {V::lo(hi), V::hi(hi)}};  // [wgmma j][row g, g + 8]
+    const uint2 sw = scale_words(slot);
+    const float sc[2][2] = {{V::lo(sw.x), V::hi(sw.x)}, {V::lo(sw.y), V::hi(sw.y)}};  // [wgmma j][row g, g + 8]
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll

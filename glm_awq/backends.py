@@ -146,9 +146,9 @@ class CudaBackend:
     _wgmma_ok: dict = {}  # device index -> whether moe_gemm's wgmma kernel runs there (set in prepare_experts)
     # Where the wgmma kernel runs, the MoE takes its tiles of 128 slots (blocks of 64) above this many slots per
     # expert, and its tiles of 32 (blocks of 32) above WGMMA_SMALL_FROM_PER_EXPERT up to it. H200, GLM-4.6 layer,
-    # routing excluded, same run: T = 512 (25.6 per expert) 983 us for tiles of 32 vs 1136 for tiles of 128, T = 768
-    # (38.4) 1667 vs 1323; T = 160 (8.0) 763 vs 789 for the tile kernel's blocks of 16 and 878 for the skinny
-    # kernel's blocks of 8, T = 128 (6.4) 728 vs 677-762 for blocks of 8 (benchmarks/NOTES.md, seventeenth session).
+    # routing excluded, same run: T = 512 (25.6 per expert) 964 us for tiles of 32 vs 1149 for tiles of 128, T = 640
+    # (32) 1365 vs 1251; T = 160 (8.0) 707 vs 878 for the skinny kernel's blocks of 8, T = 144 (7.2) 684-697 vs
+    # 738-823, T = 128 (6.4) 676-765 vs 681-686 (benchmarks/NOTES.md, eighteenth session).
     WGMMA_FROM_PER_EXPERT = 28
     WGMMA_SMALL_FROM_PER_EXPERT = 7
     # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it the wgmma kernel's tiles

@@ -291,9 +291,9 @@ def test_errors_carry_the_numbers():
 # ------------------------------------------------------------------------------------------------------ MoE
 
 
-def _experts(e, h, i, seed):
-    w13, s13 = _weight(e * 2 * i, h, seed)
-    w2, s2 = _weight(e * h, i, seed + 1)
+def _experts(e, h, i, seed, group_size=128):
+    w13, s13 = _weight(e * 2 * i, h, seed, group_size)
+    w2, s2 = _weight(e * h, i, seed + 1, group_size)
     return w13.view(e, 2 * i, h // 8), s13.view(e, 2 * i, -1), w2.view(e, h, i // 8), s2.view(e, h, -1)
 
 
@@ -603,7 +603,8 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap, block_
         tile = _moe_direct(x, ids, weights, p, block_m, 1)
         if block_m == 64:  # the same weights as the tile kernel (q * s rounded once): only the sum order differs
             assert rel_err(out, tile) < 2e-3, case
-        else:  # exact codes, each stage's fp32 sum scaled: closer to the reference than the tile kernel's weights
+        else:  # exact codes, each stage's fp32 sum scaled: no farther from the reference than the tile kernel (bf16:
+            # closer, its q * s is rounded; fp16: q * s of a bf16 scale is exact, so only the sum order differs)
             assert err <= 1.05 * rel_err(tile, ref), f"{case}: rel err {err:.2e}, tile kernel {rel_err(tile, ref):.2e}"
         poison_allocator("cuda")  # not the tile kernel's freed (correct) buffers either
         assert torch.equal(_moe_direct(x, ids, weights, p, block_m, 4), out), "same bits on a second run"
@@ -615,10 +616,12 @@ def test_moe_wgmma_matches_reference(t, e, h, i, top_k, skew, dtype, cap, block_
 # several pairs and experts with the next tile's record copied while one computes. Persistent: GEMM1 at K = 1024 and
 # 640 (5 k tiles: the least that runs persistent), GEMM2 at K = 640 with N = 640 (one warpgroup); small tiles (block_m
 # 32: T = 8000 gives ~13 tiles per expert, T = 250 ~12.5 slots per expert, four CTAs per SM) at K = 384 (3 k tiles,
-# their least), 640 and 1280. One CTA per tile: GEMM1 at K = 512, GEMM2 at K = 128 and 256 (fewer k tiles than the
-# pipeline holds). Also the layer captured in a CUDA graph and replayed with new routing.
+# their least), 640, 1024 and 1280. One CTA per tile: GEMM1 at K = 512, GEMM2 at K = 128 (both tile sizes: one stage
+# per tile) and 256 (fewer k tiles than the pipeline holds). Also the layer captured in a CUDA graph and replayed
+# with new routing.
 @pytest.mark.parametrize("h, i, block_m, t", [(1024, 128, 64, 8000), (512, 256, 64, 8000), (640, 640, 64, 8000),
-                                              (640, 640, 32, 8000), (1280, 384, 32, 250)])  # fmt: skip
+                                              (640, 640, 32, 8000), (1280, 384, 32, 250),
+                                              (1024, 128, 32, 250)])  # fmt: skip
 def test_moe_wgmma_persistent_and_cuda_graph(h, i, block_m, t):
     if not _hopper():
         pytest.skip("the wgmma kernel runs on sm_90 only")
@@ -632,6 +635,25 @@ def test_moe_wgmma_persistent_and_cuda_graph(h, i, block_m, t):
     assert rel_err(out, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
     replayed = _replay_with_new_routing(lambda: _moe_direct(x, ids, weights, p, block_m, 4), ids, weights, e, seed=4)
     assert rel_err(replayed, fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2)) < 1e-2
+
+
+# Tiles of 32 scale each 128-deep stage's sums with its group's scales: with groups of 256 two consecutive stages
+# share one scale row (GEMM1 K = 768: three groups; GEMM2 K = 512: two).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_wgmma_small_tiles_group_256(dtype):
+    if not _hopper():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    e, h, i, top_k, t = 16, 768, 512, 4, 48
+    w13, s13, w2, s2 = _experts(e, h, i, seed=11, group_size=256)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, group_size=256, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=5)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    ref = fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2, group_size=256)
+    poison_allocator("cuda")
+    out = _moe_direct(x, ids, weights, p, 32, 4)
+    assert torch.isfinite(out).all()
+    err, tile_err = rel_err(out, ref), rel_err(_moe_direct(x, ids, weights, p, 32, 1), ref)
+    assert err < 1e-2 and err <= 1.05 * tile_err, f"{dtype}: rel err {err:.2e}, tile kernel {tile_err:.2e}"
 
 
 # The real layer through the default path: T = 1000 and 2000 give 50 and 100 slots per expert, so blocks of 64 and
