@@ -154,8 +154,7 @@ class CudaBackend:
     # Up to this many slots per expert the MoE takes the skinny kernel's blocks of 8, above it the wgmma kernel's tiles
     # of 32 (sm_90) or blocks of 16 (FOLD on 512-wide tiles). H200, GLM-4.6 layer, routing excluded: T = 128 (6.4 per
     # expert) 698.6 us vs 754.6 for blocks of 16, T = 160 (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth
-    # session); against the tiles of 32 (seventeenth, one run): T = 128 691.7 (the rule's blocks of 8; 762.2 in a
-    # second timing of the same kernel) vs 728.2, T = 160 877.5 vs 763.1.
+    # session); against the tiles of 32, see WGMMA_FROM_PER_EXPERT's numbers.
     SKINNY_MAX_PER_EXPERT = 7
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
@@ -337,7 +336,7 @@ class CudaBackend:
         WGMMA_FROM_PER_EXPERT and 32 (its small tiles) above WGMMA_SMALL_FROM_PER_EXPERT; else that average rounded
         up to 16, at most 64 (the tile kernel; 16 runs skinny under VARIANT 3, 64 and 32 take the wgmma kernel where
         it runs)."""
-        if cls.VARIANT == 4:  # the wgmma kernel on request: it takes blocks of 64 only
+        if cls.VARIANT == 4:  # the wgmma kernel on request: its tiles of 128 slots (blocks of 64)
             return 64
         per_expert = slots / max(1, min(experts, slots))
         skinny = skinny_ok and cls.VARIANT in (0, 3, 5) and k_max <= cls.SKINNY_K_MAX
