@@ -1,4 +1,5 @@
-"""Same-run A/B of a cuda kernel knob (a glm_awq._C setter read at each launch, e.g. set_skinny_pdl).
+"""Same-run A/B of a cuda kernel knob (a glm_awq._C setter read at each launch, e.g. set_skinny_pdl, or with --attr
+a CudaBackend class attribute read when the layer runs, e.g. SPLIT_FROM_PER_EXPERT).
 
 Times the GLM-4.6 MoE layer (routing included; `bench_moe.py`'s x and logits, and its routing too when --layers
 matches its own) and dense GEMMs at GLM-4.6's shapes on the cuda backend, each from a CUDA graph captured under
@@ -7,6 +8,7 @@ consecutive measurements); prints the medians, % of the floor (measured in this 
 settings give the same output bits, and writes ab_knob.json. The setter is left at A.
 
     python benchmarks/ab_knob.py --setter set_skinny_pdl --a 1 --b 0 [--ts 1,16,64] [--ms 1,8] [--rounds 3]
+    python benchmarks/ab_knob.py --attr SPLIT_FROM_PER_EXPERT --a 100 --b 5.5 --ts 112,128 --ms '' --shapes ''
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ def _ab(name, calls, setter, a, b, rounds, floor):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setter", required=True, help="a glm_awq._C function taking one int")
-    parser.add_argument("--a", type=int, default=0)
-    parser.add_argument("--b", type=int, default=1)
+    knob = parser.add_mutually_exclusive_group(required=True)
+    knob.add_argument("--setter", help="a glm_awq._C function taking one int")
+    knob.add_argument("--attr", help="a glm_awq.backends.CudaBackend class attribute (a number)")
+    parser.add_argument("--a", type=float, default=0)
+    parser.add_argument("--b", type=float, default=1)
     parser.add_argument("--ts", default="1,2,4,8,16,32,64,128", help="MoE layer token counts ('' for none)")
     parser.add_argument("--ms", default="1,8", help="dense GEMM rows ('' for none)")
     parser.add_argument("--shapes", default="q_proj,o_proj,expert_gate_up", help="dense shapes ('' for none)")
@@ -67,10 +71,21 @@ def main() -> int:
     glm_awq.available_backends("cuda")  # loads the extension
     from glm_awq import _C
 
-    setter = getattr(_C, args.setter)
+    if args.attr:
+        knob_name = f"CudaBackend.{args.attr}"
+
+        def setter(value):  # read when the layer runs, so also while a graph is captured
+            setattr(glm_awq.backends.CudaBackend, args.attr, value)
+    else:
+        knob_name, c_setter = args.setter, getattr(_C, args.setter)
+        args.a, args.b = int(args.a), int(args.b)
+
+        def setter(value):
+            c_setter(value)
+
     ceilings = common.measure_ceilings()
     print(f"{common.card()}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s; "
-          f"A = {args.setter}({args.a}), B = {args.setter}({args.b})")  # fmt: skip
+          f"A = {knob_name}({args.a}), B = {knob_name}({args.b})")  # fmt: skip
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     ts = [int(t) for t in args.ts.split(",") if t]
@@ -104,7 +119,7 @@ def main() -> int:
             calls = [lambda p=p, x=x: glm_awq.w4a16_linear(x, p) for p in preps]
             floor = common.floor_us(wbytes + 2 * m * (n + k), 2 * m * n * k, ceilings)
             rows.append(_ab(f"{name} M={m}", calls, setter, args.a, args.b, args.rounds, floor))
-    common.write_results("ab_knob", {"card": common.card(), "ceilings": ceilings, "setter": args.setter, "a": args.a,
+    common.write_results("ab_knob", {"card": common.card(), "ceilings": ceilings, "setter": knob_name, "a": args.a,
                                      "b": args.b, "rows": rows})  # fmt: skip
     return 0
 

@@ -2,8 +2,9 @@
 
 Candidates are (block_m, variant) of glm_awq::moe_gemm: variant 0 the kernels' default (block_m 8: skinny; 16:
 the tile kernel with scales folded on tiles up to 512 wide; 64: wgmma where it runs), 1 the mma.sync tile kernel
-with scales into B on 128-wide tiles, 5 the folded tile kernel as wide as N allows, 4 the wgmma kernel (block_m 64,
-sm_90); "rule" is what CudaBackend.fused_moe picks. Prints time (CUDA graph, routing excluded;
+with scales into B on 128-wide tiles, 5 the folded tile kernel as wide as N allows, 4 the wgmma kernel (block_m 64
+or 32, sm_90), 6 (block_m 8) the skinny kernel for experts of <= 8 slots and the wgmma kernel's tiles of 32 for the
+rest; "rule" is what CudaBackend.fused_moe picks. Prints time (CUDA graph, routing excluded;
 the grouped_mm baseline includes it), % of the floor (measured in this run) and the error against the first
 candidate's output; writes sweep_cuda_moe.json.
 

@@ -136,9 +136,12 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
               "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
               " does not fit; use block_m=16");
-  TORCH_CHECK(variant >= 0 && variant <= 5, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
-              "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma) or 5 (tile kernel, "
-              "scales folded, as wide as N allows)");
+  TORCH_CHECK(variant >= 0 && variant <= 6, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
+              "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma), 5 (tile kernel, "
+              "scales folded, as wide as N allows) or 6 (block_m=8: skinny for experts of <= 8 slots, wgmma for the "
+              "rest)");
+  TORCH_CHECK(variant != 6 || block_m == 8, "moe_gemm: variant=6 (split) takes the sort's blocks of 8; got block_m=",
+              block_m);
   TORCH_CHECK(variant != 4 || ((block_m == 64 || block_m == 32) && moe_wgmma_supported(a, weight, scale)),
               "moe_gemm: variant=4 (the wgmma kernel) needs block_m=64 or 32 (got ", block_m, "), at most ",
               kMoeWgmmaMaxExperts, " experts (got ", e,
@@ -281,7 +284,8 @@ TORCH_LIBRARY(glm_awq, m) {
   // MoE grouped GEMM over token-slots sorted by expert (glm_awq.kernels.moe._sort with block_m rows per block;
   // block_m = 8 runs the skinny kernel, 16 too under variant 3 where [16, K] rows fit in shared memory, 64 and 32
   // the wgmma kernel on sm_90 (variant 0 or 4), else the tile kernel; at block_m = 16 variant 0 folds the scales in
-  // on tiles up to 512 wide while the grid stays large, variant 5 on the widest tile that divides N).
+  // on tiles up to 512 wide while the grid stays large, variant 5 on the widest tile that divides N; variant 6 at
+  // block_m = 8 splits the experts: at most 8 slots on the skinny kernel, more on the wgmma kernel's tiles of 32).
   // mode 1: a = x [T, H], weight = w13 [E, H/16, 2I/64, 32, 4] with rows interleaved 32 gate / 32 up
   // (CudaBackend.prepare_experts) -> h [T * top_k, I] = silu(gate) * up. mode 2: a = h [S, I], weight = w2
   // -> y [S, H] = topk_weights[s] * (h[s] @ down^T). Rows of slots whose expert is elsewhere stay unwritten.

@@ -65,6 +65,9 @@ struct MoeLaunch {
   // uint8 [moe_wgmma_workspace_bytes] where moe_gemm_uses_wgmma, else unused: allocated by the caller (ops.cpp),
   // since the launchers never throw
   const at::Tensor& workspace;
+  // Set by launch_moe_gemm for the split variant: the skinny kernel takes only experts of at most max_count slots,
+  // the wgmma kernel only experts of more than min_count.
+  int max_count = 0, min_count = 0;
 };
 int launch_moe_gemm(const MoeLaunch& args);
 // Whether launch_moe_gemm takes the wgmma kernel for these arguments (block_m 64 or 32, variant 0 or 4, and

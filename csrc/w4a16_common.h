@@ -182,11 +182,15 @@ struct MoeArgs {
   const int* ids;         // [T, top_k] expert ids (global; negative: none)
   const int* expert_map;  // [E_global] global -> local expert, -1 held elsewhere; nullptr: ids are local
   int inter;              // I: GEMM1's N per slot is 2I, GEMM2's K per slot I
+  // Sorted modes: experts with more slots than this are another kernel's (moe_gemm's split variant), their blocks
+  // skipped; 0: none.
+  int max_count = 0;
 };
 
 // Which local expert the BM-row block of sorted slots starting at m0 belongs to: a warp-wide scan of the counts,
 // each run padded to BM (kernels/moe.py _sort). Call from one whole warp; it writes s_slot[0..BM) (the block's
-// slot ids, 0 past its real rows) and s_info = {expert or -1 past the last run, real rows}. The caller syncs.
+// slot ids, 0 past its real rows) and s_info = {expert or -1 past the last run or for an expert of more than
+// moe.max_count slots, real rows}. The caller syncs.
 template <int BM>
 __device__ __forceinline__ void find_expert_block(const MoeArgs& moe, int m0, int lane, int* s_slot, int* s_info) {
   int base = 0, found_e = -1, found_rows = 0;
@@ -208,7 +212,8 @@ __device__ __forceinline__ void find_expert_block(const MoeArgs& moe, int m0, in
   const int src = who ? __ffs(who) - 1 : 0;
   const int e = __shfl_sync(0xffffffffu, found_e, src), rows = __shfl_sync(0xffffffffu, found_rows, src);
   for (int r = lane; r < BM; r += 32) s_slot[r] = (who && r < rows) ? moe.sorted[m0 + r] : 0;
-  if (lane == 0) s_info[0] = who ? e : -1, s_info[1] = rows;
+  const bool mine = who && (moe.max_count <= 0 || moe.counts[e] <= moe.max_count);
+  if (lane == 0) s_info[0] = mine ? e : -1, s_info[1] = rows;
 }
 
 // Split-K tickets, called by every thread of a CTA after it stored its partial tile: whether this CTA took the

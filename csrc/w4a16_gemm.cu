@@ -509,6 +509,10 @@ constexpr int kVariantFold = 2, kVariantSkinny = 3, kVariantWgmma = 4;
 // moe_gemm's variant 5 (not CudaBackend.VARIANT 5, the per-token path): blocks of 16, FOLD on the widest tile
 // that divides N (up to 512).
 constexpr int kVariantMoeFoldWide = 5;
+// moe_gemm's variant 6, with block_m 8 (a sort padded to blocks of 8): experts of at most 8 slots on the skinny
+// kernel (one block each), the others on the wgmma kernel's tiles of 32 (sm_90a; elsewhere all on the skinny
+// kernel). Two launches over disjoint slots, no expert read twice.
+constexpr int kVariantMoeSplit = 6;
 constexpr int kMoeWN = 2;  // MoE tiles 128 wide (but blocks of 16, below): T = 1 gives 8 experts x 24 or 40 CTAs
 
 template <typename T, int M_BLOCKS, int MODE, bool FOLD, int WN = kMoeWN>
@@ -627,14 +631,24 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 // elsewhere).
 bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
                          int variant) {
-  return (block_m == 64 || block_m == 32) && (variant == 0 || variant == kVariantWgmma) &&
-         moe_wgmma_supported(a, weight, scale);
+  const bool wgmma_tiles = (block_m == 64 || block_m == 32) && (variant == 0 || variant == kVariantWgmma);
+  const bool split = block_m == 8 && variant == kVariantMoeSplit;
+  return (wgmma_tiles || split) && moe_wgmma_supported(a, weight, scale);
 }
 
 // The MoE table: dtype x M_BLOCKS {1, 2, 3, 4} x {GEMM1 (gate/up + SiLU), GEMM2 (down x routing weight)}, BN 128,
 // scales into B; plus FOLD at M_BLOCKS 1, BN 128, 256 and 512.
 int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
+  if (a.variant == kVariantMoeSplit && a.block_m == 8 && moe_gemm_uses_wgmma(a.a, a.weight, a.scale, 8, a.variant)) {
+    MoeLaunch part = a;
+    part.max_count = 8;
+    const int err = launch_moe_skinny(part);
+    if (err != cudaSuccess) return err;
+    part.max_count = 0;
+    part.min_count = 8;
+    return launch_moe_wgmma(part);
+  }
   if (moe_gemm_uses_wgmma(a.a, a.weight, a.scale, a.block_m, a.variant)) return launch_moe_wgmma(a);
   // Blocks of 16 run skinny only on request (variant 3): with two token blocks it runs one CTA per SM and measured
   // slower than the tile kernel (H200, GLM-4.6 layer, T=256: 1528 vs 1053 us; benchmarks/NOTES.md).

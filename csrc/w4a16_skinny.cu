@@ -506,8 +506,9 @@ cudaError_t moe_skinny(const MoeLaunch& a) {
   if (max_blocks == 0) return cudaSuccess;
   const int smem = S::smem(k);
   if (smem > kSkinnySmemMax) return cudaErrorInvalidConfiguration;  // the launcher checks moe_skinny_fits first
-  const MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
-                    a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
+  MoeArgs moe{a.sorted.data_ptr<int>(), a.counts.data_ptr<int>(), a.weights.data_ptr<float>(), num_experts,
+              a.top_k, a.weight.size(1) * a.weight.size(2) * 32, a.scale.size(1) * a.scale.size(2)};
+  moe.max_count = a.max_count;
   // GEMM2 (N = H) takes 256-wide tiles: fewer, longer-running CTAs at T = 1 (8 experts x 20 instead of 40).
   const int wn = MODE == kDown && n % 256 == 0 ? 4 : 2;
   const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(n / (64 * wn)), 1);

@@ -5,7 +5,8 @@
 //
 // Legend: BT = token-slots per tile: 128 (a pair: two consecutive 64-slot blocks of one expert's sorted run; the
 // sort's block_m 64) or 32 (one 32-slot block; block_m 32, for few slots per expert, where the kernel streams
-// weights: x stages a quarter the size, one warpgroup per CTA and four CTAs per SM, wgmma N down to 8). "Pair"
+// weights: x stages a quarter the size, one warpgroup per CTA and four CTAs per SM, wgmma N down to 8; also over a
+// sort padded to 8, for the experts of more than 8 slots under moe_gemm's split variant). "Pair"
 // below means a tile's slots in either case. N output features, K input features, WGS warpgroups per CTA, ROWS = 128 WGS output
 // features per N tile.
 //
@@ -106,10 +107,11 @@ static_assert(sizeof(PairRecord<128>) == PairRecord<128>::kChunks * 16 &&
 
 // Every CTA scans the counts (warp 0, into shared memory: first pair and first sorted row per expert), then its
 // warps write the records of pairs warp, warp + all warps, ... . Dynamic shared memory: (2 E + 1) ints. At most
-// `capacity` records (the workspace's): counts that disagree with the sort cannot make it write past them.
+// `capacity` records (the workspace's): counts that disagree with the sort cannot make it write past them. Experts
+// of at most min_count slots get no pairs (moe_gemm's split variant: the skinny kernel's).
 template <int BT>
 __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, int block_m, int r_step, int k,
-                                                       int capacity, int* __restrict__ header,
+                                                       int min_count, int capacity, int* __restrict__ header,
                                                        PairRecord<BT>* __restrict__ recs) {
   extern __shared__ int s_scan[];
   int* first = s_scan;                       // [E + 1]
@@ -119,7 +121,7 @@ __global__ void __launch_bounds__(256) moe_pair_kernel(MoeArgs moe, int mode, in
     int base_pair = 0, base_row = 0;
     for (int e0 = 0; e0 < moe.num_experts; e0 += 32) {  // inclusive scans of 32 experts' pairs and padded rows
       const int e = e0 + lane, c = e < moe.num_experts ? moe.counts[e] : 0;
-      const int pairs = (c + BT - 1) / BT, padded = (c + block_m - 1) / block_m * block_m;
+      const int pairs = c > min_count ? (c + BT - 1) / BT : 0, padded = (c + block_m - 1) / block_m * block_m;
       int incl_pairs = pairs, incl_rows = padded;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -581,7 +583,8 @@ __global__ void __launch_bounds__(Wg<WGS, BT>::THREADS, Wg<WGS, BT>::CTAS_PER_SM
 
 std::atomic<int64_t> g_wgmma_grid_cap{0};  // set_moe_wgmma_grid_cap
 
-// Tiles of BT slots per block_m the sort pads to: 128 per 64 (pairs of blocks), 32 per 32.
+// Tiles of BT slots per block_m the sort pads to: 128 per 64 (pairs of blocks), 32 per 32 (and per 8: the split
+// variant's experts of more than 8 slots).
 int tile_slots(int block_m) { return block_m == 64 ? 128 : 32; }
 
 // Pairs: sum over experts of ceil(count / BT) <= slots / BT + experts, and no more than the sort's blocks.
@@ -618,7 +621,8 @@ cudaError_t launch_wgmma(const MoeLaunch& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   moe_pair_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 7) / 8, 2 * sms)), 256,
                     (2 * num_experts + 1) * sizeof(int), stream>>>(moe, a.mode, a.block_m, C::THREADS / 16, k,
-                                                                   static_cast<int>(pairs), header, recs);
+                                                                   a.min_count, static_cast<int>(pairs), header,
+                                                                   recs);
   const cudaError_t pair_err = cudaGetLastError();  // the GEMM must not read a work list that was never written
   if (pair_err != cudaSuccess) return pair_err;
   kernel<<<dim3(static_cast<unsigned>(ctas)), C::THREADS, C::SMEM, stream>>>(
@@ -683,8 +687,8 @@ bool moe_wgmma_supported(const at::Tensor& a, const at::Tensor& weight, const at
 // session) and need half the instantiations.
 int launch_moe_wgmma(const MoeLaunch& a) {
   const int64_t n = a.weight.size(2) * 64;
-  if ((a.block_m != 64 && a.block_m != 32) || n % 128) return cudaErrorInvalidValue;
-  const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 256 == 0, small = a.block_m == 32;
+  if ((a.block_m != 64 && a.block_m != 32 && a.block_m != 8) || n % 128) return cudaErrorInvalidValue;
+  const bool bf16 = a.a.scalar_type() == at::kBFloat16, wide = n % 256 == 0, small = a.block_m != 64;
 #define GLM_AWQ_WGMMA_MODES(T, WGS, BT) \
   return a.mode == kGateUp ? launch_wgmma<T, WGS, BT, kGateUp>(a) : launch_wgmma<T, WGS, BT, kDown>(a);
 #define GLM_AWQ_WGMMA_CASE(T, WGS)    \

@@ -120,7 +120,9 @@ class CudaBackend:
     in its epilogue, then one GEMM over the slots' down weights that sums them through split-K); above it, the
     Triton token sort (kernels/moe.py _sort), then two CUDA grouped GEMMs over the sorted token-slots (SiLU*up
     fused into GEMM1, the routing weight into GEMM2) and a deterministic sum over each token's slots
-    (glm_awq::moe_gemm, glm_awq::moe_sum).
+    (glm_awq::moe_gemm, glm_awq::moe_sum). Which kernel takes the sorted slots depends on the slots per expert
+    (moe_block_m, moe_split): the skinny kernel's blocks of 8, the wgmma kernel's tiles of 32 or 128 (sm_90), the
+    mma.sync tile kernel elsewhere, and around 6-7 slots per expert both of the first two, split by expert size.
     """
 
     name = "cuda"
@@ -156,6 +158,16 @@ class CudaBackend:
     # expert) 698.6 us vs 754.6 for blocks of 16, T = 160 (8.0) 847.6 vs 798.8 (benchmarks/NOTES.md, fifteenth
     # session); against the tiles of 32, see WGMMA_FROM_PER_EXPERT's numbers.
     SKINNY_MAX_PER_EXPERT = 7
+    # Where both kernels run, the MoE splits its experts by size above SPLIT_FROM_PER_EXPERT and up to
+    # SPLIT_TO_PER_EXPERT slots per expert on average: the sort's blocks of 8, experts of at most 8 slots on the
+    # skinny kernel (one block each) and the rest on the wgmma kernel's tiles of 32 (moe_gemm variant 6), so that no
+    # expert is streamed twice (blocks of 8 give an expert of 9-16 slots two) and no wgmma tile has 8 rows or fewer.
+    # H200, GLM-4.6 layer with routing, same-run A/B against the rule without it (3 rounds, every split round
+    # faster): T = 128 (6.4 per expert) 725.6 -> 658.6 us, T = 136 729.2 -> 673.4, T = 144 705.2 -> 667.8; T = 160
+    # (8.0) 694.6 -> 723.7 and T = 96 (4.8, routing excluded) 606.5 -> 626.9 slower: two launches in a row, and the
+    # smaller share runs on too few CTAs to fill the GPU (benchmarks/NOTES.md, nineteenth session).
+    SPLIT_FROM_PER_EXPERT = 5.5
+    SPLIT_TO_PER_EXPERT = 7.5
     # From this many rows, dequantize + dense matmul beats the mma.sync tile kernel (H200: q_proj M=256 90 us vs
     # 151 us; M=128 76 us for the tile kernel; benchmarks/NOTES.md).
     DENSE_FROM_M = 256
@@ -349,6 +361,13 @@ class CudaBackend:
                 return 32
         return 16 * min(4, max(1, -(-int(per_expert) // 16)))
 
+    @classmethod
+    def moe_split(cls, slots: int, experts: int, k_max: int, skinny_ok: bool, wgmma_ok: bool) -> bool:
+        """Whether the sorted MoE splits its experts between the skinny and the wgmma kernel (SPLIT_FROM_PER_EXPERT)."""
+        per_expert = slots / max(1, min(experts, slots))
+        return (skinny_ok and wgmma_ok and cls.VARIANT in (0, 5) and k_max <= cls.SKINNY_K_MAX
+                and cls.SPLIT_FROM_PER_EXPERT < per_expert <= cls.SPLIT_TO_PER_EXPERT)  # fmt: skip
+
     def fused_moe(self, x, topk_ids, topk_weights, p, expert_map):
         import torch
 
@@ -376,12 +395,13 @@ class CudaBackend:
             return out.to(dtype)
         wgmma_ok = self._wgmma_ok.get(x.device.index, False)
         k_max = max(p.hidden_size, p.intermediate_size)
-        block_m = self.moe_block_m(local_slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
+        split = self.moe_split(local_slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
+        block_m = 8 if split else self.moe_block_m(local_slots, p.num_experts, k_max, skinny_ok, wgmma_ok)
         sort = triton_moe._sort(topk_ids.reshape(-1), expert_map, p.num_experts, block_m)
         sorted_slots, counts, local = sort[0], sort[1], sort[2]  # [blocks * block_m], [E], [S]
         weights = topk_weights.reshape(-1).float().contiguous()  # [S]
         s13, s2 = self._cast(p, "w13_scale", xx.dtype), self._cast(p, "w2_scale", xx.dtype)
-        v = self.VARIANT if self.VARIANT != 5 else 0  # 5 is 0 beyond the per-token path
+        v = 6 if split else self.VARIANT if self.VARIANT != 5 else 0  # 5 is 0 beyond the per-token path
         h = ops.moe_gemm(xx, t["w13"], s13, sorted_slots, counts, weights, top_k, block_m, 1, p.group_size, v)  # [S, I]
         y = ops.moe_gemm(h, t["w2"], s2, sorted_slots, counts, weights, top_k, block_m, 2, p.group_size, v)  # [S, H]
         return ops.moe_sum(y, local, top_k).to(dtype)  # [T, H]

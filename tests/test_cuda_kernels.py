@@ -656,6 +656,50 @@ def test_moe_wgmma_small_tiles_group_256(dtype):
     assert err < 1e-2 and err <= 1.05 * tile_err, f"{dtype}: rel err {err:.2e}, tile kernel {tile_err:.2e}"
 
 
+def _moe_gemms(x, ids, weights, p, block_m, variant):
+    """GEMM1's h and GEMM2's per-slot rows [S, H] of moe_gemm with the block size and variant forced."""
+    from glm_awq.kernels import moe as triton_moe
+
+    top_k = ids.shape[1]
+    sorted_slots, counts = triton_moe._sort(ids.reshape(-1), None, p.num_experts, block_m)[:2]
+    w = weights.reshape(-1).float().contiguous()
+    t, ops = p.tensors, torch.ops.glm_awq
+    s13, s2 = t["w13_scale"].to(x.dtype).contiguous(), t["w2_scale"].to(x.dtype).contiguous()
+    hid = ops.moe_gemm(x, t["w13"], s13, sorted_slots, counts, w, top_k, block_m, 1, p.group_size, variant)
+    return hid, ops.moe_gemm(hid, t["w2"], s2, sorted_slots, counts, w, top_k, block_m, 2, p.group_size, variant)
+
+
+# moe_gemm variant 6 (blocks of 8 sorted): experts of <= 8 slots on the skinny kernel, the rest on the wgmma kernel's
+# tiles of 32, two launches over disjoint slots. Each slot's rows of h and of GEMM2's output must be bit for bit those
+# of the kernel that owns its expert alone (blocks of 8 / tiles of 32): the same blocks and tiles, in the same order.
+# 100 x 4 over 64 experts: ~6 slots each, both kernels busy; T = 1: four single slots (the wgmma launch has no tile);
+# skewed: 4 experts with 60 slots (two tiles each), 60 with none; 160 experts at H = 1024, I = 384: persistent wgmma
+# CTAs (K >= 384) over ~5 slots per expert. Outputs poisoned first: every slot row must be written by one launch.
+@pytest.mark.parametrize("t, e, h, i, top_k, skew", [(100, 64, 512, 256, 4, None), (1, 64, 512, 256, 4, None),
+                                                     (60, 64, 512, 256, 4, [3, 7, 11, 12]),
+                                                     (100, 160, 1024, 384, 8, None)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_split_matches_each_kernel(t, e, h, i, top_k, skew, dtype):
+    if not _hopper():
+        pytest.skip("the split runs the wgmma kernel on sm_90 only (elsewhere variant 6 is blocks of 8)")
+    w13, s13, w2, s2 = _experts(e, h, i, seed=t + e + h)
+    p = glm_awq.prepare_experts(w13, s13, w2, s2, backend="cuda")
+    ids, weights = _routing(t, e, top_k, seed=t, skew=skew)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    poison_allocator("cuda")
+    hid, y = _moe_gemms(x, ids, weights, p, 8, 6)
+    assert torch.isfinite(hid).all() and torch.isfinite(y).all(), f"T={t} E={e} {dtype}: unwritten rows (NaN)"
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=e)
+    big = counts[ids.reshape(-1).long()] > 8  # [S]: slots whose expert has more than one block of 8
+    assert 0 < big.sum() < big.numel() or t == 1 or skew, "the case should give both kernels slots"
+    hid8, y8 = _moe_gemms(x, ids, weights, p, 8, 0)
+    hid32, y32 = _moe_gemms(x, ids, weights, p, 32, 4)
+    assert torch.equal(hid[~big], hid8[~big]) and torch.equal(y[~big], y8[~big]), "skinny kernel's slots"
+    assert torch.equal(hid[big], hid32[big]) and torch.equal(y[big], y32[big]), "wgmma kernel's slots"
+    err = rel_err(_moe_direct(x, ids, weights, p, 8, 6), fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
+    assert err < 1e-2, f"T={t} E={e} {dtype}: rel err {err:.2e}"
+
+
 # The real layer through the default path: T = 1000 and 2000 give 50 and 100 slots per expert, so blocks of 64 and
 # (on sm_90) the wgmma kernel for both GEMMs (GEMM1 N = 3072, GEMM2 N = 5120: two warpgroups).
 @pytest.mark.parametrize("t", [1000, 2000])
@@ -733,6 +777,9 @@ torch.ops.glm_awq.moe_per_token(x3, t["w13"], t["w13_scale.bfloat16"], t["w2"], 
 if glm_awq._C.wgmma_supported(torch.cuda.current_device()):
     layer(t, x, ids, w, 64, 4)
     layer(t, x, ids, w, 32, 4)  # tiles of 32 slots: N = 32 and 8
+    # The split (variant 6): experts 0 and 1 (10 slots each) on the wgmma kernel, 2 and 3 (4 each) on the skinny one.
+    ids6 = torch.tensor([[0, 1]] * 10 + [[2, 3]] * 4, device="cuda", dtype=torch.int32)
+    layer(t, x[:14].contiguous(), ids6, w[:28].contiguous(), 8, 6)
     # K = 640 (5 k tiles) is the least that runs persistent; a grid of 3 CTAs gives each ~7 of the 20 tiles (GEMM1
     # N = 1280: two warpgroups, GEMM2 N = 640: one), so the next tile's record is copied while this one computes.
     glm_awq._C.set_wgmma_grid_cap(3)

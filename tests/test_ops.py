@@ -160,7 +160,17 @@ def test_cuda_moe_block_choice(monkeypatch):
     assert cls.moe_block_m(576 * 8, **glm, wgmma_ok=True) == 64  # 28.8: past it, tiles of 128
     assert cls.moe_block_m(8, **glm, skinny_ok=False) == 16  # sm_80/86/89: no 200 KB of shared memory per block
     assert cls.moe_block_m(8, experts=160, k_max=cls.SKINNY_K_MAX + 128) == 16  # [8, K] rows do not fit
+    # The split between the skinny kernel (experts of <= 8 slots) and the wgmma kernel's tiles of 32 (the rest): only
+    # where both run, between SPLIT_FROM_PER_EXPERT and SPLIT_TO_PER_EXPERT slots per expert.
+    both = dict(glm, skinny_ok=True, wgmma_ok=True)
+    assert not cls.moe_split(104 * 8, **both)  # 5.2: blocks of 8
+    assert cls.moe_split(112 * 8, **both) and cls.moe_split(128 * 8, **both)  # 5.6, 6.4
+    assert cls.moe_split(144 * 8, **both) and not cls.moe_split(152 * 8, **both)  # 7.2 in, 7.6 out: tiles of 32
+    assert not cls.moe_split(128 * 8, **dict(glm, skinny_ok=True, wgmma_ok=False))  # no wgmma kernel: blocks of 8
+    assert not cls.moe_split(128 * 8, **dict(glm, skinny_ok=False, wgmma_ok=True))
+    assert not cls.moe_split(128 * 8, experts=160, k_max=cls.SKINNY_K_MAX + 128, skinny_ok=True, wgmma_ok=True)
     monkeypatch.setattr(cls, "VARIANT", 1)  # the tile kernel on request
+    assert not cls.moe_split(128 * 8, **both)
     assert cls.moe_block_m(8, **glm) == 16
     assert cls.moe_block_m(512 * 8, **glm, wgmma_ok=True) == 32
     monkeypatch.setattr(cls, "VARIANT", 4)  # the wgmma kernel on request: blocks of 64 at any size
