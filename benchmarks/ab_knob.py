@@ -72,12 +72,21 @@ def main() -> int:
     from glm_awq import _C
 
     if args.attr:
+        cls = glm_awq.backends.CudaBackend
+        old = getattr(cls, args.attr, None)
+        if not isinstance(old, (int, float)) or isinstance(old, bool):
+            parser.error(f"--attr {args.attr!r}: not a numeric CudaBackend class attribute (got {old!r})")
+        if isinstance(old, int) and any(v != int(v) for v in (args.a, args.b)):
+            parser.error(f"--attr {args.attr} is an int: --a {args.a} / --b {args.b} must be whole numbers")
         knob_name = f"CudaBackend.{args.attr}"
+        args.a, args.b = type(old)(args.a), type(old)(args.b)
 
         def setter(value):  # read when the layer runs, so also while a graph is captured
-            setattr(glm_awq.backends.CudaBackend, args.attr, value)
+            setattr(cls, args.attr, value)
     else:
-        knob_name, c_setter = args.setter, getattr(_C, args.setter)
+        knob_name, c_setter = args.setter, getattr(_C, args.setter, None)
+        if c_setter is None or any(v != int(v) for v in (args.a, args.b)):
+            parser.error(f"--setter {args.setter!r} must name a glm_awq._C function and --a/--b be integers")
         args.a, args.b = int(args.a), int(args.b)
 
         def setter(value):

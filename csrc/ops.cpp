@@ -135,7 +135,7 @@ at::Tensor moe_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Ten
               block_m, " must be 8, 16, 32, 48 or 64");
   TORCH_CHECK(block_m != 8 || moe_skinny_fits(k, 8, a.get_device()), "moe_gemm: block_m=8 (the skinny kernel) stages "
               "[8, K] rows in 200 KB of shared memory (sm_90 / sm_100); K=", k, " on ", a.device(),
-              " does not fit; use block_m=16");
+              " does not fit; use block_m=16 (variant 0)");
   TORCH_CHECK(variant >= 0 && variant <= 6, "moe_gemm: variant=", variant, " must be 0 (default), 1 (tile kernel, "
               "scales into B), 2 (tile kernel, scales folded), 3 (skinny at block_m=16), 4 (wgmma), 5 (tile kernel, "
               "scales folded, as wide as N allows) or 6 (block_m=8: skinny for experts of <= 8 slots, wgmma for the "

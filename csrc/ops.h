@@ -70,13 +70,14 @@ struct MoeLaunch {
   int max_count = 0, min_count = 0;
 };
 int launch_moe_gemm(const MoeLaunch& args);
-// Whether launch_moe_gemm takes the wgmma kernel for these arguments (block_m 64 or 32, variant 0 or 4, and
-// moe_wgmma_supported), and the workspace that kernel needs: its work list, at most one record per tile.
+// Whether launch_moe_gemm takes the wgmma kernel for these arguments (block_m 64 or 32 with variant 0 or 4, or
+// block_m 8 with variant 6, the split; and moe_wgmma_supported), and the workspace that kernel needs: its work
+// list, at most one record per tile.
 bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
                          int variant);
 int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts, int block_m);
-// block_m = 8 always, and block_m = 16 under variant 3 where it fits, run the skinny kernel
-// (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
+// block_m = 8 (under the split, variant 6, only its experts of at most 8 slots: MoeLaunch::max_count), and
+// block_m = 16 under variant 3 where it fits, run the skinny kernel (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
 // moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
 int launch_moe_skinny(const MoeLaunch& args);
 // The MoE layer for a few tokens without the sort (w4a16_skinny.cu): GEMM1 for every (token, slot) pair, then GEMM2

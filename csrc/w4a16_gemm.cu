@@ -628,7 +628,7 @@ int launch_dequantize_cuda_layout(const at::Tensor& weight, const at::Tensor& sc
 }
 
 // Blocks of 64 and of 32 slots take wgmma where the device and build have it (variant 0 or 4; ops.cpp rejects 4
-// elsewhere).
+// elsewhere), and so do the experts of more than 8 slots under the split (blocks of 8, variant 6).
 bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& scale, int block_m,
                          int variant) {
   const bool wgmma_tiles = (block_m == 64 || block_m == 32) && (variant == 0 || variant == kVariantWgmma);

@@ -161,7 +161,8 @@ class CudaBackend:
     # Where both kernels run, the MoE splits its experts by size above SPLIT_FROM_PER_EXPERT and up to
     # SPLIT_TO_PER_EXPERT slots per expert on average: the sort's blocks of 8, experts of at most 8 slots on the
     # skinny kernel (one block each) and the rest on the wgmma kernel's tiles of 32 (moe_gemm variant 6), so that no
-    # expert is streamed twice (blocks of 8 give an expert of 9-16 slots two) and no wgmma tile has 8 rows or fewer.
+    # expert is streamed twice (blocks of 8 give an expert of 9-16 slots two) and no expert of 8 slots or fewer takes
+    # a wgmma tile.
     # H200, GLM-4.6 layer with routing, same-run A/B against the rule without it (3 rounds, every split round
     # faster): T = 128 (6.4 per expert) 725.6 -> 658.6 us, T = 136 729.2 -> 673.4, T = 144 705.2 -> 667.8; T = 160
     # (8.0) 694.6 -> 723.7 and T = 96 (4.8, routing excluded) 606.5 -> 626.9 slower: two launches in a row, and the
