@@ -77,8 +77,9 @@ bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at
                          int variant);
 int64_t moe_wgmma_workspace_bytes(int64_t sorted_numel, int64_t slots, int64_t experts, int block_m);
 // block_m = 8 (under the split, variant 6, only its experts of at most 8 slots: MoeLaunch::max_count), and
-// block_m = 16 under variant 3 where it fits, run the skinny kernel (w4a16_skinny.cu); it stages a block's x rows [block_m, K] in shared memory, so K is bounded:
-// moe_skinny_fits(K, block_m, device) says whether it is (and whether the device runs it at all).
+// block_m = 16 under variant 3 where it fits, run the skinny kernel (w4a16_skinny.cu); it stages a block's x rows
+// [block_m, K] in shared memory, so K is bounded: moe_skinny_fits(K, block_m, device) says whether it is (and
+// whether the device runs it at all).
 int launch_moe_skinny(const MoeLaunch& args);
 // The MoE layer for a few tokens without the sort (w4a16_skinny.cu): GEMM1 for every (token, slot) pair, then GEMM2
 // with the slot sum through split-K, two launches of the skinny kernel. Needs skinny_supported.

@@ -364,7 +364,8 @@ class CudaBackend:
 
     @classmethod
     def moe_split(cls, slots: int, experts: int, k_max: int, skinny_ok: bool, wgmma_ok: bool) -> bool:
-        """Whether the sorted MoE splits its experts between the skinny and the wgmma kernel (SPLIT_FROM_PER_EXPERT)."""
+        """Whether the sorted MoE splits its experts between the skinny and the wgmma kernel: where both run, from
+        SPLIT_FROM_PER_EXPERT to SPLIT_TO_PER_EXPERT slots per expert on average (moe_gemm variant 6)."""
         per_expert = slots / max(1, min(experts, slots))
         return (skinny_ok and wgmma_ok and cls.VARIANT in (0, 5) and k_max <= cls.SKINNY_K_MAX
                 and cls.SPLIT_FROM_PER_EXPERT < per_expert <= cls.SPLIT_TO_PER_EXPERT)  # fmt: skip
