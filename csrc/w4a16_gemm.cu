@@ -641,12 +641,12 @@ bool moe_gemm_uses_wgmma(const at::Tensor& a, const at::Tensor& weight, const at
 int launch_moe_gemm(const MoeLaunch& a) {
   const int64_t k = a.weight.size(1) * 16;
   if (a.variant == kVariantMoeSplit && a.block_m == 8 && moe_gemm_uses_wgmma(a.a, a.weight, a.scale, 8, a.variant)) {
-    MoeLaunch part = a;
-    part.max_count = 8;
+    MoeLaunch part = a;  // one block of 8 is the skinny kernel's share of an expert
+    part.max_count = a.block_m;
     const int err = launch_moe_skinny(part);
     if (err != cudaSuccess) return err;
     part.max_count = 0;
-    part.min_count = 8;
+    part.min_count = a.block_m;
     return launch_moe_wgmma(part);
   }
   if (moe_gemm_uses_wgmma(a.a, a.weight, a.scale, a.block_m, a.variant)) return launch_moe_wgmma(a);

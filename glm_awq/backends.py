@@ -342,6 +342,11 @@ class CudaBackend:
             ok = cls._wgmma_ok[device.index] = bool(_C.wgmma_supported(device.index))
         return ok
 
+    @staticmethod
+    def _per_expert(slots: int, experts: int) -> float:
+        """Slots per touched expert on average (at most `experts` of them are touched)."""
+        return slots / max(1, min(experts, slots))
+
     @classmethod
     def moe_block_m(cls, slots: int, experts: int, k_max: int, skinny_ok: bool = True, wgmma_ok: bool = False) -> int:
         """Rows per expert block: 8 (the skinny kernel, where the device runs it) while the touched experts
@@ -351,7 +356,7 @@ class CudaBackend:
         it runs)."""
         if cls.VARIANT == 4:  # the wgmma kernel on request: its tiles of 128 slots (blocks of 64)
             return 64
-        per_expert = slots / max(1, min(experts, slots))
+        per_expert = cls._per_expert(slots, experts)
         skinny = skinny_ok and cls.VARIANT in (0, 3, 5) and k_max <= cls.SKINNY_K_MAX
         if skinny and per_expert <= cls.SKINNY_MAX_PER_EXPERT:
             return 8
@@ -366,7 +371,7 @@ class CudaBackend:
     def moe_split(cls, slots: int, experts: int, k_max: int, skinny_ok: bool, wgmma_ok: bool) -> bool:
         """Whether the sorted MoE splits its experts between the skinny and the wgmma kernel: where both run, from
         SPLIT_FROM_PER_EXPERT to SPLIT_TO_PER_EXPERT slots per expert on average (moe_gemm variant 6)."""
-        per_expert = slots / max(1, min(experts, slots))
+        per_expert = cls._per_expert(slots, experts)
         return (skinny_ok and wgmma_ok and cls.VARIANT in (0, 5) and k_max <= cls.SKINNY_K_MAX
                 and cls.SPLIT_FROM_PER_EXPERT < per_expert <= cls.SPLIT_TO_PER_EXPERT)  # fmt: skip
 

@@ -543,20 +543,25 @@ def _replay_with_new_routing(layer, ids, weights, e, seed):
     return out
 
 
-def _moe_direct(x, ids, weights, p, block_m, variant):
-    """CudaBackend.fused_moe with the block size and kernel variant forced (the op's own arguments)."""
+def _moe_gemms(x, ids, weights, p, block_m, variant):
+    """moe_gemm with the block size and kernel variant forced (the op's own arguments): GEMM1's h [S, I], GEMM2's
+    per-slot rows [S, H] and the sort's slot -> local expert map for moe_sum."""
     from glm_awq.kernels import moe as triton_moe
 
-    e = p.num_experts
-    tokens, top_k = ids.shape
-    sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, e, block_m)[:3]
+    top_k = ids.shape[1]
+    sorted_slots, counts, local = triton_moe._sort(ids.reshape(-1), None, p.num_experts, block_m)[:3]
     w = weights.reshape(-1).float().contiguous()
-    t = p.tensors
-    ops = torch.ops.glm_awq
+    t, ops = p.tensors, torch.ops.glm_awq
     s13, s2 = t["w13_scale"].to(x.dtype).contiguous(), t["w2_scale"].to(x.dtype).contiguous()
     hid = ops.moe_gemm(x, t["w13"], s13, sorted_slots, counts, w, top_k, block_m, 1, p.group_size, variant)
     y = ops.moe_gemm(hid, t["w2"], s2, sorted_slots, counts, w, top_k, block_m, 2, p.group_size, variant)
-    return ops.moe_sum(y, local, top_k)
+    return hid, y, local
+
+
+def _moe_direct(x, ids, weights, p, block_m, variant):
+    """CudaBackend.fused_moe with the block size and kernel variant forced (the op's own arguments)."""
+    _, y, local = _moe_gemms(x, ids, weights, p, block_m, variant)
+    return torch.ops.glm_awq.moe_sum(y, local, ids.shape[1])
 
 
 # The wgmma kernel (variant 4, sm_90 only). block_m 64: a tile is up to 128 slots of one expert (two blocks of the
@@ -657,19 +662,6 @@ def test_moe_wgmma_small_tiles_group_256(dtype):
     assert err < 1e-2 and err <= 1.05 * tile_err, f"{dtype}: rel err {err:.2e}, tile kernel {tile_err:.2e}"
 
 
-def _moe_gemms(x, ids, weights, p, block_m, variant):
-    """GEMM1's h and GEMM2's per-slot rows [S, H] of moe_gemm with the block size and variant forced."""
-    from glm_awq.kernels import moe as triton_moe
-
-    top_k = ids.shape[1]
-    sorted_slots, counts = triton_moe._sort(ids.reshape(-1), None, p.num_experts, block_m)[:2]
-    w = weights.reshape(-1).float().contiguous()
-    t, ops = p.tensors, torch.ops.glm_awq
-    s13, s2 = t["w13_scale"].to(x.dtype).contiguous(), t["w2_scale"].to(x.dtype).contiguous()
-    hid = ops.moe_gemm(x, t["w13"], s13, sorted_slots, counts, w, top_k, block_m, 1, p.group_size, variant)
-    return hid, ops.moe_gemm(hid, t["w2"], s2, sorted_slots, counts, w, top_k, block_m, 2, p.group_size, variant)
-
-
 # moe_gemm variant 6 (blocks of 8 sorted): experts of <= 8 slots on the skinny kernel, the rest on the wgmma kernel's
 # tiles of 32, two launches over disjoint slots. Each slot's rows of h and of GEMM2's output must be bit for bit those
 # of the kernel that owns its expert alone (blocks of 8 / tiles of 32): the same blocks and tiles, in the same order.
@@ -691,13 +683,13 @@ def test_moe_split_matches_each_kernel(t, e, h, i, top_k, skew, dtype):
     ids, weights = _routing(t, e, top_k, seed=t, skew=skew)
     x = torch.randn(t, h, device="cuda").to(dtype)
     poison_allocator("cuda")
-    hid, y = _moe_gemms(x, ids, weights, p, 8, 6)
+    hid, y, _ = _moe_gemms(x, ids, weights, p, 8, 6)
     assert torch.isfinite(hid).all() and torch.isfinite(y).all(), f"T={t} E={e} {dtype}: unwritten rows (NaN)"
     counts = torch.bincount(ids.reshape(-1).long(), minlength=e)
     big = counts[ids.reshape(-1).long()] > 8  # [S]: slots whose expert has more than one block of 8
     assert 0 < big.sum() < big.numel() or t == 1 or skew, "the case should give both kernels slots"
-    hid8, y8 = _moe_gemms(x, ids, weights, p, 8, 0)
-    hid32, y32 = _moe_gemms(x, ids, weights, p, 32, 4)
+    hid8, y8, _ = _moe_gemms(x, ids, weights, p, 8, 0)
+    hid32, y32, _ = _moe_gemms(x, ids, weights, p, 32, 4)
     assert torch.equal(hid[~big], hid8[~big]) and torch.equal(y[~big], y8[~big]), "skinny kernel's slots"
     assert torch.equal(hid[big], hid32[big]) and torch.equal(y[big], y32[big]), "wgmma kernel's slots"
     err = rel_err(_moe_direct(x, ids, weights, p, 8, 6), fused_moe_ref(x.float(), ids, weights, w13, s13, w2, s2))
